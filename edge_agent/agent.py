@@ -1,0 +1,68 @@
+"""Wires the stages from a config and runs them under one TaskGroup until asked to stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from edge_agent.buffers import Buffers
+from edge_agent.config import Config
+from edge_agent.drivers import REGISTRY
+from edge_agent.errors import DeviceStartupError
+from edge_agent.poller import DevicePoller
+from edge_agent.types import SampleBatch
+
+log = logging.getLogger(__name__)
+
+RESTART_DELAY = 5.0  # after a poller crashed on a bug, not on a device fault
+
+
+class _Stop(Exception):
+    """Raised inside the TaskGroup to cancel every task on shutdown."""
+
+
+class Agent:
+    """Devices → pollers → buffers (scoring and publishing join in later stages)."""
+
+    def __init__(self, config: Config, *, on_batch: Callable[[SampleBatch], None] | None = None) -> None:
+        self.config = config
+        self.buffers = Buffers(retention=config.buffers.retention, max_samples=config.buffers.max_samples_per_tag)
+        self._on_batch = on_batch
+        self.pollers: list[DevicePoller] = []
+        for dev in config.devices:
+            driver = REGISTRY[dev.type].factory(dev)
+            for group in driver.groups:
+                self.buffers.register(group.tags, group.interval)
+            self.pollers.append(DevicePoller(dev, driver, self._sink))
+
+    def _sink(self, batch: SampleBatch) -> None:
+        self.buffers.write(batch)
+        if self._on_batch is not None:
+            self._on_batch(batch)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Poll every device until `stop` is set; raises DeviceStartupError for `on_startup_error: error`."""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for poller in self.pollers:
+                    tg.create_task(self._supervise(poller), name=f"poll:{poller.config.name}")
+                tg.create_task(self._wait(stop), name="stop")
+        except* _Stop:
+            log.info("stopped")
+
+    async def _wait(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+        raise _Stop
+
+    async def _supervise(self, poller: DevicePoller) -> None:
+        """Keep one device's poller alive: a bug in one device's path must not stop the others."""
+        while True:
+            try:
+                await poller.run()
+                return  # left out by on_startup_error: ignore
+            except (asyncio.CancelledError, DeviceStartupError):
+                raise
+            except Exception:
+                log.exception("device %s: poller crashed; restarting in %.0fs", poller.config.name, RESTART_DELAY)
+                await asyncio.sleep(RESTART_DELAY)

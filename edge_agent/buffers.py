@@ -1,0 +1,147 @@
+"""Rolling per-tag history in fixed-size numpy rings, and windows resampled onto a regular grid."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from edge_agent.types import FloatArray, Quality, QualityArray, SampleBatch, Window
+
+MIN_CAPACITY = 16
+
+
+class RingStore:
+    """Rings for a set of tags that share a poll interval: one column per tag, one head per tag.
+
+    Writing a whole batch is one fancy-indexed assignment per array; writing a subset of the
+    columns (subscriptions deliver single tags) advances only those columns' heads.
+    """
+
+    def __init__(self, tags: Sequence[str], capacity: int, interval: float) -> None:
+        n = len(tags)
+        self.tags = tuple(tags)
+        self.capacity = capacity
+        self.interval = interval
+        self.ts = np.full((capacity, n), -np.inf, dtype=np.float64)
+        self.values = np.full((capacity, n), np.nan, dtype=np.float64)
+        self.quality = np.full((capacity, n), Quality.COMMS_LOST, dtype=np.uint8)
+        self.head = np.zeros(n, dtype=np.intp)  # next row to write, per column
+        self.count = np.zeros(n, dtype=np.intp)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the rings."""
+        return self.ts.nbytes + self.values.nbytes + self.quality.nbytes
+
+    def write(
+        self, cols: npt.NDArray[np.intp], ts: float | FloatArray, values: FloatArray, quality: QualityArray
+    ) -> None:
+        """Append one sample to each of `cols`."""
+        rows = self.head[cols]
+        self.ts[rows, cols] = ts
+        self.values[rows, cols] = values
+        self.quality[rows, cols] = quality
+        self.head[cols] = (rows + 1) % self.capacity
+        self.count[cols] = np.minimum(self.count[cols] + 1, self.capacity)
+
+    def series(self, col: int) -> tuple[FloatArray, FloatArray, QualityArray]:
+        """One tag's stored samples, oldest first."""
+        n = int(self.count[col])
+        rows = (int(self.head[col]) - n + np.arange(n)) % self.capacity
+        return self.ts[rows, col], self.values[rows, col], self.quality[rows, col]
+
+
+@dataclass(frozen=True, slots=True)
+class _Slot:
+    store: RingStore
+    col: int
+
+
+class Buffers:
+    """Every tag's rolling history, bounded: capacity = retention / interval, capped per tag."""
+
+    def __init__(self, *, retention: float, max_samples: int) -> None:
+        self.retention = retention
+        self.max_samples = max_samples
+        self._slots: dict[str, _Slot] = {}
+        self._stores: list[RingStore] = []
+        self._cols: dict[int, tuple[tuple[str, ...], RingStore, npt.NDArray[np.intp]]] = {}
+
+    def register(self, tags: Sequence[str], interval: float) -> RingStore:
+        """Create the rings for tags polled together on one interval."""
+        dup = [t for t in tags if t in self._slots]
+        if dup:
+            raise ValueError(f"tags registered twice: {', '.join(dup)}")
+        capacity = min(self.max_samples, max(MIN_CAPACITY, math.ceil(self.retention / interval) + 1))
+        store = RingStore(tags, capacity, interval)
+        self._stores.append(store)
+        for col, tag in enumerate(tags):
+            self._slots[tag] = _Slot(store, col)
+        return store
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by all rings (fixed at registration: nothing grows)."""
+        return sum(s.nbytes for s in self._stores)
+
+    def __contains__(self, tag: str) -> bool:
+        return tag in self._slots
+
+    def write(self, batch: SampleBatch) -> None:
+        """Append a batch; its tags must all have been registered in one store."""
+        cached = self._cols.get(id(batch.tags))
+        if cached is None or cached[0] is not batch.tags:
+            slots = [self._slots[t] for t in batch.tags]
+            store = slots[0].store
+            if any(s.store is not store for s in slots):
+                raise ValueError("a batch must hold tags of one scan group")
+            cached = (batch.tags, store, np.asarray([s.col for s in slots], dtype=np.intp))
+            self._cols[id(batch.tags)] = cached
+        _, store, cols = cached
+        store.write(cols, batch.ts, batch.values, batch.quality)
+
+    def latest(self, tag: str) -> tuple[float, float, Quality] | None:
+        """The newest (ts, value, quality) of a tag, or None before its first sample."""
+        slot = self._slots[tag]
+        if slot.store.count[slot.col] == 0:
+            return None
+        row = (int(slot.store.head[slot.col]) - 1) % slot.store.capacity
+        return (
+            float(slot.store.ts[row, slot.col]),
+            float(slot.store.values[row, slot.col]),
+            Quality(int(slot.store.quality[row, slot.col])),
+        )
+
+    def series(self, tag: str) -> tuple[FloatArray, FloatArray, QualityArray]:
+        """A tag's stored samples, oldest first."""
+        slot = self._slots[tag]
+        return slot.store.series(slot.col)
+
+    def window(
+        self, tags: Sequence[str], *, t_end: float, interval: float, n_samples: int, max_age: float | None = None
+    ) -> Window:
+        """Resample tags onto the grid t_end − k·interval (k = n−1 … 0), holding the last sample.
+
+        A cell is good when the tag had a good sample no older than `max_age` at that grid point
+        (default 1.5 × the longer of the grid interval and the tag's poll interval).
+        """
+        grid = t_end - interval * np.arange(n_samples - 1, -1, -1, dtype=np.float64)
+        out = np.full((n_samples, len(tags)), np.nan, dtype=np.float32)
+        good = np.zeros((n_samples, len(tags)), dtype=np.bool_)
+        for j, tag in enumerate(tags):
+            slot = self._slots[tag]
+            ts, values, quality = slot.store.series(slot.col)
+            if ts.size == 0:
+                continue
+            age_limit = max_age if max_age is not None else 1.5 * max(interval, slot.store.interval)
+            idx = np.searchsorted(ts, grid, side="right") - 1
+            have = idx >= 0
+            idx_c = np.where(have, idx, 0)
+            ok = have & (grid - ts[idx_c] <= age_limit) & (quality[idx_c] == Quality.GOOD)
+            out[:, j] = np.where(ok, values[idx_c], np.nan)
+            good[:, j] = ok
+        return Window(tuple(tags), float(t_end), float(interval), out, good)

@@ -1,0 +1,514 @@
+"""The config file: pydantic models, YAML loading with line numbers, ${ENV}, *_file secrets, env overrides.
+
+Loading never touches the network. Errors come back all at once, each as `FILE:LINE: path: message`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import types
+import typing
+from collections.abc import Mapping
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
+
+from edge_agent.drivers import REGISTRY, DeviceBase
+from edge_agent.errors import ConfigError, ConfigIssue
+from edge_agent.fields import Duration, Size, StrictModel
+
+ENV_PREFIX = "EDGE_AGENT__"
+_ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+# ---------------------------------------------------------------- sections
+
+
+class AgentSection(StrictModel):
+    """Who this agent is: ids that go into topics, events and logs."""
+
+    id: str = Field("edge-agent", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")
+    site: str = Field("default", min_length=1, max_length=128)
+
+
+class BuffersSection(StrictModel):
+    """How much history each tag keeps in memory."""
+
+    retention: Duration = Field(600.0, gt=0, le=7 * 86400, description="history kept per tag")
+    max_samples_per_tag: int = Field(8192, ge=16, le=1_000_000, description="hard cap per tag, whatever the retention")
+
+
+class Hysteresis(StrictModel):
+    """Leave an anomaly only below exit_ratio × threshold, after min_duration."""
+
+    exit_ratio: float = Field(0.8, gt=0, le=1)
+    min_duration: Duration = Field(5.0, ge=0)
+
+
+class ModelSection(StrictModel):
+    """A model that scores windows of tags (filled in by the scoring work)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    file: Path
+    inputs: list[str] = Field(min_length=1, description="tag names, in the model's input order")
+    sample_interval: Duration = Field(1.0, gt=0)
+    threshold: float | Literal["auto"] = "auto"
+    hysteresis: Hysteresis = Hysteresis()
+
+
+class TlsVerify(StrEnum):
+    """Whether the broker's certificate and hostname are checked."""
+
+    FULL = "full"
+    NONE = "none"  # test benches only
+
+
+class TlsSection(StrictModel):
+    """TLS to the broker."""
+
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    verify: TlsVerify = TlsVerify.FULL
+
+
+class MqttSection(StrictModel):
+    """The broker events go to (filled in by the MQTT work)."""
+
+    url: str = Field("mqtt://127.0.0.1:1883", description="mqtt://host:1883 or mqtts://host:8883")
+    topic_prefix: str = Field("edge-agent", min_length=1)
+    qos: Literal[0, 1, 2] = 1
+    username: str | None = None
+    password: SecretStr | None = None
+    password_file: Path | None = Field(None, description="file holding the password (container secrets)")
+    keepalive: Duration = Field(30.0, ge=5, le=3600)
+    tls: TlsSection | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _url_ok(cls, v: str) -> str:
+        if not re.fullmatch(r"mqtts?://[^/\s:]+(:\d{1,5})?", v):
+            raise ValueError(f"{v!r} is not a broker URL: write mqtt://HOST:1883 or mqtts://HOST:8883")
+        return v
+
+    @model_validator(mode="after")
+    def _one_password(self) -> MqttSection:
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("give password or password_file, not both")
+        return self
+
+
+class WhenFull(StrEnum):
+    """What the outbox drops when it reaches its bounds."""
+
+    DROP_OLDEST = "drop_oldest"
+    DROP_NEWEST = "drop_newest"
+
+
+class OutboxSection(StrictModel):
+    """Durable queue of events not yet acknowledged by the broker (filled in by the MQTT work)."""
+
+    path: Path = Path("/var/lib/edge-agent/outbox.db")
+    max_bytes: Size = Field(512 * 1024**2, ge=1024**2)
+    max_age: Duration = Field(30 * 86400.0, gt=0)
+    when_full: WhenFull = WhenFull.DROP_OLDEST
+
+
+class ObserveSection(StrictModel):
+    """Metrics and health endpoint (filled in by the deployment work)."""
+
+    listen: str | None = Field(None, pattern=r"^[^\s]+:\d+$", description="host:port, off when unset")
+
+
+def _device_union() -> Any:
+    members = tuple(p.config for p in REGISTRY.values())
+    union = Union[members] if len(members) > 1 else members[0]  # noqa: UP007 (built at runtime)
+    return Annotated[union, Field(discriminator="type")]
+
+
+if TYPE_CHECKING:
+    DeviceConfig = DeviceBase
+else:
+    DeviceConfig = _device_union()
+
+
+class Config(StrictModel):
+    """A whole config file."""
+
+    agent: AgentSection = AgentSection()
+    devices: list[DeviceConfig] = Field(min_length=1)
+    models: list[ModelSection] = Field(default_factory=list)
+    buffers: BuffersSection = BuffersSection()
+    mqtt: MqttSection | None = None
+    outbox: OutboxSection = OutboxSection()
+    observe: ObserveSection = ObserveSection()
+
+    def all_tags(self) -> list[tuple[DeviceBase, Any]]:
+        """(device, tag) pairs in file order."""
+        return [(d, t) for d in self.devices for t in d.tags]
+
+
+# ---------------------------------------------------------------- YAML with line numbers
+
+
+class _LineDict(dict[Any, Any]):
+    line: int = 1
+    lines: dict[Any, int]
+
+
+class _LineList(list[Any]):
+    line: int = 1
+    lines: list[int]
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that remembers lines and rejects duplicate keys."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.duplicates: list[tuple[int, str]] = []
+
+
+def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> _LineDict:
+    loader.flatten_mapping(node)
+    out = _LineDict()
+    out.line, out.lines = node.start_mark.line + 1, {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in out:
+            loader.duplicates.append((key_node.start_mark.line + 1, str(key)))
+        out[key] = loader.construct_object(value_node, deep=True)
+        out.lines[key] = key_node.start_mark.line + 1
+    return out
+
+
+def _construct_sequence(loader: _Loader, node: yaml.SequenceNode) -> _LineList:
+    out = _LineList(loader.construct_object(child, deep=True) for child in node.value)
+    out.line, out.lines = node.start_mark.line + 1, [c.start_mark.line + 1 for c in node.value]
+    return out
+
+
+def _construct_int(loader: _Loader, node: yaml.ScalarNode) -> int | str:
+    # YAML 1.1 reads 00001 as octal 1; a Modicon coil address is meant, so keep the text
+    text = str(node.value)
+    if re.fullmatch(r"0\d+", text):
+        return text
+    return typing.cast(int, loader.construct_yaml_int(node))
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_sequence)
+_Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
+
+def _parse_yaml(text: str, source: str) -> tuple[Any, list[ConfigIssue]]:
+    loader = _Loader(text)
+    try:
+        data = loader.get_single_data()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        line = mark.line + 1 if mark else 1
+        return None, [ConfigIssue(f"{source}:{line}", "", f"invalid YAML: {exc.problem}")]
+    finally:
+        loader.dispose()
+    issues = [
+        ConfigIssue(f"{source}:{line}", key, "key given twice; the later one would silently win")
+        for line, key in loader.duplicates
+    ]
+    return data, issues
+
+
+# ---------------------------------------------------------------- locations
+
+
+def _format_path(parts: list[str | int]) -> str:
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+def _locate(
+    tree: Any, loc: tuple[str | int, ...], source: str, overrides: Mapping[tuple[str, ...], str]
+) -> tuple[str, list[str | int], Any]:
+    """Follow a pydantic error location through the YAML tree: (source:line, clean path, node)."""
+    node, line, parts = tree, getattr(tree, "line", 1), []
+    for i, part in enumerate(loc):
+        last = i == len(loc) - 1
+        if isinstance(node, dict) and part in node:
+            line = node.lines.get(part, line) if isinstance(node, _LineDict) else line
+            parts.append(part)
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            line = node.lines[part] if isinstance(node, _LineList) else line
+            parts.append(part)
+            node = node[part]
+        elif not last and isinstance(part, str):
+            continue  # a union tag such as 'modbus' or a validator name: not in the file
+        else:
+            parts.append(part)
+            break
+    key = tuple(str(p) for p in parts if isinstance(p, str))
+    for path, env in overrides.items():
+        if key[: len(path)] == path:
+            return f"env {env}", parts, node
+    return f"{source}:{line}", parts, node
+
+
+def _known_fields(model: type[BaseModel], loc: tuple[str | int, ...]) -> list[str]:
+    """Field names of the model found at `loc` (for 'did you mean' on unknown keys)."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            if part in current.model_fields:
+                current = _unwrap(current.model_fields[part].annotation)
+                continue
+            if part in REGISTRY:
+                current = REGISTRY[part].config
+                continue
+            return []
+        return []
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def _unwrap(annotation: Any) -> Any:
+    """list[X] → X, X | None → X, Annotated[X, …] → X, a one-member union → its member."""
+    while True:
+        origin = typing.get_origin(annotation)
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if origin in (list, tuple, typing.Annotated) or (origin in (Union, types.UnionType) and len(args) == 1):
+            annotation = args[0]
+            continue
+        return annotation
+
+
+def _message(err: Mapping[str, Any], parent_loc: tuple[str | int, ...], node: Any) -> str:
+    kind, msg = err["type"], str(err["msg"])
+    if kind == "extra_forbidden":
+        key = err["loc"][-1]
+        known = _known_fields(Config, parent_loc)
+        near = difflib.get_close_matches(str(key), known, n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else (f"; known keys: {', '.join(known)}" if known else "")
+        return f"unknown key {key!r}{hint}"
+    if kind == "missing":
+        return "required, but missing"
+    if kind == "union_tag_invalid":
+        return f"{err['ctx']['tag']!r} is not a device type; known types: {', '.join(sorted(REGISTRY))}"
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    if kind in ("enum", "literal_error") and "input" in err:
+        return f"{err['input']!r} is not allowed: {msg[0].lower()}{msg[1:]}"
+    return msg
+
+
+# ---------------------------------------------------------------- ${ENV}, overrides, secrets
+
+
+def _substitute(
+    node: Any, source: str, environ: Mapping[str, str], issues: list[ConfigIssue], path: list[str | int], line: int
+) -> Any:
+    if isinstance(node, dict):
+        for k in list(node):
+            node[k] = _substitute(
+                node[k],
+                source,
+                environ,
+                issues,
+                [*path, k],
+                node.lines.get(k, line) if isinstance(node, _LineDict) else line,
+            )
+        return node
+    if isinstance(node, list):
+        for i in range(len(node)):
+            node[i] = _substitute(
+                node[i], source, environ, issues, [*path, i], node.lines[i] if isinstance(node, _LineList) else line
+            )
+        return node
+    if not isinstance(node, str) or "$" not in node:
+        return node
+
+    def repl(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        name, default = m.group(1), m.group(2)
+        if name in environ:
+            return environ[name]
+        if default is not None:
+            return default
+        issues.append(
+            ConfigIssue(
+                f"{source}:{line}",
+                _format_path(path),
+                f"environment variable {name} is not set (write ${{{name}:-default}} for a default)",
+            )
+        )
+        return ""
+
+    return _ENV_REF.sub(repl, node)
+
+
+def _apply_overrides(
+    tree: dict[str, Any], environ: Mapping[str, str], issues: list[ConfigIssue]
+) -> dict[tuple[str, ...], str]:
+    """EDGE_AGENT__MQTT__URL=… sets mqtt.url; lists (devices, models) are not reachable this way."""
+    applied: dict[tuple[str, ...], str] = {}
+    for env, raw in sorted(environ.items()):
+        if not env.startswith(ENV_PREFIX):
+            continue
+        path = tuple(p.lower() for p in env[len(ENV_PREFIX) :].split("__"))
+        if not all(path):
+            issues.append(ConfigIssue(f"env {env}", "", "empty part in the name; separate keys with __"))
+            continue
+        node: Any = tree
+        for part in path[:-1]:
+            if isinstance(node, dict) and node.get(part) is None:
+                node[part] = _LineDict()
+                node[part].lines = {}
+            node = node.get(part) if isinstance(node, dict) else None
+            if not isinstance(node, dict):
+                break
+        if not isinstance(node, dict):
+            issues.append(
+                ConfigIssue(
+                    f"env {env}", ".".join(path), "overrides reach mappings only, not lists such as devices or models"
+                )
+            )
+            continue
+        value, _ = _parse_yaml(raw, f"env {env}")
+        node[path[-1]] = raw if isinstance(value, dict | list) or value is None else value
+        applied[path] = env
+    return applied
+
+
+def _resolve_secrets(cfg: Config, tree: Any, source: str, issues: list[ConfigIssue]) -> Config:
+    """Read *_file secrets now, so a missing secret fails at load time and not on first connect."""
+    mqtt = cfg.mqtt
+    if mqtt is None or mqtt.password_file is None:
+        return cfg
+    try:
+        secret = mqtt.password_file.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        where, _, _ = _locate(tree, ("mqtt", "password_file"), source, {})
+        issues.append(ConfigIssue(where, "mqtt.password_file", f"cannot read the secret: {exc.strerror}"))
+        return cfg
+    return cfg.model_copy(update={"mqtt": mqtt.model_copy(update={"password": SecretStr(secret)})})
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def parse_config(
+    text: str, *, source: str = "config.yaml", environ: Mapping[str, str] | None = None, base_dir: Path | None = None
+) -> Config:
+    """Validate config text; raise ConfigError listing every problem found."""
+    environ = os.environ if environ is None else environ
+    tree, issues = _parse_yaml(text, source)
+    if tree is None and not issues:
+        issues.append(ConfigIssue(f"{source}:1", "", "the file is empty; it needs at least devices:"))
+    if issues:
+        raise ConfigError(issues)
+    if not isinstance(tree, dict):
+        raise ConfigError([ConfigIssue(f"{source}:1", "", "the top level must be a mapping (agent:, devices:, …)")])
+    tree = _substitute(tree, source, environ, issues, [], 1)
+    overrides = _apply_overrides(tree, environ, issues)
+    try:
+        cfg = Config.model_validate(tree)
+    except ValidationError as exc:
+        reported = {i.path for i in issues}  # an unset ${VAR} already explains its own value
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            if err["type"] == "union_tag_invalid":
+                loc = (*loc, "type")
+            where, parts, node = _locate(tree, loc, source, overrides)
+            parent = loc[:-1] if err["type"] == "extra_forbidden" else loc
+            path = _format_path(parts)
+            if path not in reported:
+                issues.append(ConfigIssue(where, path, _message(err, parent, node)))
+        raise ConfigError(_in_file_order(issues)) from None
+    issues.extend(_semantic_issues(cfg, tree, source, overrides))
+    cfg = _resolve_secrets(cfg, tree, source, issues)
+    if issues:
+        raise ConfigError(_in_file_order(issues))
+    if base_dir is not None:
+        cfg = _relative_to(cfg, base_dir)
+    return cfg
+
+
+def _in_file_order(issues: list[ConfigIssue]) -> list[ConfigIssue]:
+    def key(i: ConfigIssue) -> tuple[int, int]:
+        tail = i.source.rpartition(":")[2]
+        return (1, 0) if not tail.isdigit() else (0, int(tail))
+
+    return sorted(issues, key=key)
+
+
+def _relative_to(cfg: Config, base: Path) -> Config:
+    """Model files named relative to the config file are found next to it."""
+    models = [
+        m.model_copy(update={"file": base / m.file}) if not m.file.is_absolute() and not m.file.exists() else m
+        for m in cfg.models
+    ]
+    return cfg.model_copy(update={"models": models})
+
+
+def _semantic_issues(
+    cfg: Config, tree: Any, source: str, overrides: Mapping[tuple[str, ...], str]
+) -> list[ConfigIssue]:
+    """Checks across items: unique names, device-specific overlaps, model inputs that exist."""
+    issues: list[ConfigIssue] = []
+
+    def add(loc: tuple[str | int, ...], message: str) -> None:
+        where, parts, _ = _locate(tree, loc, source, overrides)
+        issues.append(ConfigIssue(where, _format_path(parts), message))
+
+    devices_seen: dict[str, int] = {}
+    tags_seen: dict[str, tuple[int, int]] = {}
+    for d, dev in enumerate(cfg.devices):
+        if dev.name in devices_seen:
+            first = devices_seen[dev.name]
+            add(("devices", d, "name"), f"device name {dev.name!r} is already used by devices[{first}]")
+        devices_seen.setdefault(dev.name, d)
+        for t, tag in enumerate(dev.tags):
+            if tag.name in tags_seen:
+                d0, t0 = tags_seen[tag.name]
+                add(
+                    ("devices", d, "tags", t, "name"),
+                    f"tag name {tag.name!r} is already used by devices[{d0}].tags[{t0}]; tag names are unique per agent",
+                )
+            tags_seen.setdefault(tag.name, (d, t))
+        for loc, message in dev.check():
+            add(("devices", d, *loc), message)
+    models_seen: set[str] = set()
+    for m, model in enumerate(cfg.models):
+        if model.name in models_seen:
+            add(("models", m, "name"), f"model name {model.name!r} is used twice")
+        models_seen.add(model.name)
+        for i, name in enumerate(model.inputs):
+            if name not in tags_seen:
+                near = difflib.get_close_matches(name, list(tags_seen), n=1)
+                add(
+                    ("models", m, "inputs", i),
+                    f"no tag named {name!r}" + (f"; did you mean {near[0]!r}?" if near else ""),
+                )
+    return issues
+
+
+def load_config(path: str | Path, *, environ: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a config file; raise ConfigError with every problem found."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([ConfigIssue(str(p), "", f"cannot read the config file: {exc.strerror}")]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([ConfigIssue(str(p), "", f"not UTF-8 text: {exc.reason}")]) from None
+    return parse_config(text, source=str(p), environ=environ, base_dir=p.parent)

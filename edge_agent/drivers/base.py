@@ -1,0 +1,118 @@
+"""What every driver provides: a config model, a runtime class and a `type` key, registered together."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Protocol
+
+from pydantic import Field, field_validator
+
+from edge_agent.fields import Duration, StrictModel
+from edge_agent.types import SampleBatch
+
+TAG_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-/]*$")
+
+
+class OnStartupError(StrEnum):
+    """What to do when a device cannot be reached at startup."""
+
+    RETRY = "retry"  # keep trying in the background; the other devices run meanwhile
+    ERROR = "error"  # stop the agent with an error
+    IGNORE = "ignore"  # log it and leave the device out until the agent restarts
+
+
+class Backoff(StrictModel):
+    """Reconnect delays: doubled after each failure up to `max`, with random jitter."""
+
+    initial: Duration = Field(0.5, gt=0, le=3600, description="first delay after a failure")
+    max: Duration = Field(30.0, gt=0, le=86400, description="longest delay between attempts")
+
+
+class TagBase(StrictModel):
+    """Fields every tag has, whatever the protocol."""
+
+    name: str = Field(description="unique tag name, referenced by models (letters, digits, . _ - /)")
+    unit: str | None = Field(None, description="engineering unit, for display")
+    description: str | None = None
+    poll_interval: Duration | None = Field(
+        None, gt=0, le=86400, description="overrides the device's poll_interval for this tag"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        if not TAG_NAME.match(v):
+            raise ValueError(f"{v!r} is not a valid tag name: start with a letter or _, then letters, digits, . _ - /")
+        return v
+
+
+class DeviceBase(StrictModel):
+    """Fields every device has, whatever the protocol."""
+
+    type: str = Field(description="driver type key: modbus, …")
+    name: str = Field(description="unique device name, used in logs, metrics and topics")
+    poll_interval: Duration = Field(1.0, gt=0, le=86400, description="default interval between reads")
+    timeout: Duration = Field(1.0, gt=0, le=600, description="how long one request may take")
+    on_startup_error: OnStartupError = OnStartupError.RETRY
+    backoff: Backoff = Backoff()
+    tags: Sequence[TagBase] = Field(min_length=1)
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        if not TAG_NAME.match(v):
+            raise ValueError(f"{v!r} is not a valid device name: letters, digits, . _ - / only")
+        return v
+
+    def check(self) -> list[tuple[tuple[str | int, ...], str]]:
+        """Cross-tag checks (overlaps and the like): (location under this device, message) pairs."""
+        return []
+
+    def interval_of(self, tag: TagBase) -> float:
+        """The poll interval that applies to a tag."""
+        return tag.poll_interval if tag.poll_interval is not None else self.poll_interval
+
+
+@dataclass(frozen=True, eq=False)  # identity hash: groups key per-group state cheaply
+class ScanGroup:
+    """Tags of one device read together on one interval."""
+
+    interval: float
+    tags: tuple[str, ...]
+
+
+class Driver(Protocol):
+    """The runtime side of a device: connect, read a scan group, close. No I/O in the constructor."""
+
+    name: str
+    groups: list[ScanGroup]
+
+    async def connect(self) -> None:
+        """Open the connection; raise DeviceError when the device cannot be reached."""
+
+    async def read(self, group: ScanGroup) -> SampleBatch:
+        """Read one scan group; raise DeviceError when the connection fails (not for bad tags)."""
+
+    async def close(self) -> None:
+        """Close the connection; safe to call twice."""
+
+
+@dataclass(frozen=True)
+class DriverPlugin:
+    """A driver's registration: its config model and how to build its runtime from it."""
+
+    key: str
+    config: type[DeviceBase]
+    factory: Callable[[Any], Driver]
+
+
+REGISTRY: dict[str, DriverPlugin] = {}
+
+
+def register(plugin: DriverPlugin) -> DriverPlugin:
+    """Add a driver to the registry under its `type` key."""
+    REGISTRY[plugin.key] = plugin
+    return plugin

@@ -1,0 +1,188 @@
+"""Per-device polling: aligned deadlines, overrun counting, timeouts, reconnect with backoff."""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edge_agent.drivers.base import DeviceBase, Driver, OnStartupError, ScanGroup
+from edge_agent.errors import DeviceError, DeviceStartupError
+from edge_agent.types import Quality, SampleBatch
+
+log = logging.getLogger(__name__)
+
+Sink = Callable[[SampleBatch], None]
+
+
+@dataclass
+class DeviceStats:
+    """Counters for one device; read by the CLI reporter and, later, by metrics."""
+
+    reads: int = 0  # scan-group reads completed
+    failures: int = 0  # reads or connects that failed at the connection level
+    overruns: int = 0  # cycles skipped because the previous read ran late
+    connected: bool = False
+    down_since: float | None = None
+    last_read_s: float = 0.0  # duration of the last scan-group read
+    read_seconds: float = 0.0  # total time spent in reads
+    latencies: list[float] = field(default_factory=list)  # recent read durations, bounded
+
+    def record_read(self, seconds: float) -> None:
+        """Count one successful read."""
+        self.reads += 1
+        self.last_read_s = seconds
+        self.read_seconds += seconds
+        if len(self.latencies) >= 1024:
+            del self.latencies[:512]
+        self.latencies.append(seconds)
+
+
+def next_deadline(now: float, interval: float) -> float:
+    """The first multiple of `interval` (on the epoch clock) strictly after `now`."""
+    return (math.floor(now / interval) + 1) * interval
+
+
+def backoff_delay(attempt: int, initial: float, cap: float, rng: random.Random) -> float:
+    """Capped exponential delay with jitter: uniform in [d/2, d] where d = min(cap, initial·2^attempt)."""
+    d = min(cap, initial * (2 ** min(attempt, 30)))
+    return rng.uniform(d / 2, d)
+
+
+class DevicePoller:
+    """Polls one device's scan groups on their own intervals over one connection."""
+
+    def __init__(
+        self,
+        config: DeviceBase,
+        driver: Driver,
+        sink: Sink,
+        *,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.driver = driver
+        self.sink = sink
+        self.stats = DeviceStats()
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._attempt = 0
+
+    async def run(self) -> None:
+        """Connect, then poll until cancelled. Raises DeviceStartupError under `on_startup_error: error`."""
+        try:
+            if not await self._first_connect():
+                return
+            await self._poll_forever()
+        finally:
+            await self.driver.close()
+
+    async def _first_connect(self) -> bool:
+        policy = self.config.on_startup_error
+        try:
+            await self.driver.connect()
+        except DeviceError as exc:
+            if policy is OnStartupError.ERROR:
+                reason = str(exc).removeprefix(f"device {self.config.name}: ")
+                raise DeviceStartupError(self.config.name, reason) from exc
+            if policy is OnStartupError.IGNORE:
+                log.error("%s; left out until restart (on_startup_error: ignore)", exc)
+                return False
+            self._went_down(exc)
+            await self._reconnect()
+            return True
+        self._came_up()
+        return True
+
+    async def _poll_forever(self) -> None:
+        groups = self.driver.groups
+        now = self._clock()
+        heap = [(next_deadline(now, g.interval), i) for i, g in enumerate(groups)]
+        heapq.heapify(heap)
+        while True:
+            deadline, i = heap[0]
+            delay = deadline - self._clock()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            group = groups[i]
+            ok = await self._read(group)
+            now = self._clock()
+            if not ok:
+                self._emit_lost()
+                await self._reconnect()
+                now = self._clock()
+                heap = [(next_deadline(now, g.interval), j) for j, g in enumerate(groups)]
+                heapq.heapify(heap)
+                continue
+            nxt = deadline + group.interval
+            if nxt <= now:
+                missed = math.floor((now - deadline) / group.interval)
+                self.stats.overruns += missed
+                nxt = deadline + (missed + 1) * group.interval
+            heapq.heapreplace(heap, (nxt, i))
+
+    async def _read(self, group: ScanGroup) -> bool:
+        started = time.perf_counter()
+        try:
+            # the client's own timeout bounds each request; this bounds a stuck group as a whole
+            async with asyncio.timeout(self.config.timeout * (1 + len(group.tags) // 50) + 1.0):
+                batch = await self.driver.read(group)
+        except (DeviceError, TimeoutError) as exc:
+            self._went_down(exc if isinstance(exc, DeviceError) else DeviceError(self.config.name, "read timed out"))
+            return False
+        self.stats.record_read(time.perf_counter() - started)
+        self.sink(batch)
+        return True
+
+    def _emit_lost(self) -> None:
+        """Tell consumers every tag of the device is unreachable now."""
+        ts = self._clock()
+        for g in self.driver.groups:
+            n = len(g.tags)
+            self.sink(
+                SampleBatch(
+                    self.config.name, ts, g.tags, np.full(n, np.nan), np.full(n, Quality.COMMS_LOST, dtype=np.uint8)
+                )
+            )
+
+    async def _reconnect(self) -> None:
+        await self.driver.close()
+        while True:
+            delay = backoff_delay(self._attempt, self.config.backoff.initial, self.config.backoff.max, self._rng)
+            self._attempt += 1
+            await asyncio.sleep(delay)
+            try:
+                await self.driver.connect()
+            except DeviceError as exc:
+                self._went_down(exc)
+                continue
+            self._came_up()
+            return
+
+    def _went_down(self, exc: DeviceError) -> None:
+        self.stats.failures += 1
+        if self.stats.connected or self.stats.down_since is None:
+            # first failure of an outage: one line at WARNING, the rest at DEBUG
+            log.warning("%s; retrying with backoff up to %gs", exc, self.config.backoff.max)
+            self.stats.down_since = self._clock()
+        else:
+            log.debug("%s (still down, attempt %d)", exc, self._attempt)
+        self.stats.connected = False
+
+    def _came_up(self) -> None:
+        if self.stats.down_since is not None:
+            down = self._clock() - self.stats.down_since
+            log.info("device %s: back after %.1fs and %d failed attempts", self.config.name, down, self._attempt)
+        else:
+            log.info("device %s: connected", self.config.name)
+        self.stats.connected = True
+        self.stats.down_since = None
+        self._attempt = 0
