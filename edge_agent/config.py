@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from edge_agent.drivers import REGISTRY, DeviceBase
-from edge_agent.errors import ConfigError, ConfigIssue
+from edge_agent.errors import ConfigError, ConfigIssue, FieldError
 from edge_agent.fields import Duration, Size, StrictModel
 
 ENV_PREFIX = "EDGE_AGENT__"
@@ -32,8 +32,15 @@ _ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 class AgentSection(StrictModel):
     """Who this agent is: ids that go into topics, events and logs."""
 
-    id: str = Field("edge-agent", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")
+    id: str = Field("edge-agent", min_length=1, max_length=128, description="letters, digits, . _ -")
     site: str = Field("default", min_length=1, max_length=128)
+
+    @field_validator("id")
+    @classmethod
+    def _id_ok(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.\-]+", v):
+            raise ValueError(f"{v!r}: an agent id may hold letters, digits, . _ - only (it goes into MQTT client ids)")
+        return v
 
 
 class BuffersSection(StrictModel):
@@ -53,7 +60,7 @@ class Hysteresis(StrictModel):
 class ModelSection(StrictModel):
     """A model that scores windows of tags (filled in by the scoring work)."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    name: str = Field(min_length=1, max_length=128, description="model name, used in topics")
     file: Path
     inputs: list[str] = Field(min_length=1, description="tag names, in the model's input order")
     sample_interval: Duration = Field(1.0, gt=0)
@@ -171,7 +178,7 @@ class _Loader(yaml.SafeLoader):
 
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
-        self.duplicates: list[tuple[int, str]] = []
+        self.duplicates: list[tuple[int, str, _LineDict]] = []
 
 
 def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> _LineDict:
@@ -181,7 +188,7 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> _LineDict:
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=True)
         if key in out:
-            loader.duplicates.append((key_node.start_mark.line + 1, str(key)))
+            loader.duplicates.append((key_node.start_mark.line + 1, str(key), out))
         out[key] = loader.construct_object(value_node, deep=True)
         out.lines[key] = key_node.start_mark.line + 1
     return out
@@ -217,10 +224,27 @@ def _parse_yaml(text: str, source: str) -> tuple[Any, list[ConfigIssue]]:
     finally:
         loader.dispose()
     issues = [
-        ConfigIssue(f"{source}:{line}", key, "key given twice; the later one would silently win")
-        for line, key in loader.duplicates
+        ConfigIssue(
+            f"{source}:{line}",
+            _format_path([*_path_of(data, mapping), key]),
+            "key given twice; the later one would silently win",
+        )
+        for line, key, mapping in loader.duplicates
     ]
     return data, issues
+
+
+def _path_of(tree: Any, target: Any, path: list[str | int] | None = None) -> list[str | int]:
+    """The path from the root to the node `target` (by identity), or [] when not found."""
+    path = path or []
+    if tree is target:
+        return path
+    children = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else ()
+    for k, child in children:
+        found = _path_of(child, target, [*path, k])
+        if found or child is target:
+            return found
+    return []
 
 
 # ---------------------------------------------------------------- locations
@@ -248,7 +272,7 @@ def _locate(
             line = node.lines[part] if isinstance(node, _LineList) else line
             parts.append(part)
             node = node[part]
-        elif not last and isinstance(part, str):
+        elif isinstance(part, str) and (not last or part in REGISTRY):
             continue  # a union tag such as 'modbus' or a validator name: not in the file
         else:
             parts.append(part)
@@ -291,6 +315,9 @@ def _unwrap(annotation: Any) -> Any:
         return annotation
 
 
+_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+
+
 def _message(err: Mapping[str, Any], parent_loc: tuple[str | int, ...], node: Any) -> str:
     kind, msg = err["type"], str(err["msg"])
     if kind == "extra_forbidden":
@@ -301,6 +328,13 @@ def _message(err: Mapping[str, Any], parent_loc: tuple[str | int, ...], node: An
         return f"unknown key {key!r}{hint}"
     if kind == "missing":
         return "required, but missing"
+    if kind == "union_tag_not_found":
+        return f"required: the device type, one of {', '.join(sorted(REGISTRY))}"
+    if kind == "too_short":
+        n = err["ctx"]["min_length"]
+        return f"needs at least {n} item{'s' if n != 1 else ''}"
+    if kind in _BOUNDS:
+        return f"{err['input']!r} is out of range: must be {_BOUNDS[kind]} {next(iter(err['ctx'].values()))}"
     if kind == "union_tag_invalid":
         return f"{err['ctx']['tag']!r} is not a device type; known types: {', '.join(sorted(REGISTRY))}"
     if msg.startswith("Value error, "):
@@ -426,8 +460,11 @@ def parse_config(
         reported = {i.path for i in issues}  # an unset ${VAR} already explains its own value
         for err in exc.errors():
             loc = tuple(err["loc"])
-            if err["type"] == "union_tag_invalid":
+            error = (err.get("ctx") or {}).get("error")
+            if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
                 loc = (*loc, "type")
+            elif isinstance(error, FieldError):
+                loc = (*loc, error.field)
             where, parts, node = _locate(tree, loc, source, overrides)
             parent = loc[:-1] if err["type"] == "extra_forbidden" else loc
             path = _format_path(parts)

@@ -21,6 +21,14 @@ class ConfigIssue:
         return f"{self.source}: {self.path}: {self.message}" if self.path else f"{self.source}: {self.message}"
 
 
+class FieldError(ValueError):
+    """Raised by a model-level validator to blame one field, so the error points at its line."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(message)
+
+
 class ConfigError(EdgeAgentError):
     """A config file that cannot be used; carries every issue found, not just the first."""
 

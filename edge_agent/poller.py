@@ -45,9 +45,9 @@ class DeviceStats:
         self.latencies.append(seconds)
 
 
-def next_deadline(now: float, interval: float) -> float:
-    """The first multiple of `interval` (on the epoch clock) strictly after `now`."""
-    return (math.floor(now / interval) + 1) * interval
+def next_tick(now: float, interval: float) -> int:
+    """The number k of the first deadline k × interval (on the epoch clock) strictly after `now`."""
+    return math.floor(now / interval) + 1
 
 
 def backoff_delay(attempt: int, initial: float, cap: float, rng: random.Random) -> float:
@@ -103,31 +103,33 @@ class DevicePoller:
         return True
 
     async def _poll_forever(self) -> None:
+        # deadlines are tick numbers k (deadline = k × interval): no float error accumulates over months
         groups = self.driver.groups
-        now = self._clock()
-        heap = [(next_deadline(now, g.interval), i) for i, g in enumerate(groups)]
-        heapq.heapify(heap)
+        heap = self._schedule(groups)
         while True:
-            deadline, i = heap[0]
-            delay = deadline - self._clock()
+            k, i = heap[0]
+            group = groups[i]
+            delay = k * group.interval - self._clock()
             if delay > 0:
                 await asyncio.sleep(delay)
-            group = groups[i]
-            ok = await self._read(group)
-            now = self._clock()
-            if not ok:
+            if not await self._read(group):
                 self._emit_lost()
                 await self._reconnect()
-                now = self._clock()
-                heap = [(next_deadline(now, g.interval), j) for j, g in enumerate(groups)]
-                heapq.heapify(heap)
+                heap = self._schedule(groups)
                 continue
-            nxt = deadline + group.interval
-            if nxt <= now:
-                missed = math.floor((now - deadline) / group.interval)
+            now = self._clock()
+            nxt = k + 1
+            if nxt * group.interval <= now:
+                missed = math.floor(now / group.interval) - k
                 self.stats.overruns += missed
-                nxt = deadline + (missed + 1) * group.interval
+                nxt = k + missed + 1
             heapq.heapreplace(heap, (nxt, i))
+
+    def _schedule(self, groups: list[ScanGroup]) -> list[tuple[int, int]]:
+        now = self._clock()
+        heap = [(next_tick(now, g.interval), i) for i, g in enumerate(groups)]
+        heapq.heapify(heap)
+        return heap
 
     async def _read(self, group: ScanGroup) -> bool:
         started = time.perf_counter()

@@ -23,7 +23,7 @@ from edge_agent.drivers.base import DeviceBase, DriverPlugin, ScanGroup, TagBase
 from edge_agent.drivers.codecs import BlockDecoder, ByteOrder, DataType, kind_of, width_of
 from edge_agent.drivers.codecs import Field as CodecField
 from edge_agent.drivers.planner import Span, plan_reads
-from edge_agent.errors import DeviceError
+from edge_agent.errors import DeviceError, FieldError
 from edge_agent.fields import StrictModel
 from edge_agent.types import Quality, SampleBatch, Value
 
@@ -196,19 +196,21 @@ class ModbusTag(TagBase):
     def _fits_table(self) -> ModbusTag:
         a, t = self.address, self.dtype
         if a.table.is_bits and t is not DataType.BOOL:
-            raise ValueError(f"{a.table} addresses hold single bits: type must be bool, not {t}")
+            raise FieldError("type", f"{a.table} addresses hold single bits: type must be bool, not {t}")
         if a.bit is not None and t is not DataType.BOOL:
-            raise ValueError(f"address {a} names one bit: type must be bool, not {t}")
+            raise FieldError("type", f"address {a} names one bit: type must be bool, not {t}")
         if t is DataType.STRING and not self.length:
-            raise ValueError("a string tag needs length: the number of characters")
+            raise FieldError("length", "a string tag needs length: the number of characters")
         if t is not DataType.STRING and self.length is not None:
-            raise ValueError(f"length applies to strings only, not to {t}")
+            raise FieldError("length", f"length applies to strings only, not to {t}")
         if t in (DataType.BOOL, DataType.STRING) and (self.scale != 1.0 or self.offset != 0.0):
-            raise ValueError(f"scale and offset apply to numbers, not to {t}")
+            raise FieldError(
+                "scale" if self.scale != 1.0 else "offset", f"scale and offset apply to numbers, not to {t}"
+            )
         if self.scale == 0:
-            raise ValueError("scale 0 would turn every value into the offset")
+            raise FieldError("scale", "scale 0 would turn every value into the offset")
         if a.index + self.size - 1 > LAST_ADDRESS:
-            raise ValueError(f"address {a} with {self.size} registers runs past the end of the {a.table} table")
+            raise FieldError("address", f"{a} with {self.size} registers runs past the end of the {a.table} table")
         return self
 
 
@@ -229,11 +231,13 @@ class ModbusDevice(DeviceBase):
     def _transport_fields(self) -> ModbusDevice:
         if self.transport is Transport.RTU:
             if self.serial is None:
-                raise ValueError("transport rtu needs serial: {port: /dev/ttyUSB0, baudrate: 19200, …}")
+                raise FieldError("transport", "transport rtu needs serial: {port: /dev/ttyUSB0, baudrate: 19200, …}")
+            if self.host is not None:
+                raise FieldError("host", "host applies to tcp and rtu_over_tcp; transport rtu uses serial.port")
         elif self.host is None:
-            raise ValueError(f"transport {self.transport} needs host: the device's IP address or name")
+            raise FieldError("host", f"required for transport {self.transport}: the device's IP address or name")
         elif self.serial is not None:
-            raise ValueError(f"serial settings apply to transport rtu, not {self.transport}")
+            raise FieldError("serial", f"serial settings apply to transport rtu, not {self.transport}")
         return self
 
     def check(self) -> list[tuple[tuple[str | int, ...], str]]:

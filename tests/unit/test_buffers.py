@@ -1,0 +1,78 @@
+"""Ring buffers and window assembly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edge_agent.buffers import Buffers
+from edge_agent.types import Quality, SampleBatch
+
+TAGS = ("a", "b", "c")
+
+
+def batch(
+    ts: float, values: list[float], quality: list[int] | None = None, tags: tuple[str, ...] = TAGS
+) -> SampleBatch:
+    q = np.asarray(quality or [0] * len(values), dtype=np.uint8)
+    return SampleBatch("dev", ts, tags, np.asarray(values, dtype=np.float64), q)
+
+
+def test_ring_wraps_and_stays_bounded() -> None:
+    buf = Buffers(retention=10.0, max_samples=64)
+    store = buf.register(TAGS, 1.0)
+    size = buf.nbytes
+    for i in range(1000):
+        buf.write(batch(float(i), [i, -i, 2 * i]))
+    assert buf.nbytes == size  # nothing grew
+    ts, values, q = buf.series("b")
+    assert store.capacity == 16 and len(ts) == 16
+    assert list(ts) == [float(i) for i in range(984, 1000)]
+    assert list(values) == [-float(i) for i in range(984, 1000)]
+    assert buf.latest("c") == (999.0, 1998.0, Quality.GOOD)
+
+
+def test_capacity_follows_retention_and_cap() -> None:
+    buf = Buffers(retention=60.0, max_samples=100)
+    assert buf.register(("x",), 1.0).capacity == 61
+    assert buf.register(("y",), 0.1).capacity == 100
+
+
+def test_window_on_grid_with_hold_and_mask() -> None:
+    buf = Buffers(retention=100.0, max_samples=1000)
+    buf.register(TAGS, 1.0)
+    for i in range(10):
+        q = [0, 2 if i == 5 else 0, 0]  # b is bad at t=5
+        buf.write(batch(100.0 + i + 0.2, [i, 10 + i, 20 + i], q))
+    w = buf.window(TAGS, t_end=109.0, interval=1.0, n_samples=5)
+    assert w.values.shape == (5, 3) and w.values.dtype == np.float32
+    assert list(w.times) == [105.0, 106.0, 107.0, 108.0, 109.0]
+    # at grid 105.0 the last sample is from 104.2 (value 4)
+    assert list(w.values[:, 0]) == [4, 5, 6, 7, 8]
+    assert list(w.good[:, 1]) == [True, False, True, True, True]
+    assert np.isnan(w.values[1, 1])
+    assert w.good_fraction == pytest.approx(14 / 15)
+
+
+def test_window_marks_gaps_older_than_max_age() -> None:
+    buf = Buffers(retention=100.0, max_samples=1000)
+    buf.register(("a",), 1.0)
+    buf.write(batch(0.0, [1.0], tags=("a",)))
+    buf.write(batch(10.0, [2.0], tags=("a",)))
+    w = buf.window(("a",), t_end=10.0, interval=1.0, n_samples=11)
+    assert list(w.good[:, 0]) == [True, True] + [False] * 8 + [True]
+
+
+def test_partial_writes_advance_only_their_columns() -> None:
+    buf = Buffers(retention=100.0, max_samples=1000)
+    store = buf.register(TAGS, 1.0)
+    store.write(np.asarray([1]), 5.0, np.asarray([7.0]), np.asarray([Quality.GOOD], dtype=np.uint8))
+    assert buf.latest("a") is None
+    assert buf.latest("b") == (5.0, 7.0, Quality.GOOD)
+
+
+def test_tags_register_once() -> None:
+    buf = Buffers(retention=10.0, max_samples=100)
+    buf.register(("a",), 1.0)
+    with pytest.raises(ValueError, match="twice"):
+        buf.register(("a",), 2.0)

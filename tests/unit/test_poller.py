@@ -1,0 +1,119 @@
+"""Poller scheduling and reconnect logic, against a fake driver (the protocol is covered by integration tests)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import numpy as np
+
+from edge_agent.config import parse_config
+from edge_agent.drivers.base import ScanGroup
+from edge_agent.errors import DeviceError
+from edge_agent.poller import DevicePoller, backoff_delay, next_tick
+from edge_agent.types import SampleBatch
+
+CONFIG = """
+devices:
+  - name: fake
+    type: modbus
+    host: 127.0.0.1
+    poll_interval: 50ms
+    backoff: {initial: 10ms, max: 40ms}
+    tags: [{name: a, address: "40001"}]
+"""
+
+
+class FakeDriver:
+    """Reads take `delay` seconds; connect fails while `down` is set."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.name = "fake"
+        self.groups = [ScanGroup(0.05, ("a",))]
+        self.delay = delay
+        self.down = False
+        self.connects = 0
+        self.read_times: list[float] = []
+
+    async def connect(self) -> None:
+        self.connects += 1
+        if self.down:
+            raise DeviceError(self.name, "refused")
+
+    async def read(self, group: ScanGroup) -> SampleBatch:
+        if self.down:
+            raise DeviceError(self.name, "connection reset")
+        self.read_times.append(time.time())
+        await asyncio.sleep(self.delay)
+        return SampleBatch(self.name, time.time(), group.tags, np.zeros(1), np.zeros(1, dtype=np.uint8))
+
+    async def close(self) -> None:
+        pass
+
+
+def test_deadlines_are_tick_numbers() -> None:
+    assert next_tick(10.05, 0.1) == 101
+    assert next_tick(10.0, 1.0) == 11
+    # a year of 100 ms ticks: the deadline is computed, not accumulated, so it is still on the grid
+    year = 3600 * 24 * 365.0
+    k = next_tick(year + 0.03, 0.1)
+    assert abs(k * 0.1 - (year + 0.1)) < 1e-6
+
+
+def test_backoff_is_capped_and_jittered() -> None:
+    rng = random.Random(1)
+    delays = [backoff_delay(a, 0.5, 30.0, rng) for a in range(40)]
+    assert all(0.25 <= d <= 30.0 for d in delays)
+    assert max(delays[-10:]) <= 30.0 and min(delays[-10:]) >= 15.0
+    assert len({round(d, 6) for d in delays[-10:]}) > 1  # jitter spreads reconnect storms
+
+
+async def test_reads_land_on_the_grid() -> None:
+    cfg = parse_config(CONFIG)
+    driver = FakeDriver()
+    batches: list[SampleBatch] = []
+    poller = DevicePoller(cfg.devices[0], driver, batches.append)
+    task = asyncio.create_task(poller.run())
+    await asyncio.sleep(0.6)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    phases = [(t % 0.05) for t in driver.read_times]
+    assert len(phases) >= 8
+    assert all(p < 0.02 for p in phases), phases  # started just after each aligned deadline
+    assert poller.stats.overruns == 0
+
+
+async def test_slow_reads_count_overruns_and_skip_cycles() -> None:
+    cfg = parse_config(CONFIG)
+    driver = FakeDriver(delay=0.12)  # each read spans more than two intervals
+    poller = DevicePoller(cfg.devices[0], driver, lambda b: None)
+    task = asyncio.create_task(poller.run())
+    await asyncio.sleep(0.65)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert poller.stats.reads >= 3
+    assert poller.stats.overruns >= 2 * (poller.stats.reads - 1)
+
+
+async def test_outage_then_recovery_reconnects_with_backoff() -> None:
+    cfg = parse_config(CONFIG)
+    driver = FakeDriver()
+    batches: list[SampleBatch] = []
+    poller = DevicePoller(cfg.devices[0], driver, batches.append)
+    task = asyncio.create_task(poller.run())
+    await asyncio.sleep(0.2)
+    driver.down = True
+    await asyncio.sleep(0.3)
+    assert not poller.stats.connected
+    assert driver.connects >= 3  # kept retrying
+    lost = [b for b in batches if b.quality[0] == 4]
+    assert len(lost) == 1  # consumers are told once, not on every retry
+    driver.down = False
+    await asyncio.sleep(0.2)
+    assert poller.stats.connected
+    reads_before = poller.stats.reads
+    await asyncio.sleep(0.2)
+    assert poller.stats.reads > reads_before
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
