@@ -267,7 +267,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     try:
         asyncio.run(serve())
     except OSError as exc:
-        print(f"simulate: cannot listen: {exc}", file=sys.stderr)
+        print(f"simulate: {exc}", file=sys.stderr)
         return EXIT_FAIL
     return EXIT_OK
 

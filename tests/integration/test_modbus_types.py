@@ -112,6 +112,7 @@ async def test_modicon_addresses_bits_strings_scale(modbus_peer: ModbusPeer) -> 
         )
     )
     got = {k: v for k, (v, q) in values.items() if q is Quality.GOOD}
+    assert isinstance(got["ir5"], float) and isinstance(got["hr1"], int)  # scaled integers are measurements
     assert got == {
         "hr1": 1234,
         "hr1_scaled": 616.0,

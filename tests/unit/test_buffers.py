@@ -25,7 +25,7 @@ def test_ring_wraps_and_stays_bounded() -> None:
     for i in range(1000):
         buf.write(batch(float(i), [i, -i, 2 * i]))
     assert buf.nbytes == size  # nothing grew
-    ts, values, q = buf.series("b")
+    ts, values, _ = buf.series("b")
     assert store.capacity == 16 and len(ts) == 16
     assert list(ts) == [float(i) for i in range(984, 1000)]
     assert list(values) == [-float(i) for i in range(984, 1000)]

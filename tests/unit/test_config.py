@@ -24,7 +24,11 @@ def test_golden_check_output(case: Path, capsys: pytest.CaptureFixture[str], mon
     captured = capsys.readouterr()
     expected = (case / "expected.txt").read_text().splitlines()
     assert f"exit: {code}" == expected[0]
-    assert (captured.out + captured.err).splitlines() == expected[1:]
+    got = (captured.out + captured.err).splitlines()
+    assert len(got) == len(expected) - 1, got
+    for line, want in zip(got, expected[1:], strict=True):
+        # a line ending in … matches by prefix (libyaml and pure-Python YAML word syntax errors differently)
+        assert line.startswith(want[:-1]) if want.endswith("…") else line == want
 
 
 BASE = """
