@@ -8,6 +8,7 @@ import socket
 from collections.abc import Iterable
 
 from pymodbus.constants import ExcCodes
+from pymodbus.framer import FramerType
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
@@ -54,7 +55,10 @@ class ModbusPeer:
     `holes` are [start, end) register ranges that answer ILLEGAL ADDRESS, as unmapped areas do.
     """
 
-    def __init__(self, *, size: int = 1024, unit: int = 1, holes: Iterable[tuple[int, int]] = ()) -> None:
+    def __init__(
+        self, *, size: int = 1024, unit: int = 1, holes: Iterable[tuple[int, int]] = (), framer: str = "socket"
+    ) -> None:
+        self.framer = FramerType(framer)
         self.size = size
         self.unit = unit
         self.holes = list(holes)
@@ -118,7 +122,7 @@ class ModbusPeer:
             ),
             action=self._action,
         )
-        self._server = ModbusTcpServer(device, address=("127.0.0.1", self.port))
+        self._server = ModbusTcpServer(device, address=("127.0.0.1", self.port), framer=self.framer)
         await self._server.serve_forever(background=True)
         await asyncio.sleep(0.05)
         return self.port

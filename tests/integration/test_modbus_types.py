@@ -43,9 +43,11 @@ def config_for(port: int, tags: list[str]) -> str:
     )
 
 
-async def read_all(text: str) -> dict[str, tuple[object, Quality]]:
+async def read_all(text: str, requests: int | None = None) -> dict[str, tuple[object, Quality]]:
     cfg = parse_config(text)
     driver = ModbusDriver(cfg.devices[0])
+    if requests is not None:
+        assert sum(driver.requests_per_cycle.values()) == requests
     await driver.connect()
     try:
         out = {}
@@ -68,7 +70,10 @@ async def test_every_type_in_every_byte_order(modbus_peer: ModbusPeer) -> None:
                 tags.append(f'{{name: {tag}, address: "{table}:{addr}", type: {name}, byte_order: {order}}}')
                 expected[tag] = value
                 addr += len(regs)
-    values = await read_all(config_for(modbus_peer.port, tags))
+    before = modbus_peer.requests
+    # 64 tags in 80 holding + 80 input registers: the planner needs one request per table
+    values = await read_all(config_for(modbus_peer.port, tags), requests=2)
+    assert modbus_peer.requests - before == 2
     assert len(values) == len(expected) == 2 * len(CASES) * len(ORDERS)
     for tag, want in expected.items():
         got, quality = values[tag]
@@ -162,3 +167,15 @@ async def test_nan_float_is_bad_quality(modbus_peer: ModbusPeer) -> None:
     )
     assert values["nan"] == (None, Quality.BAD)
     assert values["fine"] == (1.5, Quality.GOOD)
+
+
+async def test_rtu_framing_over_tcp() -> None:
+    peer = ModbusPeer(framer="rtu")
+    peer.place("holding", 0, wire_registers(">f", 12.25, "CDAB"))
+    await peer.start()
+    try:
+        text = config_for(peer.port, ['{name: v, address: "40001", type: float32, byte_order: CDAB}'])
+        values = await read_all(text.replace("    timeout: 1s", "    transport: rtu_over_tcp\n    timeout: 1s"))
+    finally:
+        await peer.stop()
+    assert values["v"] == (12.25, Quality.GOOD)
