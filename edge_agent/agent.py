@@ -32,7 +32,7 @@ class Agent:
         self.pollers: list[DevicePoller] = []
         for dev in config.devices:
             driver = REGISTRY[dev.type].factory(dev)
-            for group in driver.groups:
+            for group in [*driver.groups, *getattr(driver, "subscriptions", [])]:
                 self.buffers.register(group.tags, group.interval)
             self.pollers.append(DevicePoller(dev, driver, self._sink))
 

@@ -69,7 +69,8 @@ class Buffers:
         self.max_samples = max_samples
         self._slots: dict[str, _Slot] = {}
         self._stores: list[RingStore] = []
-        self._cols: dict[int, tuple[tuple[str, ...], RingStore, npt.NDArray[np.intp]]] = {}
+        # the tag tuples drivers send for whole scan groups, by identity: the hot path skips name lookups
+        self._groups: dict[int, tuple[tuple[str, ...], RingStore, npt.NDArray[np.intp]]] = {}
 
     def register(self, tags: Sequence[str], interval: float) -> RingStore:
         """Create the rings for tags polled together on one interval."""
@@ -81,6 +82,8 @@ class Buffers:
         self._stores.append(store)
         for col, tag in enumerate(tags):
             self._slots[tag] = _Slot(store, col)
+        if isinstance(tags, tuple):
+            self._groups[id(tags)] = (tags, store, np.arange(len(tags), dtype=np.intp))
         return store
 
     @property
@@ -92,17 +95,17 @@ class Buffers:
         return tag in self._slots
 
     def write(self, batch: SampleBatch) -> None:
-        """Append a batch; its tags must all have been registered in one store."""
-        cached = self._cols.get(id(batch.tags))
-        if cached is None or cached[0] is not batch.tags:
+        """Append a batch: a whole registered group, or any subset of one group's tags (subscriptions)."""
+        group = self._groups.get(id(batch.tags))
+        if group is not None and group[0] is batch.tags:
+            _, store, cols = group
+        else:
             slots = [self._slots[t] for t in batch.tags]
             store = slots[0].store
             if any(s.store is not store for s in slots):
                 raise ValueError("a batch must hold tags of one scan group")
-            cached = (batch.tags, store, np.asarray([s.col for s in slots], dtype=np.intp))
-            self._cols[id(batch.tags)] = cached
-        _, store, cols = cached
-        store.write(cols, batch.ts, batch.values, batch.quality)
+            cols = np.asarray([s.col for s in slots], dtype=np.intp)
+        store.write(cols, batch.ts if batch.times is None else batch.times, batch.values, batch.quality)
 
     def latest(self, tag: str) -> tuple[float, float, Quality] | None:
         """The newest (ts, value, quality) of a tag, or None before its first sample."""

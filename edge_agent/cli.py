@@ -89,7 +89,7 @@ async def _read_device(dev: DeviceBase) -> tuple[list[Sample], str | None]:
     samples: list[Sample] = []
     try:
         await driver.connect()
-        for group in driver.groups:
+        for group in [*driver.groups, *getattr(driver, "subscriptions", [])]:
             async with asyncio.timeout(dev.timeout * (1 + len(group.tags) // 50) + 1.0):
                 samples.extend((await driver.read(group)).samples())
         return samples, None

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edge_agent.drivers.base import DeviceBase, Driver, OnStartupError, ScanGroup
+from edge_agent.drivers.base import DeviceBase, Driver, OnStartupError, ScanGroup, SubscribingDriver
 from edge_agent.errors import DeviceError, DeviceStartupError
 from edge_agent.types import Quality, SampleBatch
 
@@ -88,7 +88,7 @@ class DevicePoller:
     async def _first_connect(self) -> bool:
         policy = self.config.on_startup_error
         try:
-            await self.driver.connect()
+            await self._connect()
         except DeviceError as exc:
             if policy is OnStartupError.ERROR:
                 reason = str(exc).removeprefix(f"device {self.config.name}: ")
@@ -102,9 +102,22 @@ class DevicePoller:
         self._came_up()
         return True
 
+    @property
+    def _subscriptions(self) -> list[ScanGroup]:
+        return self.driver.subscriptions if isinstance(self.driver, SubscribingDriver) else []
+
+    async def _connect(self) -> None:
+        await self.driver.connect()
+        if self._subscriptions:
+            assert isinstance(self.driver, SubscribingDriver)
+            await self.driver.subscribe(self.sink)
+
     async def _poll_forever(self) -> None:
         # deadlines are tick numbers k (deadline = k × interval): no float error accumulates over months
-        groups = self.driver.groups
+        groups = list(self.driver.groups)
+        if self._subscriptions:
+            # pushed data has no read to fail: probe the connection on its own schedule
+            groups.append(ScanGroup(max(self.config.timeout, 1.0), ()))
         heap = self._schedule(groups)
         while True:
             k, i = heap[0]
@@ -112,7 +125,7 @@ class DevicePoller:
             delay = k * group.interval - self._clock()
             if delay > 0:
                 await asyncio.sleep(delay)
-            if not await self._read(group):
+            if not await (self._probe() if not group.tags else self._read(group)):
                 self._emit_lost()
                 await self._reconnect()
                 heap = self._schedule(groups)
@@ -144,10 +157,20 @@ class DevicePoller:
         self.sink(batch)
         return True
 
+    async def _probe(self) -> bool:
+        assert isinstance(self.driver, SubscribingDriver)
+        try:
+            async with asyncio.timeout(self.config.timeout + 1.0):
+                await self.driver.check()
+        except (DeviceError, TimeoutError) as exc:
+            self._went_down(exc if isinstance(exc, DeviceError) else DeviceError(self.config.name, "no answer"))
+            return False
+        return True
+
     def _emit_lost(self) -> None:
         """Tell consumers every tag of the device is unreachable now."""
         ts = self._clock()
-        for g in self.driver.groups:
+        for g in [*self.driver.groups, *self._subscriptions]:
             n = len(g.tags)
             self.sink(
                 SampleBatch(
@@ -162,9 +185,10 @@ class DevicePoller:
             self._attempt += 1
             await asyncio.sleep(delay)
             try:
-                await self.driver.connect()
+                await self._connect()
             except DeviceError as exc:
                 self._went_down(exc)
+                await self.driver.close()
                 continue
             self._came_up()
             return

@@ -58,6 +58,7 @@ class SampleBatch:
     quality: QualityArray
     exact: Mapping[int, Value] = field(default_factory=dict)
     kinds: tuple[str, ...] = ()  # per tag: "float" | "int" | "bool" | "str", for rendering
+    times: FloatArray | None = None  # per-tag timestamps when the source gives them (OPC UA); else `ts`
 
     def __len__(self) -> int:
         return len(self.tags)
@@ -79,7 +80,8 @@ class SampleBatch:
     def samples(self) -> Iterator[Sample]:
         """One Sample per tag (for display and tests; the hot path stays column-wise)."""
         for i, tag in enumerate(self.tags):
-            yield Sample(self.device, tag, self.ts, self.value_at(i), Quality(int(self.quality[i])))
+            ts = self.ts if self.times is None else float(self.times[i])
+            yield Sample(self.device, tag, ts, self.value_at(i), Quality(int(self.quality[i])))
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from pydantic import Field, field_validator
 
@@ -85,10 +85,14 @@ class ScanGroup:
 
 
 class Driver(Protocol):
-    """The runtime side of a device: connect, read a scan group, close. No I/O in the constructor."""
+    """The runtime side of a device: connect, read a scan group, close. No I/O in the constructor.
+
+    Drivers whose device pushes changes (OPC UA subscriptions) also list `subscriptions` and
+    implement `subscribe` and `check` (see SubscribingDriver); the poller detects them.
+    """
 
     name: str
-    groups: list[ScanGroup]
+    groups: list[ScanGroup]  # polled: the poller calls read() on each group's schedule
 
     async def connect(self) -> None:
         """Open the connection; raise DeviceError when the device cannot be reached."""
@@ -98,6 +102,19 @@ class Driver(Protocol):
 
     async def close(self) -> None:
         """Close the connection; safe to call twice."""
+
+
+@runtime_checkable
+class SubscribingDriver(Protocol):
+    """A driver whose device sends changes by itself."""
+
+    subscriptions: list[ScanGroup]  # tags delivered on change; `interval` is the sampling interval
+
+    async def subscribe(self, sink: Callable[[SampleBatch], None]) -> None:
+        """After connect: set up monitored items that call `sink` with each batch of changes."""
+
+    async def check(self) -> None:
+        """Raise DeviceError when the connection or its subscriptions are dead (called every timeout)."""
 
 
 @dataclass(frozen=True)
