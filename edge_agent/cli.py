@@ -12,6 +12,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, TextIO
 
 from edge_agent import __version__
@@ -247,6 +248,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"--fault: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    if args.record:
+        if not args.duration:
+            print("--record needs --duration SECONDS (plant time)", file=sys.stderr)
+            return EXIT_CONFIG
+        rows = record_plant(args.record, seed=args.seed, faults=faults, seconds=args.duration, every=args.record_every)
+        print(f"{args.record}: {rows} rows of plant data ({args.duration:g} s, seed {args.seed})")
+        return EXIT_OK
     options = simulate.SimulatorOptions(host=args.host, modbus_port=args.modbus_port, seed=args.seed, faults=faults)
 
     def ready(lines: list[str]) -> None:
@@ -269,6 +277,222 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"simulate: {exc}", file=sys.stderr)
         return EXIT_FAIL
+    return EXIT_OK
+
+
+def record_plant(path: str, *, seed: int, faults: tuple[Any, ...], seconds: float, every: float) -> int:
+    """Offline plant data as CSV: a datetime column and one column per signal, named like the example tags."""
+    import csv
+
+    from edge_agent.simulate import SIGNALS, Plant
+
+    plant = Plant(seed=seed, faults=faults)
+    stride = max(1, round(every / plant.dt))
+    data = plant.run(int(seconds / plant.dt))
+    start = dt.datetime(2026, 1, 1, tzinfo=dt.UTC).timestamp()  # fixed: the same seed gives the same file
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["datetime", *(f"pump.{name}" for name in SIGNALS), "fault_active"])
+        for i in range(stride - 1, len(data["time"]), stride):
+            row = [f"{data[name][i]:.6g}" for name in SIGNALS]
+            w.writerow([_iso(start + float(data["time"][i])), *row, int(data["fault_active"][i])])
+    return len(range(stride - 1, len(data["time"]), stride))
+
+
+# ---------------------------------------------------------------- model, calibrate, replay, train
+
+
+def cmd_model_inspect(args: argparse.Namespace) -> int:
+    """Print a bundle's metadata, tensors and sha256."""
+    from edge_agent.scoring.bundle import ModelError, load_bundle
+    from edge_agent.scoring.runtime import ModelRuntime
+
+    try:
+        bundle = load_bundle(args.file)
+        tensors = ModelRuntime(bundle).describe()
+    except ModelError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_CONFIG
+    info = {
+        "file": str(args.file),
+        "sha256": bundle.sha256,
+        "bytes": len(bundle.data),
+        **tensors,
+        "metadata": bundle.metadata.model_dump(mode="json"),
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return EXIT_OK
+    m = bundle.metadata
+    print(
+        f"{args.file}\n  sha256     {bundle.sha256}\n  size       {len(bundle.data)} bytes\n"
+        f"  model      {m.name} v{m.version}  {m.description}\n"
+        f"  runtime    {tensors['runtime']}\n"
+        f"  input      {tensors['input']['shape']} {tensors['input']['dtype']} "
+        f"(scale {tensors['input']['scale']:.6g}, zero point {tensors['input']['zero_point']})\n"
+        f"  output     {tensors['output']['shape']} {tensors['output']['dtype']} "
+        f"(scale {tensors['output']['scale']:.6g}, zero point {tensors['output']['zero_point']})\n"
+        f"  window     {m.window} samples every {m.sample_interval:g}s\n"
+        f"  score      {m.score.kind}, smoothing {m.score.smoothing}\n"
+        f"  threshold  {m.threshold.value:.6g} ({m.threshold.method}: q{m.threshold.quantile} × {m.threshold.margin}"
+        f", {m.threshold.rows} rows of {m.threshold.calibrated_on or '?'} at {m.threshold.calibrated_at or '?'})\n"
+        f"  detector   exit ratio {m.detector.exit_ratio}, min duration {m.detector.min_duration:g}s\n"
+        f"  created    {m.created}\n  inputs"
+    )
+    for tag, mean, scale in zip(m.inputs, m.normalisation.mean, m.normalisation.scale, strict=True):
+        print(f"    {tag:32} mean {mean:12.6g}  scale {scale:10.6g}")
+    if m.training:
+        print("  training   " + ", ".join(f"{k}={v}" for k, v in m.training.items()))
+    return EXIT_OK
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Learn normalisation and threshold from normal data (a CSV, or the live machine) into a new bundle."""
+    from edge_agent.scoring.bundle import ModelError, load_bundle, save_bundle
+    from edge_agent.scoring.calibrate import calibrate
+    from edge_agent.scoring.replay import read_table
+
+    try:
+        bundle = load_bundle(args.model)
+    except ModelError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_CONFIG
+    inputs = bundle.metadata.inputs
+    if args.csv:
+        table = read_table(args.csv)
+        try:
+            data = table.select(inputs)
+        except ValueError as exc:
+            print(f"{args.csv}: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        if args.rows:
+            data = data[: args.rows]
+        source = f"{args.csv} ({len(data)} rows)"
+    else:
+        cfg = _load(args.config)
+        if cfg is None:
+            return EXIT_CONFIG
+        data = asyncio.run(_collect_live(cfg, inputs, bundle.metadata.sample_interval, args.samples))
+        if data is None:
+            return EXIT_FAIL
+        source = f"live {args.config} ({len(data)} samples)"
+    try:
+        new = calibrate(bundle, data, quantile=args.quantile, margin=args.margin, source=source)
+    except ValueError as exc:
+        print(f"calibrate: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    save_bundle(new, args.out)
+    t = new.metadata.threshold
+    print(f"{args.out}: threshold {t.value:.6g} (q{t.quantile} × {t.margin} of {len(data)} rows), sha256 {new.sha256}")
+    return EXIT_OK
+
+
+async def _collect_live(cfg: Config, inputs: list[str], interval: float, samples: int) -> Any:
+    """Poll the configured devices until `samples` grid points of every input are good; rows × inputs."""
+    missing = [t for t in inputs if t not in {tag.name for d in cfg.devices for tag in d.tags}]
+    if missing:
+        print(f"calibrate: the config has no tag {', '.join(missing)}", file=sys.stderr)
+        return None
+    span = interval * (samples + 2)
+    cfg = cfg.model_copy(
+        update={
+            "buffers": cfg.buffers.model_copy(
+                update={"retention": max(cfg.buffers.retention, span * 1.2), "max_samples_per_tag": 1_000_000}
+            )
+        }
+    )
+    agent = Agent(cfg)
+    stop = asyncio.Event()
+    task = asyncio.create_task(agent.run(stop))
+    log.info("calibrate: collecting %d samples every %gs (%.0fs) of normal operation", samples, interval, span)
+    try:
+        await asyncio.sleep(span)
+        t_end = (time.time() // interval) * interval
+        w = agent.buffers.window(inputs, t_end=t_end, interval=interval, n_samples=samples)
+    finally:
+        stop.set()
+        await task
+    good_rows = w.good.all(axis=1)
+    if good_rows.mean() < 0.9:
+        print(f"calibrate: only {good_rows.mean():.0%} of the samples were good; is every device up?", file=sys.stderr)
+        return None
+    return w.values[good_rows].astype("float64")
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    """Run a CSV through buffers, scoring and the detector; write scores and anomaly flags."""
+    from edge_agent.scoring.bundle import ModelError, load_bundle
+    from edge_agent.scoring.replay import read_table, replay, write_result
+
+    try:
+        bundle = load_bundle(args.model)
+        table = read_table(args.data)
+        data = table.select(bundle.metadata.inputs)
+        result = replay(
+            bundle,
+            table.times,
+            data,
+            calibrate_rows=args.calibrate_rows,
+            quantile=args.quantile,
+            margin=args.margin,
+            source=str(args.data),
+        )
+    except (ModelError, ValueError, OSError) as exc:
+        print(f"replay: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.out:
+        write_result(result, args.out, table.time_column)
+    if args.plot:
+        from edge_agent.scoring.plot import plot_replay
+
+        plot_replay(result, table.times, data, bundle.metadata.inputs, args.plot, title=str(args.data))
+    n_anom = int(result.anomaly.sum())
+    spans = int(((result.anomaly[1:] == 1) & (result.anomaly[:-1] == 0)).sum() + result.anomaly[:1].sum())
+    print(
+        f"{args.data}: {len(result.times)} rows, threshold {result.threshold:.6g}, "
+        f"{spans} anomalies covering {n_anom} rows" + (f" → {args.out}" if args.out else "")
+    )
+    return EXIT_OK
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train an int8 bundle from CSVs of normal operation (needs the train extra)."""
+    from edge_agent.scoring.bundle import ModelError, save_bundle
+    from edge_agent.scoring.replay import read_table
+    from edge_agent.scoring.train import TrainOptions, train
+
+    tables = [read_table(p) for p in args.data]
+    inputs = (
+        args.inputs.split(",")
+        if args.inputs
+        else [c for c in tables[0].columns if c.lower() not in ("anomaly", "changepoint", "fault_active")]
+    )
+    try:
+        series = [t.select(inputs) for t in tables]
+        series = [s[: args.rows] if args.rows else s for s in series]
+        options = TrainOptions(
+            name=args.name,
+            inputs=tuple(inputs),
+            window=args.window,
+            sample_interval=args.sample_interval,
+            hidden=args.hidden,
+            bottleneck=args.bottleneck,
+            epochs=args.epochs,
+            seed=args.seed,
+            dtype=args.dtype,
+            quantile=args.quantile,
+            margin=args.margin,
+            description=args.description,
+        )
+        bundle = train(series, options, source=", ".join(Path(p).name for p in args.data))
+    except (ModelError, ValueError) as exc:
+        print(f"train: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    save_bundle(bundle, args.out)
+    print(
+        f"{args.out}: {options.dtype} {bundle.metadata.training['architecture']}, threshold "
+        f"{bundle.metadata.threshold.value:.6g}, sha256 {bundle.sha256}"
+    )
     return EXIT_OK
 
 
@@ -316,8 +540,63 @@ def build_parser() -> argparse.ArgumentParser:
         help="inject a fault, e.g. cavitation@30+60 (repeatable; see --list-faults)",
     )
     s.add_argument("--list-faults", action="store_true", help="list the faults and exit")
+    s.add_argument("--record", metavar="CSV", help="write --duration seconds of plant data to a CSV (no server; fast)")
+    s.add_argument("--record-every", type=float, default=1.0, metavar="SECONDS", help="sample interval of --record")
     s.add_argument("--duration", type=float, default=0, metavar="SECONDS", help="stop after this long (0: never)")
     s.set_defaults(func=cmd_simulate)
+
+    m = sub.add_parser("model", help="model bundles")
+    msub = m.add_subparsers(dest="model_command", required=True)
+    mi = msub.add_parser("inspect", help="print a bundle's metadata, tensor shapes/types and sha256")
+    mi.add_argument("file")
+    mi.add_argument("--json", action="store_true")
+    mi.set_defaults(func=cmd_model_inspect)
+
+    c = sub.add_parser("calibrate", help="learn normalisation and threshold from normal data into a new bundle")
+    c.add_argument("--model", required=True, help="the bundle to adapt")
+    src = c.add_mutually_exclusive_group(required=True)
+    src.add_argument("--csv", help="normal operation as CSV (datetime column + the model's input columns)")
+    src.add_argument("--config", help="poll the live machine described by this config")
+    c.add_argument("--rows", type=int, default=0, help="use only the first N rows of the CSV")
+    c.add_argument("--samples", type=int, default=600, help="live: samples on the model's grid to collect")
+    c.add_argument("--quantile", type=float, default=0.99)
+    c.add_argument("--margin", type=float, default=1.5, help="threshold = quantile of normal scores × margin")
+    c.add_argument("--out", required=True, help="the new bundle")
+    c.set_defaults(func=cmd_calibrate)
+
+    rp = sub.add_parser("replay", help="score a CSV offline through the agent's own path")
+    rp.add_argument("data")
+    rp.add_argument("--model", required=True)
+    rp.add_argument(
+        "--calibrate-rows",
+        type=int,
+        default=0,
+        metavar="N",
+        help="calibrate normalisation and threshold on the first N rows first",
+    )
+    rp.add_argument("--quantile", type=float, default=0.99)
+    rp.add_argument("--margin", type=float, default=1.5)
+    rp.add_argument("--out", help="CSV with one row per input row: timestamp, score, threshold, anomaly")
+    rp.add_argument("--plot", help="PNG of the tags, the score against its threshold and the anomaly spans")
+    rp.set_defaults(func=cmd_replay)
+
+    t = sub.add_parser("train", help="train an int8 model bundle from CSVs of normal operation (train extra)")
+    t.add_argument("data", nargs="+")
+    t.add_argument("--out", required=True)
+    t.add_argument("--name", required=True)
+    t.add_argument("--inputs", help="comma-separated columns (default: every column but labels)")
+    t.add_argument("--rows", type=int, default=0, help="use only the first N rows of each file")
+    t.add_argument("--window", type=int, default=16)
+    t.add_argument("--sample-interval", type=float, default=1.0)
+    t.add_argument("--hidden", type=int, default=32)
+    t.add_argument("--bottleneck", type=int, default=8)
+    t.add_argument("--epochs", type=int, default=30)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--dtype", choices=["int8", "float32"], default="int8")
+    t.add_argument("--quantile", type=float, default=0.99)
+    t.add_argument("--margin", type=float, default=1.5)
+    t.add_argument("--description", default="")
+    t.set_defaults(func=cmd_train)
     return p
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from enum import IntEnum
+from enum import IntEnum, StrEnum
 
 import numpy as np
 import numpy.typing as npt
@@ -104,3 +104,55 @@ class Window:
     def good_fraction(self) -> float:
         """Share of cells that hold a good sample."""
         return float(self.good.mean()) if self.good.size else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Score:
+    """A model's verdict on one window."""
+
+    model: str
+    t_end: float
+    score: float | None  # None: not scored (insufficient data)
+    threshold: float
+    contributions: Mapping[str, float]  # tag → share of the score (sums to 1)
+    good_fraction: float
+
+
+class EventType(StrEnum):
+    """Kinds of anomaly event."""
+
+    START = "anomaly.start"
+    END = "anomaly.end"
+
+
+class Severity(StrEnum):
+    """How far the score is above the threshold."""
+
+    MINOR = "minor"  # up to 1.5 × threshold
+    MAJOR = "major"  # up to 3 ×
+    CRITICAL = "critical"  # beyond
+
+
+@dataclass(frozen=True, slots=True)
+class AnomalyEvent:
+    """An anomaly starting or ending, with what an operator needs to judge it."""
+
+    type: EventType
+    event_id: str  # unique and sortable (time-ordered)
+    anomaly_id: str  # the same for the start and the end of one anomaly
+    seq: int  # per-agent sequence number
+    agent: str
+    site: str
+    model: str
+    model_version: str
+    model_sha256: str
+    window_start: float
+    window_end: float
+    score: float
+    threshold: float
+    severity: Severity
+    contributions: Mapping[str, float]  # top tags and their shares
+    values: Mapping[str, float | None]  # the latest value of each input when the event fired
+    started_at: float  # when the anomaly began (equal to window_end for a start)
+    peak_score: float
+    historical: bool = False

@@ -1,0 +1,1 @@
+"""On-device scoring: model bundles, the TFLite runtime, detector, calibration, replay."""

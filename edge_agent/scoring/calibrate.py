@@ -1,0 +1,76 @@
+"""Adapt a model to one machine without TensorFlow: normalisation and threshold from normal data."""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+from edge_agent.scoring.bundle import Bundle, Normalisation, ThresholdSpec, bundle_from_bytes, embed_metadata, now_iso
+from edge_agent.scoring.detector import WindowScorer
+from edge_agent.scoring.runtime import ModelRuntime
+
+F64 = npt.NDArray[np.float64]
+BATCH = 1024
+MIN_SCALE_RATIO = 0.01  # a tag that never moved in the normal data still gets a scale of 1 % of its level
+
+
+def fit_normalisation(data: F64, *, min_scale_ratio: float = MIN_SCALE_RATIO) -> tuple[list[float], list[float]]:
+    """Per-column mean and scale (standard deviation, floored so flat signals do not divide by ~0)."""
+    mean = np.nanmean(data, axis=0)
+    std = np.nanstd(data, axis=0)
+    floor = np.maximum(min_scale_ratio * np.abs(mean), 1e-6)
+    return mean.tolist(), np.maximum(std, floor).tolist()
+
+
+def sliding_windows(data: F64, window: int) -> npt.NDArray[np.float32]:
+    """Every window of consecutive rows (rows − window + 1 of them), as float32."""
+    if len(data) < window:
+        return np.empty((0, window, data.shape[1]), dtype=np.float32)
+    view = np.lib.stride_tricks.sliding_window_view(data, window, axis=0)  # rows × tags × window
+    return np.ascontiguousarray(view.transpose(0, 2, 1), dtype=np.float32)
+
+
+def score_series(scorer: WindowScorer, data: F64) -> F64:
+    """Score every full window of a series; entry i is the window ending at row i + window − 1."""
+    windows = sliding_windows(data, scorer.bundle.metadata.window)
+    good = np.isfinite(windows)
+    out = []
+    for i in range(0, len(windows), BATCH):
+        scores, _ = scorer.score(np.nan_to_num(windows[i : i + BATCH]), good[i : i + BATCH])
+        out.append(scores)
+    return np.concatenate(out) if out else np.empty(0)
+
+
+def calibrate(
+    bundle: Bundle,
+    data: F64,
+    *,
+    quantile: float = 0.99,
+    margin: float = 1.5,
+    source: str = "",
+    min_scale_ratio: float = MIN_SCALE_RATIO,
+) -> Bundle:
+    """A new bundle whose normalisation and threshold come from `data` (rows × inputs of normal operation)."""
+    meta = bundle.metadata
+    if data.shape[1] != len(meta.inputs):
+        raise ValueError(f"calibration data has {data.shape[1]} columns for {len(meta.inputs)} inputs")
+    if len(data) < meta.window + 10:
+        raise ValueError(f"calibration needs at least {meta.window + 10} rows (window {meta.window}), got {len(data)}")
+    mean, scale = fit_normalisation(data, min_scale_ratio=min_scale_ratio)
+    staged = meta.model_copy(update={"normalisation": Normalisation(mean=mean, scale=scale)})
+    scorer = WindowScorer(bundle_from_bytes(embed_metadata(bundle.data, staged)), runtime=ModelRuntime(bundle))
+    scores = score_series(scorer, data)
+    scores = scores[np.isfinite(scores)]
+    if scores.size == 0:
+        raise ValueError("no window of the calibration data had enough good values")
+    value = max(float(np.quantile(scores, quantile)) * margin, 1e-9)
+    threshold = ThresholdSpec(
+        value=value,
+        quantile=quantile,
+        margin=margin,
+        calibrated_on=source,
+        rows=len(data),
+        calibrated_at=now_iso(),
+    )
+    final = staged.model_copy(update={"threshold": threshold})
+    return bundle_from_bytes(embed_metadata(bundle.data, final))

@@ -1,0 +1,208 @@
+"""From windows to scores (normalise → model → error → contributions) and from scores to anomaly events."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import secrets
+import time
+from collections import deque
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from edge_agent.scoring.bundle import Bundle
+from edge_agent.scoring.runtime import ModelRuntime
+from edge_agent.types import AnomalyEvent, EventType, Severity
+
+F32 = npt.NDArray[np.float32]
+F64 = npt.NDArray[np.float64]
+MIN_GOOD_FRACTION = 0.9  # windows with fewer good cells are not scored
+
+
+class WindowScorer:
+    """Scores batches of windows with one bundle: vectorised over the batch, one interpreter call."""
+
+    def __init__(self, bundle: Bundle, *, min_good: float = MIN_GOOD_FRACTION, runtime: ModelRuntime | None = None):
+        meta = bundle.metadata
+        self.bundle = bundle
+        self.runtime = runtime or ModelRuntime(bundle)
+        self.min_good = min_good
+        self._mean = np.asarray(meta.normalisation.mean, dtype=np.float32)
+        self._inv_scale = (1.0 / np.asarray(meta.normalisation.scale, dtype=np.float64)).astype(np.float32)
+
+    def score(self, values: F32, good: npt.NDArray[np.bool_]) -> tuple[F64, F64]:
+        """Scores (NaN where data was insufficient) and per-tag contributions for batch × window × inputs."""
+        x = (values - self._mean) * self._inv_scale
+        # missing cells sit at the normal mean and are left out of the error
+        x = np.where(good, x, np.float32(0.0)).astype(np.float32, copy=False)
+        recon = self.runtime.reconstruct(x)
+        err = np.square(x - recon) * good
+        n_good = good.sum(axis=1)  # batch × inputs
+        per_tag = err.sum(axis=1) / np.maximum(n_good, 1)
+        total = per_tag.sum(axis=1)
+        scores = (err.sum(axis=(1, 2)) / np.maximum(n_good.sum(axis=1), 1)).astype(np.float64)
+        contributions = per_tag / np.where(total > 0, total, 1.0)[:, None]
+        scores[good.mean(axis=(1, 2)) < self.min_good] = np.nan
+        return scores, contributions.astype(np.float64)
+
+
+def severity_of(ratio: float) -> Severity:
+    """Severity from the peak score as a multiple of the threshold."""
+    if ratio < 1.5:
+        return Severity.MINOR
+    if ratio < 3.0:
+        return Severity.MAJOR
+    return Severity.CRITICAL
+
+
+def new_event_id(t: float, seq: int) -> str:
+    """Unique and sortable: milliseconds, sequence, randomness (ULID-like, hex)."""
+    return f"{int(t * 1000):012x}{seq & 0xFFFFFFFF:08x}{secrets.token_hex(4)}"
+
+
+@dataclass
+class _Active:
+    anomaly_id: str
+    started_at: float
+    window_start: float
+    peak: float
+    contributions: Mapping[str, float]
+
+
+@dataclass
+class Detector:
+    """Threshold with hysteresis and a minimum duration, on optionally smoothed scores.
+
+    Enter when the smoothed score exceeds the threshold; leave when it has been at least
+    `min_duration` since the start and the smoothed score is below `exit_ratio × threshold`.
+    Windows that were not scored (insufficient data) neither start nor end an anomaly.
+    """
+
+    model: str
+    model_version: str
+    model_sha256: str
+    inputs: tuple[str, ...]
+    threshold: float
+    exit_ratio: float = 0.8
+    min_duration: float = 5.0
+    smoothing: int = 1
+    agent: str = "edge-agent"
+    site: str = "default"
+    top_k: int = 3
+    counter: Iterator[int] = field(default_factory=lambda: itertools.count(1))  # shared per agent
+    _recent: deque[float] = field(default_factory=deque)
+    _active: _Active | None = None
+    insufficient: bool = False
+
+    @property
+    def active(self) -> bool:
+        """An anomaly is open."""
+        return self._active is not None
+
+    def smoothed(self, score: float) -> float:
+        """Rolling mean of the last `smoothing` scores, this one included."""
+        self._recent.append(score)
+        while len(self._recent) > self.smoothing:
+            self._recent.popleft()
+        return float(sum(self._recent) / len(self._recent))
+
+    def update(
+        self,
+        *,
+        t_end: float,
+        window_start: float,
+        score: float,
+        contributions: F64 | Mapping[str, float],
+        values: Mapping[str, float | None],
+    ) -> list[AnomalyEvent]:
+        """Feed one window's score; returns the events it causes (none, a start, or an end)."""
+        if math.isnan(score):
+            self.insufficient = True
+            return []
+        self.insufficient = False
+        s = self.smoothed(score)
+        shares = (
+            contributions
+            if isinstance(contributions, Mapping)
+            else dict(zip(self.inputs, map(float, contributions), strict=True))
+        )
+        top = dict(sorted(shares.items(), key=lambda kv: -kv[1])[: self.top_k])
+        if self._active is None:
+            if s > self.threshold:
+                self._active = _Active(secrets.token_hex(8), t_end, window_start, s, top)
+                return [self._event(EventType.START, t_end, window_start, s, top, values)]
+            return []
+        a = self._active
+        if s > a.peak:
+            a.peak, a.contributions = s, top
+        if t_end - a.started_at >= self.min_duration and s < self.exit_ratio * self.threshold:
+            event = self._event(EventType.END, t_end, window_start, s, a.contributions, values)
+            self._active = None
+            return [event]
+        return []
+
+    def close(self, t: float, values: Mapping[str, float | None]) -> list[AnomalyEvent]:
+        """End an open anomaly (shutdown), so every start gets its end."""
+        if self._active is None:
+            return []
+        a = self._active
+        event = self._event(EventType.END, t, a.window_start, a.peak, a.contributions, values)
+        self._active = None
+        return [event]
+
+    def _event(
+        self,
+        kind: EventType,
+        t_end: float,
+        window_start: float,
+        score: float,
+        top: Mapping[str, float],
+        values: Mapping[str, float | None],
+    ) -> AnomalyEvent:
+        a = self._active
+        assert a is not None
+        seq = next(self.counter)
+        return AnomalyEvent(
+            type=kind,
+            event_id=new_event_id(time.time(), seq),
+            anomaly_id=a.anomaly_id,
+            seq=seq,
+            agent=self.agent,
+            site=self.site,
+            model=self.model,
+            model_version=self.model_version,
+            model_sha256=self.model_sha256,
+            window_start=window_start,
+            window_end=t_end,
+            score=score,
+            threshold=self.threshold,
+            severity=severity_of(a.peak / self.threshold),
+            contributions=dict(top),
+            values=dict(values),
+            started_at=a.started_at,
+            peak_score=a.peak,
+        )
+
+
+def series_flags(
+    scores: F64, threshold: float, *, exit_ratio: float, min_duration_windows: int, smoothing: int
+) -> npt.NDArray[np.int8]:
+    """The detector's anomaly state (0/1) after each score of a series: replay and benchmarks use this."""
+    det = Detector(
+        model="replay",
+        model_version="",
+        model_sha256="",
+        inputs=("x",),
+        threshold=threshold,
+        exit_ratio=exit_ratio,
+        min_duration=float(min_duration_windows),
+        smoothing=smoothing,
+    )
+    out = np.zeros(len(scores), dtype=np.int8)
+    for i, s in enumerate(scores):
+        det.update(t_end=float(i), window_start=float(i), score=float(s), contributions={"x": 1.0}, values={})
+        out[i] = det.active
+    return out

@@ -1,0 +1,112 @@
+"""The TFLite interpreter around a bundle: quantize, invoke, dequantize, with parameters read from the model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from edge_agent.scoring.bundle import Bundle, ModelError
+
+F32 = npt.NDArray[np.float32]
+
+
+def interpreter_class() -> tuple[Any, str]:
+    """LiteRT's Interpreter, or tflite-runtime's where that is the one installed."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+
+        return Interpreter, "ai-edge-litert"
+    except ImportError:
+        pass
+    try:
+        from tflite_runtime.interpreter import Interpreter
+
+        return Interpreter, "tflite-runtime"
+    except ImportError as exc:
+        raise ModelError("no TFLite runtime installed: pip install ai-edge-litert") from exc
+
+
+class _Tensor:
+    """One input or output tensor: index, dtype and its quantization (scale 0 means float)."""
+
+    def __init__(self, details: dict[str, Any]) -> None:
+        self.index = int(details["index"])
+        self.dtype = np.dtype(details["dtype"])
+        self.shape = tuple(int(d) for d in details["shape"])
+        scale, zero = details.get("quantization", (0.0, 0))
+        self.scale = float(scale)
+        self.zero = int(zero)
+        self.quantized = self.scale != 0.0 and self.dtype.kind in "iu"
+        if self.quantized:
+            info = np.iinfo(self.dtype)
+            self.lo, self.hi = float(info.min), float(info.max)
+
+
+class ModelRuntime:
+    """Runs a bundle's model on windows of normalised values, batch by batch."""
+
+    def __init__(self, bundle: Bundle, *, num_threads: int = 1) -> None:
+        meta = bundle.metadata
+        cls, self.runtime_name = interpreter_class()
+        try:
+            self._interp = cls(model_content=bundle.data, num_threads=num_threads)
+            self._interp.allocate_tensors()
+        except (ValueError, RuntimeError) as exc:
+            raise ModelError(f"{bundle.path or meta.name}: the runtime cannot load the model: {exc}") from exc
+        inputs, outputs = self._interp.get_input_details(), self._interp.get_output_details()
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise ModelError(f"{meta.name}: expected one input and one output tensor, got {len(inputs)}/{len(outputs)}")
+        self.input, self.output = _Tensor(inputs[0]), _Tensor(outputs[0])
+        want = (meta.window, len(meta.inputs))
+        if self.input.shape[1:] != want or self.output.shape[1:] != want:
+            raise ModelError(
+                f"{meta.name}: tensors {self.input.shape}→{self.output.shape} do not match the metadata's "
+                f"window × inputs {want}"
+            )
+        self.batch = self.input.shape[0]
+
+    def _resize(self, batch: int) -> None:
+        shape = [batch, *self.input.shape[1:]]
+        self._interp.resize_tensor_input(self.input.index, shape)
+        self._interp.allocate_tensors()
+        self.input = _Tensor(self._interp.get_input_details()[0])
+        self.output = _Tensor(self._interp.get_output_details()[0])
+        self.batch = batch
+
+    def reconstruct(self, x: F32) -> F32:
+        """Model output for a batch of normalised windows (batch × window × inputs), in float32."""
+        if x.shape[0] != self.batch:
+            self._resize(x.shape[0])
+        t = self.input
+        if t.quantized:
+            q = np.rint(x / t.scale + t.zero)
+            np.clip(q, t.lo, t.hi, out=q)
+            self._interp.set_tensor(t.index, q.astype(t.dtype))
+        else:
+            self._interp.set_tensor(t.index, x.astype(t.dtype, copy=False))
+        self._interp.invoke()
+        out = self._interp.get_tensor(self.output.index)
+        o = self.output
+        if o.quantized:
+            return ((out.astype(np.float32) - o.zero) * o.scale).astype(np.float32)
+        return out.astype(np.float32, copy=False)
+
+    def describe(self) -> dict[str, Any]:
+        """Tensor shapes, types and quantization, for `model inspect`."""
+        return {
+            "runtime": self.runtime_name,
+            "input": {
+                "shape": list(self.input.shape),
+                "dtype": self.input.dtype.name,
+                "scale": self.input.scale,
+                "zero_point": self.input.zero,
+            },
+            "output": {
+                "shape": list(self.output.shape),
+                "dtype": self.output.dtype.name,
+                "scale": self.output.scale,
+                "zero_point": self.output.zero,
+            },
+        }
