@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections.abc import Callable
 
@@ -11,7 +12,8 @@ from edge_agent.config import Config
 from edge_agent.drivers import REGISTRY
 from edge_agent.errors import DeviceStartupError
 from edge_agent.poller import DevicePoller
-from edge_agent.types import SampleBatch
+from edge_agent.scoring.monitor import LoadedModel, ModelMonitor, load_models, retention_needed
+from edge_agent.types import AnomalyEvent, SampleBatch
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +27,31 @@ class _Stop(Exception):
 class Agent:
     """Devices → pollers → buffers (scoring and publishing join in later stages)."""
 
-    def __init__(self, config: Config, *, on_batch: Callable[[SampleBatch], None] | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        on_batch: Callable[[SampleBatch], None] | None = None,
+        on_event: Callable[[AnomalyEvent], None] | None = None,
+        models: list[LoadedModel] | None = None,
+    ) -> None:
         self.config = config
-        self.buffers = Buffers(retention=config.buffers.retention, max_samples=config.buffers.max_samples_per_tag)
+        models = load_models(config) if models is None else models
+        retention = max(config.buffers.retention, retention_needed(models))
+        self.buffers = Buffers(retention=retention, max_samples=max(config.buffers.max_samples_per_tag, 16))
         self._on_batch = on_batch
+        counter = itertools.count(1)  # one event sequence per agent
+        self.monitors = [
+            ModelMonitor(
+                m,
+                self.buffers,
+                on_event or (lambda e: None),
+                agent=config.agent.id,
+                site=config.agent.site,
+                counter=counter,
+            )
+            for m in models
+        ]
         self.pollers: list[DevicePoller] = []
         for dev in config.devices:
             driver = REGISTRY[dev.type].factory(dev)
@@ -47,6 +70,8 @@ class Agent:
             async with asyncio.TaskGroup() as tg:
                 for poller in self.pollers:
                     tg.create_task(self._supervise(poller), name=f"poll:{poller.config.name}")
+                for monitor in self.monitors:
+                    tg.create_task(monitor.run(), name=f"score:{monitor.name}")
                 tg.create_task(self._wait(stop), name="stop")
         except* _Stop:
             log.info("stopped")

@@ -20,7 +20,7 @@ from edge_agent.agent import Agent
 from edge_agent.config import Config, load_config
 from edge_agent.drivers import REGISTRY, DeviceBase
 from edge_agent.errors import ConfigError, DeviceError, DeviceStartupError
-from edge_agent.types import Quality, Sample, SampleBatch
+from edge_agent.types import AnomalyEvent, Quality, Sample, SampleBatch
 
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
 log = logging.getLogger("edge_agent")
@@ -36,9 +36,14 @@ def _setup_logging(level: str) -> None:
     logging.getLogger("pymodbus").setLevel(logging.DEBUG if level.upper() == "DEBUG" else logging.CRITICAL)
 
 
-def _load(path: str) -> Config | None:
+def _load(path: str, *, with_models: bool = False) -> Config | None:
     try:
-        return load_config(path)
+        cfg = load_config(path)
+        if with_models:
+            from edge_agent.scoring.monitor import load_models
+
+            load_models(cfg)
+        return cfg
     except ConfigError as exc:
         for issue in exc.issues:
             print(issue, file=sys.stderr)
@@ -51,8 +56,8 @@ def _load(path: str) -> Config | None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """Validate a config file without touching the network."""
-    cfg = _load(args.config)
+    """Validate a config file and its model bundles without touching the network."""
+    cfg = _load(args.config, with_models=True)
     if cfg is None:
         return EXIT_CONFIG
     n_tags = sum(len(d.tags) for d in cfg.devices)
@@ -67,6 +72,8 @@ def cmd_check(args: argparse.Namespace) -> int:
             f"{len(g.tags)} tags every {g.interval:g}s in {plan.get(g.interval, '?')} requests" for g in driver.groups
         )
         print(f"  {dev.name} ({dev.type}): {per}")
+    for m in cfg.models:
+        print(f"  model {m.name}: {m.file}")
     return EXIT_OK
 
 
@@ -160,10 +167,31 @@ def _print_table(rows: Sequence[Sample], meta: dict[tuple[str, str], Any], out: 
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Poll continuously until SIGINT/SIGTERM."""
+    """Poll and score continuously until SIGINT/SIGTERM; anomaly events go to stdout as JSON lines."""
+    from edge_agent.publish.payloads import event_payload
+    from edge_agent.scoring.monitor import load_models
+
     cfg = _load(args.config)
     if cfg is None:
         return EXIT_CONFIG
+    try:
+        models = load_models(cfg)
+    except ConfigError as exc:
+        for issue in exc.issues:
+            print(issue, file=sys.stderr)
+        return EXIT_CONFIG
+
+    def print_event(event: AnomalyEvent) -> None:
+        print(json.dumps(event_payload(event)), flush=True)
+        log.warning(
+            "model %s: %s %s score %.3g (threshold %.3g), top %s",
+            event.model,
+            event.type.value,
+            event.severity.value,
+            event.score,
+            event.threshold,
+            ", ".join(f"{k} {v:.0%}" for k, v in event.contributions.items()),
+        )
 
     def print_samples(batch: SampleBatch) -> None:
         for s in batch.samples():
@@ -175,14 +203,16 @@ def cmd_run(args: argparse.Namespace) -> int:
             )
         sys.stdout.flush()
 
-    agent = Agent(cfg, on_batch=print_samples if args.output == "samples" else None)
+    agent = Agent(
+        cfg, on_batch=print_samples if args.output == "samples" else None, on_event=print_event, models=models
+    )
     failed: list[BaseException] = []
     try:
         asyncio.run(_run_agent(agent, args))
     except* DeviceStartupError as group:
         failed.extend(_leaves(group))
-    for exc in failed:
-        log.error("%s; stopping (on_startup_error: error)", exc)
+    for err in failed:
+        log.error("%s; stopping (on_startup_error: error)", err)
     return EXIT_FAIL if failed else EXIT_OK
 
 
@@ -228,6 +258,18 @@ async def _report(agent: Agent, stop: asyncio.Event, interval: float) -> None:
             print(
                 f"{p.config.name} {state} reads/s={rate:.1f} failures={s.failures} overruns={s.overruns} "
                 f"| {' '.join(vals)}{more}",
+                flush=True,
+            )
+        for m in agent.monitors:
+            if m.calibrating:
+                state = "calibrating"
+            elif m.detector.insufficient:
+                state = "insufficient data"
+            else:
+                state = "ANOMALY" if m.detector.active else "normal"
+            score = "-" if m.last_score is None else f"{m.last_score:.3g}"
+            print(
+                f"model {m.name} {state} score={score} threshold={m.threshold:.3g} windows={m.windows_scored}",
                 flush=True,
             )
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, PrivateAttr, SecretStr, ValidationError, field_validator, model_validator
 
 from edge_agent.drivers import REGISTRY, DeviceBase
 from edge_agent.errors import ConfigError, ConfigIssue, FieldError
@@ -57,15 +57,44 @@ class Hysteresis(StrictModel):
     min_duration: Duration = Field(5.0, ge=0)
 
 
-class ModelSection(StrictModel):
-    """A model that scores windows of tags (filled in by the scoring work)."""
+class CalibrateMode(StrEnum):
+    """Whether the agent adapts a model to this machine when it starts."""
 
-    name: str = Field(min_length=1, max_length=128, description="model name, used in topics")
-    file: Path
-    inputs: list[str] = Field(min_length=1, description="tag names, in the model's input order")
-    sample_interval: Duration = Field(1.0, gt=0)
-    threshold: float | Literal["auto"] = "auto"
-    hysteresis: Hysteresis = Hysteresis()
+    OFF = "off"  # use the bundle's normalisation and threshold
+    STARTUP = "startup"  # learn them from the first `samples` of (assumed normal) operation
+
+
+class ModelCalibration(StrictModel):
+    """On-device calibration at startup."""
+
+    mode: CalibrateMode = CalibrateMode.OFF
+    samples: int = Field(600, ge=32, le=1_000_000, description="grid samples of normal operation to learn from")
+    quantile: float = Field(0.99, gt=0.5, lt=1)
+    margin: float = Field(1.5, ge=1, le=100, description="threshold = quantile of normal scores × margin")
+    save_to: Path | None = Field(None, description="write the calibrated bundle here (reused after restarts)")
+
+
+class ModelSection(StrictModel):
+    """A model bundle that scores windows of tags as the agent polls."""
+
+    name: str = Field(min_length=1, max_length=128, description="model name, used in topics and events")
+    file: Path = Field(description="the .tflite bundle; relative paths are relative to this config file")
+    inputs: list[str] | None = Field(
+        None, min_length=1, description="optional: the bundle's input tags, checked against the bundle"
+    )
+    sample_interval: Duration | None = Field(None, gt=0, description="optional: checked against the bundle")
+    hop: Duration | None = Field(None, gt=0, description="how often to score (default: the bundle's sample interval)")
+    threshold: float | Literal["auto"] = Field("auto", description="auto: the bundle's calibrated threshold")
+    hysteresis: Hysteresis | None = Field(None, description="default: the bundle's detector settings")
+    min_good: float = Field(0.9, ge=0.1, le=1, description="share of good cells a window needs to be scored")
+    calibrate: ModelCalibration = ModelCalibration()
+
+    @field_validator("threshold")
+    @classmethod
+    def _positive(cls, v: float | str) -> float | str:
+        if isinstance(v, float | int) and v <= 0:
+            raise ValueError("a threshold must be positive (or auto)")
+        return v
 
 
 class TlsVerify(StrEnum):
@@ -155,9 +184,17 @@ class Config(StrictModel):
     outbox: OutboxSection = OutboxSection()
     observe: ObserveSection = ObserveSection()
 
+    _where: Any = PrivateAttr(default=None)
+
     def all_tags(self) -> list[tuple[DeviceBase, Any]]:
         """(device, tag) pairs in file order."""
         return [(d, t) for d in self.devices for t in d.tags]
+
+    def where(self, *loc: str | int) -> ConfigIssue:
+        """An issue template located at a path of the file this config came from (for checks done later)."""
+        if self._where is None:
+            return ConfigIssue("config", _format_path(list(loc)), "")
+        return typing.cast(ConfigIssue, self._where(loc))
 
 
 # ---------------------------------------------------------------- YAML with line numbers
@@ -480,6 +517,12 @@ def parse_config(
         raise ConfigError(_in_file_order(issues))
     if base_dir is not None:
         cfg = _relative_to(cfg, base_dir)
+
+    def locate(loc: tuple[str | int, ...]) -> ConfigIssue:
+        place, parts, _ = _locate(tree, loc, source, overrides)
+        return ConfigIssue(place, _format_path(parts), "")
+
+    cfg._where = locate
     return cfg
 
 
@@ -492,11 +535,8 @@ def _in_file_order(issues: list[ConfigIssue]) -> list[ConfigIssue]:
 
 
 def _relative_to(cfg: Config, base: Path) -> Config:
-    """Model files named relative to the config file are found next to it."""
-    models = [
-        m.model_copy(update={"file": base / m.file}) if not m.file.is_absolute() and not m.file.exists() else m
-        for m in cfg.models
-    ]
+    """Model files named relative to the config file are found next to it, wherever the agent runs from."""
+    models = [m if m.file.is_absolute() else m.model_copy(update={"file": base / m.file}) for m in cfg.models]
     return cfg.model_copy(update={"models": models})
 
 
@@ -532,7 +572,7 @@ def _semantic_issues(
         if model.name in models_seen:
             add(("models", m, "name"), f"model name {model.name!r} is used twice")
         models_seen.add(model.name)
-        for i, name in enumerate(model.inputs):
+        for i, name in enumerate(model.inputs or []):
             if name not in tags_seen:
                 near = difflib.get_close_matches(name, list(tags_seen), n=1)
                 add(

@@ -120,9 +120,9 @@ class DevicePoller:
             groups.append(ScanGroup(max(self.config.timeout, 1.0), ()))
         heap = self._schedule(groups)
         while True:
-            k, i = heap[0]
+            deadline, k, i = heap[0]
             group = groups[i]
-            delay = k * group.interval - self._clock()
+            delay = deadline - self._clock()
             if delay > 0:
                 await asyncio.sleep(delay)
             if not await (self._probe() if not group.tags else self._read(group)):
@@ -136,11 +136,13 @@ class DevicePoller:
                 missed = math.floor(now / group.interval) - k
                 self.stats.overruns += missed
                 nxt = k + missed + 1
-            heapq.heapreplace(heap, (nxt, i))
+            heapq.heapreplace(heap, (nxt * group.interval, nxt, i))
 
-    def _schedule(self, groups: list[ScanGroup]) -> list[tuple[int, int]]:
+    def _schedule(self, groups: list[ScanGroup]) -> list[tuple[float, int, int]]:
+        # ordered by deadline time; the tick number k is what the next deadline is computed from
         now = self._clock()
-        heap = [(next_tick(now, g.interval), i) for i, g in enumerate(groups)]
+        ticks = [(next_tick(now, g.interval), i) for i, g in enumerate(groups)]
+        heap = [(k * groups[i].interval, k, i) for k, i in ticks]
         heapq.heapify(heap)
         return heap
 

@@ -155,4 +155,5 @@ class AnomalyEvent:
     values: Mapping[str, float | None]  # the latest value of each input when the event fired
     started_at: float  # when the anomaly began (equal to window_end for a start)
     peak_score: float
+    reason: str = ""  # for an end: "recovered" or "shutdown"
     historical: bool = False

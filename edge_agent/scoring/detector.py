@@ -139,7 +139,7 @@ class Detector:
         if s > a.peak:
             a.peak, a.contributions = s, top
         if t_end - a.started_at >= self.min_duration and s < self.exit_ratio * self.threshold:
-            event = self._event(EventType.END, t_end, window_start, s, a.contributions, values)
+            event = self._event(EventType.END, t_end, window_start, s, a.contributions, values, "recovered")
             self._active = None
             return [event]
         return []
@@ -149,7 +149,7 @@ class Detector:
         if self._active is None:
             return []
         a = self._active
-        event = self._event(EventType.END, t, a.window_start, a.peak, a.contributions, values)
+        event = self._event(EventType.END, t, a.window_start, a.peak, a.contributions, values, "shutdown")
         self._active = None
         return [event]
 
@@ -161,6 +161,7 @@ class Detector:
         score: float,
         top: Mapping[str, float],
         values: Mapping[str, float | None],
+        reason: str = "",
     ) -> AnomalyEvent:
         a = self._active
         assert a is not None
@@ -184,6 +185,7 @@ class Detector:
             values=dict(values),
             started_at=a.started_at,
             peak_score=a.peak,
+            reason=reason,
         )
 
 

@@ -117,3 +117,17 @@ async def test_outage_then_recovery_reconnects_with_backoff() -> None:
     assert poller.stats.reads > reads_before
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_groups_with_different_intervals_each_keep_their_rate() -> None:
+    cfg = parse_config(CONFIG)
+    driver = FakeDriver()
+    driver.groups = [ScanGroup(0.05, ("a",)), ScanGroup(0.5, ("a",)), ScanGroup(10.0, ("a",))]
+    seen: list[SampleBatch] = []
+    poller = DevicePoller(cfg.devices[0], driver, seen.append)
+    task = asyncio.create_task(poller.run())
+    await asyncio.sleep(1.05)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    # the 50 ms group is not held up behind the 10 s one
+    assert 17 <= len(driver.read_times) <= 26

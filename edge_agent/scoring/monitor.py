@@ -1,0 +1,217 @@
+"""Live scoring: each configured model scores windows from the buffers on its own grid and feeds its detector."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge_agent.buffers import Buffers
+from edge_agent.config import CalibrateMode, Config, ModelSection
+from edge_agent.errors import ConfigError, ConfigIssue
+from edge_agent.scoring.bundle import Bundle, ModelError, load_bundle, save_bundle
+from edge_agent.scoring.calibrate import calibrate
+from edge_agent.scoring.detector import Detector, WindowScorer
+from edge_agent.types import AnomalyEvent
+
+log = logging.getLogger(__name__)
+SETTLE = 0.05  # score a grid point this long after it, so the read at that deadline has landed
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A config's model section with its bundle, checked against the configured tags."""
+
+    section: ModelSection
+    bundle: Bundle
+
+
+def load_models(cfg: Config) -> list[LoadedModel]:
+    """Load and check every configured bundle; a ConfigError names the config line of each problem."""
+    tags = {t.name for d in cfg.devices for t in d.tags}
+    issues: list[ConfigIssue] = []
+    loaded: list[LoadedModel] = []
+
+    def issue(loc: tuple[str | int, ...], message: str) -> None:
+        base = cfg.where(*loc)
+        issues.append(ConfigIssue(base.source, base.path, message))
+
+    for i, section in enumerate(cfg.models):
+        saved = section.calibrate.save_to
+        path = saved if section.calibrate.mode is CalibrateMode.STARTUP and saved and saved.exists() else section.file
+        try:
+            bundle = load_bundle(path)
+            WindowScorer(bundle)  # the runtime must be able to load it, now rather than at the first window
+        except ModelError as exc:
+            issue(("models", i, "file"), str(exc))
+            continue
+        meta = bundle.metadata
+        missing = [t for t in meta.inputs if t not in tags]
+        if missing:
+            issue(("models", i, "file"), f"the model reads {', '.join(missing)}, which no device provides")
+        if section.inputs is not None and list(section.inputs) != list(meta.inputs):
+            issue(("models", i, "inputs"), f"the bundle's inputs are {meta.inputs}, in that order")
+        if section.sample_interval is not None and not math.isclose(section.sample_interval, meta.sample_interval):
+            issue(("models", i, "sample_interval"), f"the bundle was made for {meta.sample_interval:g}s")
+        loaded.append(LoadedModel(section, bundle))
+    if issues:
+        raise ConfigError(issues)
+    return loaded
+
+
+def retention_needed(models: list[LoadedModel]) -> float:
+    """Seconds of history the models need (window, or startup calibration samples), with slack."""
+    need = 0.0
+    for m in models:
+        meta = m.bundle.metadata
+        samples = max(
+            meta.window, m.section.calibrate.samples if m.section.calibrate.mode is CalibrateMode.STARTUP else 0
+        )
+        need = max(need, 1.2 * samples * meta.sample_interval + 5.0)
+    return need
+
+
+class ModelMonitor:
+    """Scores one model's windows on its grid and turns scores into events."""
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        buffers: Buffers,
+        emit: Callable[[AnomalyEvent], None],
+        *,
+        agent: str,
+        site: str,
+        counter: Iterator[int] | None = None,
+    ) -> None:
+        self.section = model.section
+        self.buffers = buffers
+        self.emit = emit
+        self.name = model.section.name
+        self._agent, self._site = agent, site
+        self._counter = counter or itertools.count(1)
+        self._install(model.bundle)
+        self.windows_scored = 0
+        self.windows_insufficient = 0
+        self.last_score: float | None = None
+        self.score_seconds = 0.0
+        self.calibrating = model.section.calibrate.mode is CalibrateMode.STARTUP and not (
+            model.section.calibrate.save_to and model.section.calibrate.save_to.exists()
+        )
+
+    def _install(self, bundle: Bundle) -> None:
+        meta, s = bundle.metadata, self.section
+        self.bundle = bundle
+        self.inputs = tuple(meta.inputs)
+        self.interval = meta.sample_interval
+        self.hop = s.hop or meta.sample_interval
+        self.threshold = meta.threshold.value if s.threshold == "auto" else float(s.threshold)
+        self.scorer = WindowScorer(bundle, min_good=s.min_good)
+        self.detector = Detector(
+            model=s.name,
+            model_version=meta.version,
+            model_sha256=bundle.sha256,
+            inputs=self.inputs,
+            threshold=self.threshold,
+            exit_ratio=s.hysteresis.exit_ratio if s.hysteresis else meta.detector.exit_ratio,
+            min_duration=s.hysteresis.min_duration if s.hysteresis else meta.detector.min_duration,
+            smoothing=meta.score.smoothing,
+            agent=self._agent,
+            site=self._site,
+            counter=self._counter,
+        )
+
+    async def run(self) -> None:
+        """Score until cancelled; on cancellation an open anomaly is closed, so every start gets its end."""
+        try:
+            if self.calibrating:
+                await self._calibrate()
+            k = math.floor(time.time() / self.hop) + 1
+            while True:
+                delay = k * self.hop + SETTLE - time.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                self.step(k * self.hop)
+                k = max(k + 1, math.floor(time.time() / self.hop))  # after a stall, skip to the present
+        finally:
+            for event in self.detector.close(time.time(), self._latest()):
+                self.emit(event)
+
+    def step(self, t_end: float) -> None:
+        """Score the window ending at `t_end` and emit what the detector decides."""
+        meta = self.bundle.metadata
+        started = time.perf_counter()
+        w = self.buffers.window(self.inputs, t_end=t_end, interval=self.interval, n_samples=meta.window)
+        scores, contrib = self.scorer.score(np.nan_to_num(w.values)[None], w.good[None])
+        self.score_seconds += time.perf_counter() - started
+        score = float(scores[0])
+        was_insufficient = self.detector.insufficient
+        if math.isnan(score):
+            self.windows_insufficient += 1
+            if not was_insufficient:
+                log.warning(
+                    "model %s: insufficient data (%.0f%% of the window good, %.0f%% needed); not scoring",
+                    self.name,
+                    100 * w.good_fraction,
+                    100 * self.section.min_good,
+                )
+        else:
+            self.windows_scored += 1
+            self.last_score = score
+            if was_insufficient:
+                log.info("model %s: enough data again; scoring", self.name)
+        values = {t: (None if not w.good[-1, j] else float(w.values[-1, j])) for j, t in enumerate(self.inputs)}
+        for event in self.detector.update(
+            t_end=t_end, window_start=float(w.times[0]), score=score, contributions=contrib[0], values=values
+        ):
+            self.emit(event)
+
+    def _latest(self) -> dict[str, float | None]:
+        out: dict[str, float | None] = {}
+        for t in self.inputs:
+            latest = self.buffers.latest(t)
+            out[t] = None if latest is None or latest[2] != 0 else latest[1]
+        return out
+
+    async def _calibrate(self) -> None:
+        c = self.section.calibrate
+        log.info(
+            "model %s: calibrating on the next %d samples (%.0fs) of operation, assumed normal",
+            self.name,
+            c.samples,
+            c.samples * self.interval,
+        )
+        await asyncio.sleep(c.samples * self.interval + SETTLE)
+        while True:
+            t_end = math.floor(time.time() / self.interval) * self.interval
+            w = self.buffers.window(self.inputs, t_end=t_end, interval=self.interval, n_samples=c.samples)
+            rows = w.good.all(axis=1)
+            if rows.mean() >= 0.9:
+                break
+            log.warning("model %s: only %.0f%% of calibration samples good; waiting", self.name, 100 * rows.mean())
+            await asyncio.sleep(c.samples * self.interval / 4)
+        data = w.values[rows].astype(np.float64)
+        new = await asyncio.to_thread(
+            calibrate,
+            self.bundle,
+            data,
+            quantile=c.quantile,
+            margin=c.margin,
+            source=f"startup, {int(rows.sum())} live samples",
+        )
+        if c.save_to:
+            save_bundle(new, c.save_to)
+        self._install(new)
+        self.calibrating = False
+        log.info(
+            "model %s: calibrated: threshold %.6g%s",
+            self.name,
+            self.threshold,
+            f", saved to {c.save_to}" if c.save_to else "",
+        )
