@@ -135,16 +135,54 @@ class Buffers:
         grid = t_end - interval * np.arange(n_samples - 1, -1, -1, dtype=np.float64)
         out = np.full((n_samples, len(tags)), np.nan, dtype=np.float32)
         good = np.zeros((n_samples, len(tags)), dtype=np.bool_)
+        by_store: dict[int, tuple[RingStore, list[int], list[int]]] = {}
         for j, tag in enumerate(tags):
             slot = self._slots[tag]
-            ts, values, quality = slot.store.series(slot.col)
-            if ts.size == 0:
+            entry = by_store.setdefault(id(slot.store), (slot.store, [], []))
+            entry[1].append(j)
+            entry[2].append(slot.col)
+        for store, js, cols in by_store.values():
+            age_limit = max_age if max_age is not None else 1.5 * max(interval, store.interval)
+            # only the rows that can reach into the window
+            need = math.ceil((grid[-1] - grid[0] + age_limit) / store.interval) + 2
+            self._resample(store, np.asarray(js), np.asarray(cols), grid, age_limit, need, out, good)
+        return Window(tuple(tags), float(t_end), float(interval), out, good)
+
+    @staticmethod
+    def _resample(
+        store: RingStore,
+        js: npt.NDArray[np.intp],
+        cols: npt.NDArray[np.intp],
+        grid: FloatArray,
+        age_limit: float,
+        need: int,
+        out: npt.NDArray[np.float32],
+        good: npt.NDArray[np.bool_],
+    ) -> None:
+        heads, counts = store.head[cols], store.count[cols]
+        n = int(min(need, counts.min()))
+        if n > 0 and (heads == heads[0]).all() and (counts == counts[0]).all():
+            # polled tags are written together: one set of rows, and usually one timestamp per row
+            rows = (int(heads[0]) - n + np.arange(n)) % store.capacity
+            ts = store.ts[rows[:, None], cols]
+            if (ts == ts[:, :1]).all():
+                idx = np.searchsorted(ts[:, 0], grid, side="right") - 1
+                have = idx >= 0
+                idx_c = np.where(have, idx, 0)
+                fresh = have & (grid - ts[idx_c, 0] <= age_limit)
+                vals = store.values[rows[idx_c][:, None], cols]
+                ok = fresh[:, None] & (store.quality[rows[idx_c][:, None], cols] == Quality.GOOD)
+                out[:, js] = np.where(ok, vals, np.nan)
+                good[:, js] = ok
+                return
+        for j, col in zip(js, cols, strict=True):
+            ts_c, values, quality = store.series(int(col))
+            if ts_c.size == 0:
                 continue
-            age_limit = max_age if max_age is not None else 1.5 * max(interval, slot.store.interval)
-            idx = np.searchsorted(ts, grid, side="right") - 1
+            ts_c, values, quality = ts_c[-need:], values[-need:], quality[-need:]
+            idx = np.searchsorted(ts_c, grid, side="right") - 1
             have = idx >= 0
             idx_c = np.where(have, idx, 0)
-            ok = have & (grid - ts[idx_c] <= age_limit) & (quality[idx_c] == Quality.GOOD)
+            ok = have & (grid - ts_c[idx_c] <= age_limit) & (quality[idx_c] == Quality.GOOD)
             out[:, j] = np.where(ok, values[idx_c], np.nan)
             good[:, j] = ok
-        return Window(tuple(tags), float(t_end), float(interval), out, good)

@@ -35,18 +35,28 @@ class WindowScorer:
 
     def score(self, values: F32, good: npt.NDArray[np.bool_]) -> tuple[F64, F64]:
         """Scores (NaN where data was insufficient) and per-tag contributions for batch × window × inputs."""
-        x = (values - self._mean) * self._inv_scale
-        # missing cells sit at the normal mean and are left out of the error
-        x = np.where(good, x, np.float32(0.0)).astype(np.float32, copy=False)
-        recon = self.runtime.reconstruct(x)
-        err = np.square(x - recon) * good
-        n_good = good.sum(axis=1)  # batch × inputs
-        per_tag = err.sum(axis=1) / np.maximum(n_good, 1)
-        total = per_tag.sum(axis=1)
-        scores = (err.sum(axis=(1, 2)) / np.maximum(n_good.sum(axis=1), 1)).astype(np.float64)
+        # few, in-place numpy steps: at batch 1 the Python around the invoke is the real cost
+        all_good = bool(good.all())
+        x = values - self._mean
+        x *= self._inv_scale
+        if not all_good:
+            x[~good] = 0.0  # missing cells sit at the normal mean and are left out of the error
+        d = self.runtime.reconstruct(x)
+        np.subtract(x, d, out=d)
+        np.multiply(d, d, out=d)
+        if all_good:
+            per_tag = d.mean(axis=1, dtype=np.float64)  # batch × inputs
+            total = per_tag.sum(axis=1)
+            scores = total / per_tag.shape[1]
+        else:
+            d *= good
+            n_good = good.sum(axis=1)
+            per_tag = d.sum(axis=1, dtype=np.float64) / np.maximum(n_good, 1)
+            total = per_tag.sum(axis=1)
+            scores = d.sum(axis=(1, 2), dtype=np.float64) / np.maximum(n_good.sum(axis=1), 1)
+            scores[n_good.sum(axis=1) < self.min_good * good[0].size] = np.nan
         contributions = per_tag / np.where(total > 0, total, 1.0)[:, None]
-        scores[good.mean(axis=(1, 2)) < self.min_good] = np.nan
-        return scores, contributions.astype(np.float64)
+        return scores, contributions
 
 
 def severity_of(ratio: float) -> Severity:

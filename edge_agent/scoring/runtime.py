@@ -81,7 +81,9 @@ class ModelRuntime:
             self._resize(x.shape[0])
         t = self.input
         if t.quantized:
-            q = np.rint(x / t.scale + t.zero)
+            q = x * np.float32(1.0 / t.scale)
+            q += np.float32(t.zero)
+            np.rint(q, out=q)
             np.clip(q, t.lo, t.hi, out=q)
             self._interp.set_tensor(t.index, q.astype(t.dtype))
         else:
@@ -90,8 +92,11 @@ class ModelRuntime:
         out = self._interp.get_tensor(self.output.index)
         o = self.output
         if o.quantized:
-            return ((out.astype(np.float32) - o.zero) * o.scale).astype(np.float32)
-        return out.astype(np.float32, copy=False)
+            r = out.astype(np.float32)
+            r -= np.float32(o.zero)
+            r *= np.float32(o.scale)
+            return r
+        return out.astype(np.float32)  # a copy: the interpreter reuses its output buffer
 
     def describe(self) -> dict[str, Any]:
         """Tensor shapes, types and quantization, for `model inspect`."""
