@@ -19,10 +19,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from edge_agent.buffers import Buffers  # noqa: E402
-from edge_agent.scoring.bundle import load_bundle  # noqa: E402
-from edge_agent.scoring.detector import WindowScorer  # noqa: E402
-from edge_agent.types import SampleBatch  # noqa: E402
+from edge_agent.buffers import Buffers
+from edge_agent.scoring.bundle import load_bundle
+from edge_agent.scoring.detector import WindowScorer
+from edge_agent.types import SampleBatch
 
 
 def per_call(fn: object, seconds: float) -> float:
@@ -83,9 +83,9 @@ def main() -> None:
                 + rng.standard_normal((batch, *shape)) * np.asarray(meta.normalisation.scale)
             ).astype(np.float32)
             good = np.ones_like(x, dtype=bool)
-            total = per_call(lambda x=x, good=good: scorer.score(x, good), args.seconds)
+            total = per_call(lambda x=x, good=good, s=scorer: s.score(x, good), args.seconds)
             xn = np.zeros_like(x)
-            invoke = per_call(lambda xn=xn: scorer.runtime.reconstruct(xn), args.seconds)
+            invoke = per_call(lambda xn=xn, s=scorer: s.runtime.reconstruct(xn), args.seconds)
             rows.append((label, f"{shape[0]}×{shape[1]}", batch, 1e6 * total / batch, 1e6 * invoke / batch))
     # three models scored one window each per step, as the agent does on each hop
     scorers = [WindowScorer(load_bundle(args.model)) for _ in range(3)]
