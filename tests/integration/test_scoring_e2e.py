@@ -67,3 +67,37 @@ def agent_f_start(agent: Agent) -> float:
     """Wall time the simulator started, taken as the first sample the agent buffered."""
     ts, _, _ = agent.buffers.series("pump.flow")
     return float(ts[0]) if len(ts) else 0.0
+
+
+async def test_startup_calibration_adapts_the_model(tmp_path: Path) -> None:
+    port = free_port()
+    sim = asyncio.create_task(run_simulator(SimulatorOptions(modbus_port=port, seed=5)))
+    saved = tmp_path / "calibrated.tflite"
+    text = EXAMPLE.read_text().replace(
+        "    hysteresis: {exit_ratio: 0.8, min_duration: 5s}",
+        f"    calibrate: {{mode: startup, samples: 40, save_to: {saved}}}",
+    )
+    cfg_path = tmp_path / "sim.yaml"
+    cfg_path.write_text(text.replace("../models/", f"{EXAMPLE.parent.parent}/models/"))
+    cfg = load_config(cfg_path, environ={**os.environ, "SIM_MODBUS_PORT": str(port)})
+    agent = Agent(cfg)
+    monitor = agent.monitors[0]
+    shipped = monitor.threshold
+    stop = asyncio.Event()
+    task = asyncio.create_task(agent.run(stop))
+    try:
+        assert monitor.calibrating
+        async with asyncio.timeout(20):
+            while monitor.calibrating:
+                await asyncio.sleep(0.2)
+        await asyncio.sleep(1.0)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        sim.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sim
+    assert saved.exists() and monitor.threshold != shipped
+    meta = monitor.bundle.metadata
+    assert meta.threshold.rows >= 36 and "startup" in meta.threshold.calibrated_on
+    assert monitor.windows_scored >= 3 and monitor.last_score is not None
