@@ -330,14 +330,12 @@ def _known_fields(model: type[BaseModel], loc: tuple[str | int, ...]) -> list[st
     for part in loc:
         if isinstance(part, int):
             continue
-        if isinstance(current, type) and issubclass(current, BaseModel):
-            if part in current.model_fields:
-                current = _unwrap(current.model_fields[part].annotation)
-                continue
-            if part in REGISTRY:
-                current = REGISTRY[part].config
-                continue
-            return []
+        if part in REGISTRY:  # a union tag: the driver's own config model
+            current = REGISTRY[part].config
+            continue
+        if isinstance(current, type) and issubclass(current, BaseModel) and part in current.model_fields:
+            current = _unwrap(current.model_fields[part].annotation)
+            continue
         return []
     if isinstance(current, type) and issubclass(current, BaseModel):
         return list(current.model_fields)
