@@ -55,8 +55,10 @@ class Agent:
         self.pollers: list[DevicePoller] = []
         for dev in config.devices:
             driver = REGISTRY[dev.type].factory(dev)
-            for group in [*driver.groups, *getattr(driver, "subscriptions", [])]:
+            for group in driver.groups:
                 self.buffers.register(group.tags, group.interval)
+            for group in getattr(driver, "subscriptions", []):
+                self.buffers.register(group.tags, group.interval, hold=True)
             self.pollers.append(DevicePoller(dev, driver, self._sink))
 
     def _sink(self, batch: SampleBatch) -> None:

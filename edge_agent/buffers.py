@@ -21,8 +21,9 @@ class RingStore:
     columns (subscriptions deliver single tags) advances only those columns' heads.
     """
 
-    def __init__(self, tags: Sequence[str], capacity: int, interval: float) -> None:
+    def __init__(self, tags: Sequence[str], capacity: int, interval: float, *, hold: bool = False) -> None:
         n = len(tags)
+        self.hold = hold  # pushed on change: a value holds until the next sample, however old
         self.tags = tuple(tags)
         self.capacity = capacity
         self.interval = interval
@@ -72,13 +73,13 @@ class Buffers:
         # the tag tuples drivers send for whole scan groups, by identity: the hot path skips name lookups
         self._groups: dict[int, tuple[tuple[str, ...], RingStore, npt.NDArray[np.intp]]] = {}
 
-    def register(self, tags: Sequence[str], interval: float) -> RingStore:
-        """Create the rings for tags polled together on one interval."""
+    def register(self, tags: Sequence[str], interval: float, *, hold: bool = False) -> RingStore:
+        """Create the rings for tags read together on one interval (`hold`: delivered on change only)."""
         dup = [t for t in tags if t in self._slots]
         if dup:
             raise ValueError(f"tags registered twice: {', '.join(dup)}")
         capacity = min(self.max_samples, max(MIN_CAPACITY, math.ceil(self.retention / interval) + 1))
-        store = RingStore(tags, capacity, interval)
+        store = RingStore(tags, capacity, interval, hold=hold)
         self._stores.append(store)
         for col, tag in enumerate(tags):
             self._slots[tag] = _Slot(store, col)
@@ -142,9 +143,14 @@ class Buffers:
             entry[1].append(j)
             entry[2].append(slot.col)
         for store, js, cols in by_store.values():
-            age_limit = max_age if max_age is not None else 1.5 * max(interval, store.interval)
-            # only the rows that can reach into the window
-            need = math.ceil((grid[-1] - grid[0] + age_limit) / store.interval) + 2
+            if store.hold and max_age is None:
+                # a subscription sends nothing while a value stands still: the last sample holds until a
+                # newer one (bad or comms-lost samples end it), so only the newest rows are needed
+                age_limit, need = math.inf, math.ceil((grid[-1] - grid[0]) / store.interval) + 2
+            else:
+                age_limit = max_age if max_age is not None else 1.5 * max(interval, store.interval)
+                # only the rows that can reach into the window
+                need = math.ceil((grid[-1] - grid[0] + age_limit) / store.interval) + 2
             self._resample(store, np.asarray(js), np.asarray(cols), grid, age_limit, need, out, good)
         return Window(tuple(tags), float(t_end), float(interval), out, good)
 

@@ -8,7 +8,9 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -34,6 +36,9 @@ def _setup_logging(level: str) -> None:
     )
     # pymodbus logs every connection error itself; the poller reports each outage once
     logging.getLogger("pymodbus").setLevel(logging.DEBUG if level.upper() == "DEBUG" else logging.CRITICAL)
+    # the protocol libraries log every session and socket at INFO; our own lines say what matters
+    for name in ("asyncua", "snap7"):
+        logging.getLogger(name).setLevel(logging.DEBUG if level.upper() == "DEBUG" else logging.WARNING)
 
 
 def _load(path: str, *, with_models: bool = False) -> Config | None:
@@ -68,6 +73,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     for dev in cfg.devices:
         driver = REGISTRY[dev.type].factory(dev)
         plan = getattr(driver, "requests_per_cycle", {})
+        subscribed = getattr(driver, "subscriptions", [])
+        if subscribed:
+            n_sub = sum(len(g.tags) for g in subscribed)
+            print(
+                f"  {dev.name} ({dev.type}): {n_sub} tags subscribed (sampling "
+                + ", ".join(f"{g.interval:g}s" for g in subscribed)
+                + ")"
+            )
+            if not driver.groups:
+                continue
         per = ", ".join(
             f"{len(g.tags)} tags every {g.interval:g}s in {plan.get(g.interval, '?')} requests" for g in driver.groups
         )
@@ -82,6 +97,11 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def _iso(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _address(tag: Any) -> str:
+    """Where a tag lives on its device, whatever the protocol (Modbus/S7 address, OPC UA node)."""
+    return str(getattr(tag, "address", None) or getattr(tag, "node", None) or "")
 
 
 def _fmt(value: Any) -> str:
@@ -142,7 +162,7 @@ def cmd_read(args: argparse.Namespace) -> int:
                         "quality": s.quality.label,
                         "ts": _iso(s.ts),
                         "unit": tag.unit,
-                        "address": str(getattr(tag, "address", "")),
+                        "address": _address(tag),
                     }
                 )
             )
@@ -155,9 +175,7 @@ def _print_table(rows: Sequence[Sample], meta: dict[tuple[str, str], Any], out: 
     table = [("DEVICE", "TAG", "VALUE", "UNIT", "QUALITY", "ADDRESS")]
     for s in rows:
         tag, _ = meta[(s.device, s.tag)]
-        table.append(
-            (s.device, s.tag, _fmt(s.value), tag.unit or "", s.quality.label, str(getattr(tag, "address", "")))
-        )
+        table.append((s.device, s.tag, _fmt(s.value), tag.unit or "", s.quality.label, _address(tag)))
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
     for r in table:
         out.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n")
@@ -239,14 +257,16 @@ async def _run_agent(agent: Agent, args: argparse.Namespace) -> None:
 
 async def _report(agent: Agent, stop: asyncio.Event, interval: float) -> None:
     """Print one line per device every `interval` seconds: rates, errors and a few values."""
-    last = {p.config.name: 0 for p in agent.pollers}
+    last = {p.config.name: (0, 0) for p in agent.pollers}
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), interval)
         for p in agent.pollers:
             s = p.stats
-            rate = (s.reads - last[p.config.name]) / interval
-            last[p.config.name] = s.reads
+            reads0, pushed0 = last[p.config.name]
+            rate = (s.reads - reads0) / interval
+            pushed = f" pushed/s={(s.pushed - pushed0) / interval:.1f}" if s.pushed else ""
+            last[p.config.name] = (s.reads, s.pushed)
             state = "up" if s.connected else "DOWN"
             vals = []
             for tag in p.config.tags[:6]:
@@ -256,7 +276,7 @@ async def _report(agent: Agent, stop: asyncio.Event, interval: float) -> None:
                     vals.append(f"{tag.name}={_fmt(v) if q is Quality.GOOD else q.label}")
             more = f" …+{len(p.config.tags) - 6}" if len(p.config.tags) > 6 else ""
             print(
-                f"{p.config.name} {state} reads/s={rate:.1f} failures={s.failures} overruns={s.overruns} "
+                f"{p.config.name} {state} reads/s={rate:.1f}{pushed} failures={s.failures} overruns={s.overruns} "
                 f"| {' '.join(vals)}{more}",
                 flush=True,
             )
@@ -297,7 +317,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         rows = record_plant(args.record, seed=args.seed, faults=faults, seconds=args.duration, every=args.record_every)
         print(f"{args.record}: {rows} rows of plant data ({args.duration:g} s, seed {args.seed})")
         return EXIT_OK
-    options = simulate.SimulatorOptions(host=args.host, modbus_port=args.modbus_port, seed=args.seed, faults=faults)
+    options = simulate.SimulatorOptions(
+        host=args.host,
+        modbus_port=args.modbus_port,
+        seed=args.seed,
+        faults=faults,
+        opcua_port=None if args.no_opcua else args.opcua_port,
+        s7_port=None if args.no_s7 else args.s7_port,
+        opcua_cert_dir=Path(args.opcua_cert_dir),
+    )
 
     def ready(lines: list[str]) -> None:
         for line in lines:
@@ -538,6 +566,30 @@ def cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_opcua_gen_cert(args: argparse.Namespace) -> int:
+    """Make a self-signed client certificate whose application URI matches what the agent sends."""
+    from edge_agent.opcua_certs import generate_certificate
+
+    try:
+        info = generate_certificate(
+            Path(args.cert),
+            Path(args.key),
+            application_uri=args.application_uri,
+            hostname=args.hostname,
+            days=args.days,
+            overwrite=args.force,
+        )
+    except (FileExistsError, OSError, ValueError) as exc:
+        print(f"gen-cert: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    print(f"certificate {args.cert}\nprivate key {args.key} (mode 0600)")
+    print(
+        f"application URI {info.application_uri}, thumbprint {info.thumbprint}, valid until {info.not_after:%Y-%m-%d}"
+    )
+    print("put certificate/private_key under security: in the device, and trust the certificate on the server")
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -570,9 +622,20 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--duration", type=float, default=0, metavar="SECONDS", help="stop after this long (0: never)")
     u.set_defaults(func=cmd_run)
 
-    s = sub.add_parser("simulate", help="serve a simulated pump skid over Modbus TCP")
+    s = sub.add_parser("simulate", help="serve a simulated pump skid over Modbus TCP, OPC UA and S7")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     s.add_argument("--modbus-port", type=int, default=5020, help="Modbus TCP port (default 5020)")
+    s.add_argument("--opcua-port", type=int, default=4840, help="OPC UA port (default 4840)")
+    s.add_argument("--s7-port", type=int, default=1102, help="S7 (ISO-on-TCP) port (default 1102; a PLC uses 102)")
+    s.add_argument("--no-opcua", action="store_true", help="do not serve OPC UA")
+    s.add_argument("--no-s7", action="store_true", help="do not serve S7")
+    pki = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "edge-agent" / "simulator-pki"
+    s.add_argument(
+        "--opcua-cert-dir",
+        metavar="DIR",
+        default=str(pki),
+        help=f"the OPC UA server's certificate, kept across restarts so agents can trust it (default {pki})",
+    )
     s.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same signals")
     s.add_argument(
         "--fault",
@@ -586,6 +649,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--record-every", type=float, default=1.0, metavar="SECONDS", help="sample interval of --record")
     s.add_argument("--duration", type=float, default=0, metavar="SECONDS", help="stop after this long (0: never)")
     s.set_defaults(func=cmd_simulate)
+
+    o = sub.add_parser("opcua", help="OPC UA helpers")
+    osub = o.add_subparsers(dest="opcua_command", required=True)
+    g = osub.add_parser("gen-cert", help="make a self-signed client certificate and key for OPC UA security")
+    g.add_argument("--cert", required=True, help="certificate file (.der, or .pem)")
+    g.add_argument("--key", required=True, help="private key file (PEM)")
+    host = socket.gethostname()
+    g.add_argument("--application-uri", default=f"urn:{host}:edge-agent", help="default urn:HOSTNAME:edge-agent")
+    g.add_argument("--hostname", default=host, help=f"DNS name in the certificate (default {host})")
+    g.add_argument("--days", type=int, default=730)
+    g.add_argument("--force", action="store_true", help="overwrite existing files")
+    g.set_defaults(func=cmd_opcua_gen_cert)
 
     m = sub.add_parser("model", help="model bundles")
     msub = m.add_subparsers(dest="model_command", required=True)

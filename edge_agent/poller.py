@@ -27,6 +27,7 @@ class DeviceStats:
     """Counters for one device; read by the CLI reporter and, later, by metrics."""
 
     reads: int = 0  # scan-group reads completed
+    pushed: int = 0  # batches the device sent by itself (subscriptions)
     failures: int = 0  # reads or connects that failed at the connection level
     overruns: int = 0  # cycles skipped because the previous read ran late
     connected: bool = False
@@ -110,7 +111,11 @@ class DevicePoller:
         await self.driver.connect()
         if self._subscriptions:
             assert isinstance(self.driver, SubscribingDriver)
-            await self.driver.subscribe(self.sink)
+            await self.driver.subscribe(self._pushed)
+
+    def _pushed(self, batch: SampleBatch) -> None:
+        self.stats.pushed += 1
+        self.sink(batch)
 
     async def _poll_forever(self) -> None:
         # deadlines are tick numbers k (deadline = k × interval): no float error accumulates over months

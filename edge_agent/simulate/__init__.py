@@ -10,6 +10,8 @@ import asyncio
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
 
 from .faults import FAULTS, FaultSpec, parse_fault_spec
 from .modbus_server import DEFAULT_PORT, ModbusPlantServer
@@ -32,6 +34,15 @@ __all__ = [
 _MAX_CATCH_UP = 2000
 
 
+class _Server(Protocol):
+    @property
+    def endpoint(self) -> str: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
 @dataclass(frozen=True)
 class SimulatorOptions:
     """How to run the simulator: where to listen, the seed, the fault schedule, the tick."""
@@ -41,12 +52,17 @@ class SimulatorOptions:
     seed: int = 0
     faults: tuple[FaultSpec, ...] = ()
     tick: float = 0.1  # seconds of plant time per tick
+    opcua_port: int | None = None  # None: no OPC UA server
+    s7_port: int | None = None  # None: no S7 server
+    opcua_cert_dir: Path | None = None  # where the OPC UA server keeps its certificate (a temp dir if None)
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.tick) and self.tick > 0):
             raise ValueError(f"tick must be a positive number of seconds, got {self.tick}")
-        if not 0 <= self.modbus_port <= 65535:
-            raise ValueError(f"modbus_port must be 0..65535, got {self.modbus_port}")
+        for name in ("modbus_port", "opcua_port", "s7_port"):
+            port = getattr(self, name)
+            if port is not None and not 0 <= port <= 65535:
+                raise ValueError(f"{name} must be 0..65535, got {port}")
 
 
 def list_faults() -> list[tuple[str, str]]:
@@ -69,11 +85,25 @@ async def _tick_forever(plant: Plant, dt: float) -> None:
 async def run_simulator(options: SimulatorOptions, *, on_ready: Callable[[list[str]], None] | None = None) -> None:
     """Serve the plant until cancelled; on_ready gets one line per listening endpoint."""
     plant = Plant(seed=options.seed, faults=options.faults, dt=options.tick)
-    modbus = ModbusPlantServer(plant, host=options.host, port=options.modbus_port)
-    await modbus.start()
+    servers: list[_Server] = [ModbusPlantServer(plant, host=options.host, port=options.modbus_port)]
+    if options.opcua_port is not None:
+        from .opcua_server import OpcUaPlantServer
+
+        servers.append(
+            OpcUaPlantServer(plant, host=options.host, port=options.opcua_port, cert_dir=options.opcua_cert_dir)
+        )
+    if options.s7_port is not None:
+        from .s7_server import S7PlantServer
+
+        servers.append(S7PlantServer(plant, host=options.host, port=options.s7_port))
+    started: list[_Server] = []
     try:
+        for server in servers:
+            await server.start()
+            started.append(server)
         if on_ready is not None:
-            on_ready([modbus.endpoint])
+            on_ready([s.endpoint for s in servers])
         await _tick_forever(plant, options.tick)
     finally:
-        await modbus.stop()
+        for server in reversed(started):
+            await server.stop()

@@ -2,7 +2,7 @@
 
 The plant is frozen (served without ticking) so both see identical registers; mbpoll's raw words
 are decoded here by hand with struct and must equal what `edge-agent read --json` reports for
-examples/simulator.yaml.
+examples/simulator-modbus.yaml.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from peers import free_port
 from edge_agent.simulate.modbus_server import ModbusPlantServer
 from edge_agent.simulate.plant import Plant
 
-EXAMPLE = Path(__file__).parents[2] / "examples" / "simulator.yaml"
+EXAMPLE = Path(__file__).parents[2] / "examples" / "simulator-modbus.yaml"
 
 
 async def mbpoll(port: int, table: str, ref: int, count: int) -> list[int]:

@@ -1,7 +1,8 @@
 """End to end: the simulator with an injected fault → `run`'s agent with the shipped model → anomaly events.
 
-A faulted plant and a fault-free plant (same seed) run side by side for the same time: the first must
-raise `anomaly.start` for the right model within a bounded number of windows, the second nothing.
+The agent reads examples/simulator.yaml: the model's inputs come over Modbus, OPC UA (subscribed) and S7
+at once. A faulted plant and a fault-free plant (same seed) run side by side for the same time: the first
+must raise `anomaly.start` for the right model within a bounded number of windows, the second nothing.
 """
 
 from __future__ import annotations
@@ -23,12 +24,22 @@ FAULT_AT = 6.0
 RUN_FOR = 22.0
 
 
-async def run_case(faults: tuple[str, ...]) -> tuple[list[AnomalyEvent], Agent]:
-    port = free_port()
-    sim = asyncio.create_task(
-        run_simulator(SimulatorOptions(modbus_port=port, seed=11, faults=tuple(parse_fault_spec(f) for f in faults)))
+def start_simulator(seed: int, faults: tuple[str, ...] = ()) -> tuple[asyncio.Task[None], dict[str, str]]:
+    """All three protocols on free ports, and the environment that points the example at them."""
+    ports = {"SIM_MODBUS_PORT": free_port(), "SIM_OPCUA_PORT": free_port(), "SIM_S7_PORT": free_port()}
+    options = SimulatorOptions(
+        modbus_port=ports["SIM_MODBUS_PORT"],
+        opcua_port=ports["SIM_OPCUA_PORT"],
+        s7_port=ports["SIM_S7_PORT"],
+        seed=seed,
+        faults=tuple(parse_fault_spec(f) for f in faults),
     )
-    cfg = load_config(EXAMPLE, environ={**os.environ, "SIM_MODBUS_PORT": str(port)})
+    return asyncio.create_task(run_simulator(options)), {**os.environ, **{k: str(v) for k, v in ports.items()}}
+
+
+async def run_case(faults: tuple[str, ...]) -> tuple[list[AnomalyEvent], Agent]:
+    sim, environ = start_simulator(11, faults)
+    cfg = load_config(EXAMPLE, environ=environ)
     events: list[AnomalyEvent] = []
     agent = Agent(cfg, on_event=events.append)
     stop = asyncio.Event()
@@ -70,8 +81,7 @@ def agent_f_start(agent: Agent) -> float:
 
 
 async def test_startup_calibration_adapts_the_model(tmp_path: Path) -> None:
-    port = free_port()
-    sim = asyncio.create_task(run_simulator(SimulatorOptions(modbus_port=port, seed=5)))
+    sim, environ = start_simulator(5)
     saved = tmp_path / "calibrated.tflite"
     text = EXAMPLE.read_text().replace(
         "    hysteresis: {exit_ratio: 0.8, min_duration: 5s}",
@@ -79,7 +89,7 @@ async def test_startup_calibration_adapts_the_model(tmp_path: Path) -> None:
     )
     cfg_path = tmp_path / "sim.yaml"
     cfg_path.write_text(text.replace("../models/", f"{EXAMPLE.parent.parent}/models/"))
-    cfg = load_config(cfg_path, environ={**os.environ, "SIM_MODBUS_PORT": str(port)})
+    cfg = load_config(cfg_path, environ=environ)
     agent = Agent(cfg)
     monitor = agent.monitors[0]
     shipped = monitor.threshold

@@ -76,3 +76,14 @@ def test_tags_register_once() -> None:
     buf.register(("a",), 1.0)
     with pytest.raises(ValueError, match="twice"):
         buf.register(("a",), 2.0)
+
+
+def test_subscribed_values_hold_until_the_next_sample() -> None:
+    buf = Buffers(retention=100.0, max_samples=1000)
+    buf.register(("a",), 1.0, hold=True)
+    buf.write(batch(0.0, [1.0], tags=("a",)))
+    w = buf.window(("a",), t_end=50.0, interval=1.0, n_samples=5)
+    assert w.good.all() and (w.values == 1.0).all()  # no change for 50 s is still a good value
+    buf.write(batch(48.5, [np.nan], quality=[Quality.COMMS_LOST], tags=("a",)))
+    w = buf.window(("a",), t_end=50.0, interval=1.0, n_samples=5)
+    assert list(w.good[:, 0]) == [True, True, True, False, False]  # grid 46..50; lost at 48.5

@@ -97,6 +97,6 @@ def test_example_passes_check_and_shares_tag_names_with_modbus(capsys: pytest.Ca
     assert main(["check", str(EXAMPLES / "simulator-s7.yaml")]) == 0
     assert "pump-skid (s7)" in capsys.readouterr().out
     s7 = {t.name for t in load_config(EXAMPLES / "simulator-s7.yaml").devices[0].tags}
-    modbus = {t.name for t in load_config(EXAMPLES / "simulator.yaml").devices[0].tags}
+    modbus = {t.name for t in load_config(EXAMPLES / "simulator-modbus.yaml").devices[0].tags}
     shared = {f"pump.{s}" for s in SIGNALS} | {"pump.run_seconds", "pump.model", "pump.motor_running"}
     assert shared <= s7 & modbus

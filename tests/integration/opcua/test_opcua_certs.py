@@ -1,0 +1,111 @@
+"""Certificate generation, the trust folder, and config models that need no server."""
+
+from __future__ import annotations
+
+import datetime as dt
+import stat
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from edge_agent.config import parse_config
+from edge_agent.drivers.opcua import Mode, OpcUaDevice, OpcUaDriver, Timestamps
+from edge_agent.opcua_certs import (
+    CertPurpose,
+    TrustFolder,
+    application_uri_of,
+    generate_certificate,
+    load_certificate,
+    load_private_key,
+)
+
+
+def test_generated_pair_matches_what_the_client_announces(tmp_path: Path) -> None:
+    info = generate_certificate(
+        tmp_path / "own" / "agent.der",
+        tmp_path / "own" / "agent-key.pem",
+        application_uri="urn:line3:edge-agent",
+        hostname="line3",
+    )
+    cert = load_certificate(info.cert_path)
+    assert application_uri_of(cert) == "urn:line3:edge-agent" == info.application_uri
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["line3"]
+    usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    assert usage.digital_signature and usage.content_commitment and usage.key_encipherment and usage.data_encipherment
+    assert ExtendedKeyUsageOID.CLIENT_AUTH in cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert info.not_after - dt.datetime.now(dt.UTC) > dt.timedelta(days=700)
+    assert stat.S_IMODE(info.key_path.stat().st_mode) == 0o600
+    assert load_private_key(info.key_path).public_key().public_numbers() == cert.public_key().public_numbers()  # type: ignore[union-attr]
+    with pytest.raises(FileExistsError, match="exists"):
+        generate_certificate(info.cert_path, info.key_path, application_uri="urn:x:y", hostname="x")
+
+
+def test_server_purpose_pem_and_ip_address(tmp_path: Path) -> None:
+    info = generate_certificate(
+        tmp_path / "s.pem",
+        tmp_path / "s.key",
+        application_uri="urn:x:server",
+        hostname="10.0.0.5",
+        purpose=CertPurpose.SERVER,
+    )
+    assert info.cert_path.read_bytes().startswith(b"-----BEGIN CERTIFICATE-----")
+    cert = load_certificate(info.cert_path)
+    assert ExtendedKeyUsageOID.SERVER_AUTH in cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    with pytest.raises(ValueError, match="is not a URI"):
+        generate_certificate(tmp_path / "b.der", tmp_path / "b.pem", application_uri="edge agent", hostname="x")
+
+
+def test_trust_folder(tmp_path: Path) -> None:
+    server = load_certificate(
+        generate_certificate(
+            tmp_path / "srv.der", tmp_path / "srv.pem", application_uri="urn:a:b", hostname="a"
+        ).cert_path
+    )
+    folder = TrustFolder(tmp_path / "pki" / "trusted")
+    folder.trust_dir.mkdir(parents=True)
+    (folder.trust_dir / "junk.der").write_bytes(b"not a certificate")  # ignored, not fatal
+    assert folder.verdict(server) == f"it is not in the trust folder {folder.trust_dir}"
+    saved = folder.reject(server)
+    assert saved is not None and saved.parent == tmp_path / "pki" / "rejected"
+    saved.rename(folder.trust_dir / saved.name)
+    assert folder.verdict(server) is None
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(days=800)
+    assert (folder.verdict(server, now=later) or "").startswith("it expired on ")
+
+
+SUBSCRIBE = """
+devices:
+  - name: press
+    type: opcua
+    endpoint: "opc.tcp://[fe80::1]:4841/press"
+    mode: subscribe
+    timestamps: server
+    poll_interval: 250ms
+    auth: {certificate: user.der, private_key: user.pem}
+    tags:
+      - {name: force, node: "nsu=urn:acme:press;s=Force", deadband: {type: percent, value: 2}, queue_size: 4}
+      - {name: stroke, node: "ns=3;i=12", poll_interval: 1s}
+"""
+
+
+def test_subscribe_device_groups_by_sampling_interval() -> None:
+    dev = parse_config(SUBSCRIBE).devices[0]
+    assert isinstance(dev, OpcUaDevice) and dev.mode is Mode.SUBSCRIBE and dev.timestamps is Timestamps.SERVER
+    driver = OpcUaDriver(dev)
+    assert driver.groups == [] and [(g.interval, g.tags) for g in driver.subscriptions] == [
+        (0.25, ("force",)),
+        (1.0, ("stroke",)),
+    ]
+    assert driver.requests_per_cycle == {}
+
+
+def test_password_is_never_printed() -> None:
+    dev = parse_config(
+        SUBSCRIBE.replace(
+            "auth: {certificate: user.der, private_key: user.pem}", "auth: {username: op, password: hunter2}"
+        )
+    ).devices[0]
+    assert "hunter2" not in repr(dev) and "hunter2" not in str(dev.model_dump())
