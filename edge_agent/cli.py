@@ -554,6 +554,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             quantile=args.quantile,
             margin=args.margin,
             description=args.description,
+            normalise=args.normalise,
+            segment_rows=args.segment_rows,
+            smoothing=args.smoothing,
+            exit_ratio=args.exit_ratio,
+            min_duration=args.min_duration,
         )
         bundle = train(series, options, source=", ".join(Path(p).name for p in args.data))
     except (ModelError, ValueError) as exc:
@@ -714,6 +719,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quantile", type=float, default=0.99)
     t.add_argument("--margin", type=float, default=1.5)
     t.add_argument("--description", default="")
+    t.add_argument(
+        "--normalise",
+        choices=["global", "per-run"],
+        default="global",
+        help="per-run: standardise each file on its own, as per-machine calibration will (default global)",
+    )
+    t.add_argument("--segment-rows", type=int, default=0, help="per-run: standardise every N rows on their own")
+    t.add_argument("--smoothing", type=int, default=1, help="detector default: rolling mean over N window scores")
+    t.add_argument("--exit-ratio", type=float, default=0.8, help="detector default: leave below ratio × threshold")
+    t.add_argument("--min-duration", type=float, default=5.0, help="detector default: seconds an anomaly lasts")
     t.set_defaults(func=cmd_train)
     return p
 

@@ -41,6 +41,38 @@ def score_series(scorer: WindowScorer, data: F64) -> F64:
     return np.concatenate(out) if out else np.empty(0)
 
 
+def rolling_mean(scores: F64, smoothing: int) -> F64:
+    """What the detector compares with the threshold: the mean of the last `smoothing` scores (fewer at the start)."""
+    if smoothing <= 1 or scores.size == 0:
+        return scores
+    c = np.concatenate([[0.0], np.cumsum(scores)])
+    i = np.arange(1, scores.size + 1)
+    lo = np.maximum(i - smoothing, 0)
+    return (c[i] - c[lo]) / (i - lo)
+
+
+def normal_scores(bundle: Bundle, data: F64, *, min_scale_ratio: float = MIN_SCALE_RATIO) -> tuple[Normalisation, F64]:
+    """Normalisation fitted on `data` (rows × inputs of normal operation) and the detector's scores of it under that.
+
+    The scores are smoothed as the detector will smooth them (the bundle's `score.smoothing`), so that a
+    quantile of them is a quantile of what the threshold is compared with.
+    """
+    meta = bundle.metadata
+    if data.shape[1] != len(meta.inputs):
+        raise ValueError(f"calibration data has {data.shape[1]} columns for {len(meta.inputs)} inputs")
+    if len(data) < meta.window + 10:
+        raise ValueError(f"calibration needs at least {meta.window + 10} rows (window {meta.window}), got {len(data)}")
+    mean, scale = fit_normalisation(data, min_scale_ratio=min_scale_ratio)
+    norm = Normalisation(mean=mean, scale=scale)
+    staged = meta.model_copy(update={"normalisation": norm})
+    scorer = WindowScorer(bundle_from_bytes(embed_metadata(bundle.data, staged)), runtime=ModelRuntime(bundle))
+    scores = score_series(scorer, data)
+    scores = scores[np.isfinite(scores)]
+    if scores.size == 0:
+        raise ValueError("no window of the calibration data had enough good values")
+    return norm, rolling_mean(scores, meta.score.smoothing)
+
+
 def calibrate(
     bundle: Bundle,
     data: F64,
@@ -51,18 +83,7 @@ def calibrate(
     min_scale_ratio: float = MIN_SCALE_RATIO,
 ) -> Bundle:
     """A new bundle whose normalisation and threshold come from `data` (rows × inputs of normal operation)."""
-    meta = bundle.metadata
-    if data.shape[1] != len(meta.inputs):
-        raise ValueError(f"calibration data has {data.shape[1]} columns for {len(meta.inputs)} inputs")
-    if len(data) < meta.window + 10:
-        raise ValueError(f"calibration needs at least {meta.window + 10} rows (window {meta.window}), got {len(data)}")
-    mean, scale = fit_normalisation(data, min_scale_ratio=min_scale_ratio)
-    staged = meta.model_copy(update={"normalisation": Normalisation(mean=mean, scale=scale)})
-    scorer = WindowScorer(bundle_from_bytes(embed_metadata(bundle.data, staged)), runtime=ModelRuntime(bundle))
-    scores = score_series(scorer, data)
-    scores = scores[np.isfinite(scores)]
-    if scores.size == 0:
-        raise ValueError("no window of the calibration data had enough good values")
+    norm, scores = normal_scores(bundle, data, min_scale_ratio=min_scale_ratio)
     value = max(float(np.quantile(scores, quantile)) * margin, 1e-9)
     threshold = ThresholdSpec(
         value=value,
@@ -72,5 +93,5 @@ def calibrate(
         rows=len(data),
         calibrated_at=now_iso(),
     )
-    final = staged.model_copy(update={"threshold": threshold})
+    final = bundle.metadata.model_copy(update={"normalisation": norm, "threshold": threshold})
     return bundle_from_bytes(embed_metadata(bundle.data, final))

@@ -4,6 +4,13 @@ A dense autoencoder over windows of normalised tags, trained with a fixed seed a
 ops, then converted to a fully int8 TFLite model whose representative dataset is drawn from the
 training windows. Normalisation and threshold are calibrated on the training data and stored in
 the bundle's metadata.
+
+Normalisation is either global (one mean and scale over all the training data: for a model that is
+used with the normalisation it ships with) or per run (each run, or each `segment_rows` slice of
+it, standardised on its own: for a model that is calibrated on each machine before use, as
+`calibrate`, `replay --calibrate-rows` and startup calibration do). Per-run training shows the
+model data in the coordinates it will see after calibration, so a machine's operating point (levels
+that differ between runs) is not learnt as normal variation to be reconstructed.
 """
 
 from __future__ import annotations
@@ -27,9 +34,10 @@ from edge_agent.scoring.bundle import (
     embed_metadata,
     now_iso,
 )
-from edge_agent.scoring.calibrate import calibrate, fit_normalisation, sliding_windows
+from edge_agent.scoring.calibrate import calibrate, fit_normalisation, normal_scores, sliding_windows
 
 F64 = npt.NDArray[np.float64]
+Normalise = Literal["global", "per-run"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,15 @@ class TrainOptions:
     exit_ratio: float = 0.8
     min_duration: float = 5.0
     description: str = ""
+    normalise: Normalise = "global"
+    # per-run: cut runs into slices of this many rows, each standardised on its own (0: whole runs)
+    segment_rows: int = 0
+
+    def __post_init__(self) -> None:
+        if self.normalise not in ("global", "per-run"):
+            raise ValueError(f"normalise must be 'global' or 'per-run', not {self.normalise!r}")
+        if self.segment_rows < 0:
+            raise ValueError("segment_rows must be 0 (whole runs) or positive")
 
 
 def _tf() -> Any:
@@ -64,6 +81,56 @@ def _tf() -> Any:
     return tf
 
 
+def runs_of(series: list[F64], options: TrainOptions) -> list[F64]:
+    """The runs that are standardised on their own: whole runs, or their `segment_rows` slices (a short tail joins
+    the slice before it)."""
+    if options.normalise == "global" or options.segment_rows <= 0:
+        return list(series)
+    n = options.segment_rows
+    out = []
+    for s in series:
+        starts = list(range(0, max(len(s) - n, 0) + 1, n))
+        for i, start in enumerate(starts):
+            out.append(s[start : start + n] if i + 1 < len(starts) else s[start:])
+    return out
+
+
+def training_windows(series: list[F64], options: TrainOptions) -> npt.NDArray[np.float32]:
+    """Normalised windows of every run (a window never spans two runs)."""
+    if options.normalise == "global":
+        mean, scale = fit_normalisation(np.concatenate(series))
+        mean_a, scale_a = np.asarray(mean), np.asarray(scale)
+        parts = [sliding_windows((s - mean_a) / scale_a, options.window) for s in series]
+    else:
+        parts = []
+        for run in runs_of(series, options):
+            if len(run) < options.window + 10:
+                continue  # too short to calibrate on, as calibrate() would refuse it
+            m, sc = fit_normalisation(run)
+            parts.append(sliding_windows((run - np.asarray(m)) / np.asarray(sc), options.window))
+    if not parts:
+        raise ValueError(f"no run has the {options.window + 10} rows a window of {options.window} needs")
+    return np.nan_to_num(np.concatenate(parts))
+
+
+def _per_run_threshold(bundle: Bundle, series: list[F64], options: TrainOptions, source: str) -> Bundle:
+    """Threshold from every run scored under its own normalisation (as calibration on each machine will)."""
+    scores = [normal_scores(bundle, run)[1] for run in runs_of(series, options) if len(run) >= options.window + 10]
+    value = max(float(np.quantile(np.concatenate(scores), options.quantile)) * options.margin, 1e-9)
+    rows = sum(len(s) for s in series)
+    threshold = ThresholdSpec(
+        value=value,
+        method="quantile×margin, per run",
+        quantile=options.quantile,
+        margin=options.margin,
+        calibrated_on=source or "training data",
+        rows=rows,
+        calibrated_at=now_iso(),
+    )
+    meta = bundle.metadata.model_copy(update={"threshold": threshold})
+    return bundle_from_bytes(embed_metadata(bundle.data, meta))
+
+
 def train(series: list[F64], options: TrainOptions, *, source: str = "") -> Bundle:
     """Train on one or more runs (each rows × inputs, normal operation) and return a calibrated bundle."""
     tf = _tf()
@@ -71,10 +138,7 @@ def train(series: list[F64], options: TrainOptions, *, source: str = "") -> Bund
     tf.config.experimental.enable_op_determinism()
     data = np.concatenate(series)
     mean, scale = fit_normalisation(data)
-    mean_a, scale_a = np.asarray(mean), np.asarray(scale)
-    # windows never span two runs
-    windows = np.concatenate([sliding_windows((s - mean_a) / scale_a, options.window) for s in series])
-    windows = np.nan_to_num(windows)
+    windows = training_windows(series, options)
     n_in = len(options.inputs)
     shape = (options.window, n_in)
     model = tf.keras.Sequential(
@@ -126,6 +190,11 @@ def train(series: list[F64], options: TrainOptions, *, source: str = "") -> Bund
             "bottleneck": options.bottleneck,
             "dtype": options.dtype,
             "final_loss": float(history.history["loss"][-1]),
+            **(
+                {"normalise": options.normalise, "segment_rows": options.segment_rows}
+                if options.normalise != "global"
+                else {}
+            ),
             "tensorflow": tf.__version__,
             "architecture": f"dense autoencoder {options.window * n_in}-{options.hidden}-{options.bottleneck}-"
             f"{options.hidden}-{options.window * n_in}",
@@ -133,4 +202,7 @@ def train(series: list[F64], options: TrainOptions, *, source: str = "") -> Bund
         created=now_iso(),
     )
     bundle = bundle_from_bytes(embed_metadata(tflite, meta))
+    if options.normalise == "per-run":
+        # the stored normalisation (all the data) is a fallback: this model is meant to be calibrated on its machine
+        return _per_run_threshold(bundle, series, options, source)
     return calibrate(bundle, data, quantile=options.quantile, margin=options.margin, source=source or "training data")
