@@ -14,21 +14,18 @@ import argparse
 import asyncio
 import logging
 import os
-import platform
 import random
-import socket
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from harness import free_port, machine_line, measure_agent, start_server, stop_server
 
 from edge_agent.agent import Agent
 from edge_agent.config import parse_config
 from edge_agent.drivers.modbus import MAX_REGISTERS, ModbusDriver
 from edge_agent.drivers.planner import Span, minimum_reads
-from edge_agent.types import SampleBatch
 
 REGISTERS = 60000
 TYPES = [("float32", 2), ("float32", 2), ("int16", 1), ("uint32", 2), ("uint16", 1)]
@@ -60,7 +57,8 @@ def layout(n_tags: int, seed: int = 1) -> list[tuple[str, int, int]]:
     for _ in range(n_tags):
         dtype, size = TYPES[rng.randrange(len(TYPES))]
         out.append((dtype, addr, size))
-        addr += size + rng.choice([0] * 15 + [1, 2, 6, 40])  # 40: a separate block
+        # mostly packed, small gaps, and now and then a separate block (1 %)
+        addr += size + (40 if rng.random() < 0.01 else rng.choice([0] * 15 + [1, 2, 6]))
     assert addr < REGISTERS, "layout does not fit the server"
     return out
 
@@ -74,7 +72,8 @@ def config_text(port: int, tags: list[tuple[str, int, int]], interval: float, pl
         f"    port: {port}",
         f"    poll_interval: {interval}s",
         "    timeout: 2s",
-        f"    planner: {{mode: {planner}, max_gap: 8}}",
+        # "merge/64": merge across gaps up to 64 registers (this server maps every register)
+        f"    planner: {{mode: {planner.split('/')[0]}, max_gap: {planner.split('/')[1] if '/' in planner else 16}}}",
         "    tags:",
     ]
     lines += [f'      - {{name: t{i}, address: "holding:{a}", type: {d}}}' for i, (d, a, _) in enumerate(tags)]
@@ -96,69 +95,34 @@ class Row:
 async def measure(port: int, n_tags: int, interval: float, planner: str, duration: float) -> Row:
     tags = layout(n_tags)
     cfg = parse_config(config_text(port, tags, interval, planner))
-    good = 0
-
-    def count(batch: SampleBatch) -> None:
-        nonlocal good
-        good += int((batch.quality == 0).sum())
-
-    agent = Agent(cfg, on_batch=count)
-    driver = agent.pollers[0].driver
-    assert isinstance(driver, ModbusDriver)
-    requests = sum(driver.requests_per_cycle.values())
     minimum = minimum_reads([Span(a, s, i) for i, (_, a, s) in enumerate(tags)], max_count=MAX_REGISTERS)
-    stop = asyncio.Event()
-    task = asyncio.create_task(agent.run(stop))
-    await asyncio.sleep(min(2.0, duration / 4))  # connect and settle
-    good0, cpu0, wall0 = good, time.process_time(), time.perf_counter()
-    over0 = agent.pollers[0].stats.overruns
-    await asyncio.sleep(duration)
-    good1, cpu1, wall1 = good, time.process_time(), time.perf_counter()
-    overruns = agent.pollers[0].stats.overruns - over0
-    stop.set()
-    await task
-    values = good1 - good0
-    print(f"  measured {n_tags} tags at {interval:g}s, planner {planner}: {values} values", file=sys.stderr, flush=True)
-    return Row(
-        n_tags,
-        interval,
-        planner,
-        requests,
-        minimum,
-        values / (wall1 - wall0),
-        overruns,
-        1e6 * (cpu1 - cpu0) / max(values, 1),
-    )
+    requests = 0
 
+    def plan(agent: Agent) -> None:
+        nonlocal requests
+        driver = agent.pollers[0].driver
+        assert isinstance(driver, ModbusDriver)
+        requests = sum(driver.requests_per_cycle.values())
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    m = await measure_agent(cfg, duration=duration, settle=min(2.0, duration / 4), after_settle=plan)
+    print(f"  {n_tags} tags at {interval:g}s, planner {planner}: {m.values} values", file=sys.stderr, flush=True)
+    return Row(n_tags, interval, planner, requests, minimum, m.values_per_s, m.overruns, m.cpu_us_per_value)
 
 
 async def run(args: argparse.Namespace) -> list[Row]:
     port = free_port()
-    server = subprocess.Popen([sys.executable, __file__, "--serve", str(port)])  # noqa: ASYNC220 (started once)
+    server = start_server([sys.executable, __file__, "--serve", str(port)], port)
     try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-                break
-            except OSError:
-                if server.poll() is not None:
-                    raise SystemExit("the benchmark server did not start") from None
-                await asyncio.sleep(0.1)
         rows = []
         for n in args.tags:
             for planner in ("merge", "none"):
                 rows.append(await measure(port, n, 1.0, planner, args.duration))
+        rows.append(await measure(port, max(args.tags), 1.0, "merge/64", args.duration))
         for n in args.tags:
             rows.append(await measure(port, n, args.fast, "merge", args.duration))
         return rows
     finally:
-        server.terminate()
-        server.wait(10)
+        stop_server(server)
 
 
 def main() -> None:
@@ -174,10 +138,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
     rows = asyncio.run(run(args))
-    print(
-        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-        f"{platform.platform()}; server: pymodbus in another process; {args.duration:g} s per case"
-    )
+    print(machine_line("pymodbus", args.duration))
     head = (
         "tags",
         "interval",

@@ -15,20 +15,17 @@ import asyncio
 import logging
 import math
 import os
-import platform
 import random
-import socket
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from harness import free_port, machine_line, measure_agent, start_server, stop_server
+
 from edge_agent.agent import Agent
 from edge_agent.config import parse_config
 from edge_agent.drivers.opcua import OpcUaDriver
-from edge_agent.types import SampleBatch
 
 NAMESPACE = "urn:edge-agent:bench"
 # what a plant's tag list looks like: mostly analog values, some counters and states
@@ -101,49 +98,18 @@ class Row:
 
 async def measure(port: int, n_tags: int, interval: float, mode: str, duration: float) -> Row:
     cfg = parse_config(config_text(port, n_tags, interval, mode))
-    good = 0
+    requests = 0
 
-    def count(batch: SampleBatch) -> None:
-        nonlocal good
-        good += int((batch.quality == 0).sum())
+    def plan(agent: Agent) -> None:
+        nonlocal requests
+        driver = agent.pollers[0].driver
+        assert isinstance(driver, OpcUaDriver)
+        requests = sum(driver.requests_per_cycle.values())
 
-    agent = Agent(cfg, on_batch=count)
-    driver = agent.pollers[0].driver
-    assert isinstance(driver, OpcUaDriver)
-    stop = asyncio.Event()
-    task = asyncio.create_task(agent.run(stop))
-    await asyncio.sleep(min(3.0, duration / 3))  # connect, subscribe and settle
-    good0, cpu0, wall0 = good, time.process_time(), time.perf_counter()
-    over0 = agent.pollers[0].stats.overruns
-    await asyncio.sleep(duration)
-    good1, cpu1, wall1 = good, time.process_time(), time.perf_counter()
-    overruns = agent.pollers[0].stats.overruns - over0
-    requests = sum(driver.requests_per_cycle.values())
-    stop.set()
-    await task
-    values = good1 - good0
-    print(f"  measured {n_tags} tags at {interval:g}s, {mode}: {values} values", file=sys.stderr, flush=True)
-    return Row(
-        n_tags, interval, mode, requests, values / (wall1 - wall0), overruns, 1e6 * (cpu1 - cpu0) / max(values, 1)
-    )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def wait_for_port(port: int, server: subprocess.Popen[bytes]) -> None:
-    for _ in range(300):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-            return
-        except OSError:
-            if server.poll() is not None:
-                raise SystemExit("the benchmark server did not start") from None
-            await asyncio.sleep(0.1)
-    raise SystemExit("the benchmark server did not listen within 30 s")
+    # connect, subscribe and settle before measuring
+    m = await measure_agent(cfg, duration=duration, settle=min(3.0, duration / 3), after_settle=plan)
+    print(f"  {n_tags} tags at {interval:g}s, {mode}: {m.values} values", file=sys.stderr, flush=True)
+    return Row(n_tags, interval, mode, requests, m.values_per_s, m.overruns, m.cpu_us_per_value)
 
 
 async def run(args: argparse.Namespace) -> list[Row]:
@@ -151,15 +117,13 @@ async def run(args: argparse.Namespace) -> list[Row]:
     for n in args.tags:
         port = free_port()
         cmd = [sys.executable, __file__, "--serve", str(port), "--serve-tags", str(n), "--update", str(args.update)]
-        server = subprocess.Popen(cmd)  # noqa: ASYNC220 (started once per tag count)
+        server = start_server(cmd, port)
         try:
-            await wait_for_port(port, server)
             for interval in (1.0, args.fast):
                 for mode in ("read", "subscribe"):
                     rows.append(await measure(port, n, interval, mode, args.duration))
         finally:
-            server.terminate()
-            server.wait(10)
+            stop_server(server)
     return rows
 
 
@@ -178,11 +142,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("asyncua").setLevel(logging.ERROR)
     rows = asyncio.run(run(args))
-    print(
-        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-        f"{platform.platform()}; server: asyncua in another process, every value changing every "
-        f"{args.update:g} s; {args.duration:g} s per case"
-    )
+    print(machine_line(f"asyncua (every value changing every {args.update:g} s)", args.duration))
     head = ("tags", "interval", "mode", "Read requests/cycle", "values/s", "overruns", "CPU µs/value")
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))

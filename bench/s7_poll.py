@@ -15,20 +15,18 @@ import argparse
 import asyncio
 import logging
 import os
-import platform
 import random
-import socket
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from harness import free_port, machine_line, measure_agent, start_server, stop_server
+
 from edge_agent.agent import Agent
 from edge_agent.config import parse_config
 from edge_agent.drivers.s7 import S7Driver, payload_limit
-from edge_agent.types import SampleBatch
 
 DB_SIZE = 16384
 TAGS_PER_DB = 1000
@@ -108,64 +106,39 @@ class Row:
 async def measure(port: int, n_tags: int, interval: float, planner: str, duration: float) -> Row:
     tags = layout(n_tags)
     cfg = parse_config(config_text(port, tags, interval, planner))
-    good = 0
+    plan: dict[str, int] = {}
 
-    def count(batch: SampleBatch) -> None:
-        nonlocal good
-        good += int((batch.quality == 0).sum())
+    def read_plan(agent: Agent) -> None:
+        # after connecting: the driver has re-planned for the PDU the PLC granted
+        driver = agent.pollers[0].driver
+        assert isinstance(driver, S7Driver)
+        used = {(t.address.db, t.address.byte + k) for t in driver.config.tags for k in range(t.size)}
+        plan.update(
+            requests=sum(driver.requests_per_cycle.values()),
+            items=sum(driver.items_per_cycle.values()),
+            minimum=-(-len(used) // payload_limit(driver.pdu)),
+        )  # every byte once, answers full
 
-    agent = Agent(cfg, on_batch=count)
-    driver = agent.pollers[0].driver
-    assert isinstance(driver, S7Driver)
-    stop = asyncio.Event()
-    task = asyncio.create_task(agent.run(stop))
-    await asyncio.sleep(min(2.0, duration / 4))  # connect (and re-plan for the granted PDU), settle
-    requests = sum(driver.requests_per_cycle.values())
-    items = sum(driver.items_per_cycle.values())
-    used = {(t.address.db, t.address.byte + k) for t in driver.config.tags for k in range(t.size)}
-    minimum = -(-len(used) // payload_limit(driver.pdu))  # every byte read once, answers full to the brim
-    good0, cpu0, wall0 = good, time.process_time(), time.perf_counter()
-    over0 = agent.pollers[0].stats.overruns
-    await asyncio.sleep(duration)
-    good1, cpu1, wall1 = good, time.process_time(), time.perf_counter()
-    overruns = agent.pollers[0].stats.overruns - over0
-    stop.set()
-    await task
-    values = good1 - good0
-    print(f"  measured {n_tags} tags at {interval:g}s, planner {planner}: {values} values", file=sys.stderr, flush=True)
+    m = await measure_agent(cfg, duration=duration, settle=min(2.0, duration / 4), after_settle=read_plan)
+    print(f"  {n_tags} tags at {interval:g}s, planner {planner}: {m.values} values", file=sys.stderr, flush=True)
     return Row(
         n_tags,
         interval,
         planner,
-        requests,
-        items,
-        minimum,
-        values / (wall1 - wall0),
-        overruns,
-        1e6 * (cpu1 - cpu0) / max(values, 1),
+        plan["requests"],
+        plan["items"],
+        plan["minimum"],
+        m.values_per_s,
+        m.overruns,
+        m.cpu_us_per_value,
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def run(args: argparse.Namespace) -> list[Row]:
     port = free_port()
     n_dbs = max(args.tags) // TAGS_PER_DB + 1
-    cmd = [sys.executable, __file__, "--serve", str(port), "--dbs", str(n_dbs)]
-    server = subprocess.Popen(cmd)  # noqa: ASYNC220 (started once)
+    server = start_server([sys.executable, __file__, "--serve", str(port), "--dbs", str(n_dbs)], port)
     try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-                break
-            except OSError:
-                if server.poll() is not None:
-                    raise SystemExit("the benchmark server did not start") from None
-                await asyncio.sleep(0.1)
         rows = []
         for n in args.tags:
             for planner in ("merge", "none"):
@@ -174,8 +147,7 @@ async def run(args: argparse.Namespace) -> list[Row]:
             rows.append(await measure(port, n, args.fast, "merge", args.duration))
         return rows
     finally:
-        server.terminate()
-        server.wait(10)
+        stop_server(server)
 
 
 def main() -> None:
@@ -191,10 +163,7 @@ def main() -> None:
         return
     logging.basicConfig(level=logging.WARNING)
     rows = asyncio.run(run(args))
-    print(
-        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-        f"{platform.platform()}; server: python-snap7 in another process; {args.duration:g} s per case"
-    )
+    print(machine_line("python-snap7", args.duration))
     head = (
         "tags",
         "interval",

@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from pymodbus.constants import ExcCodes
 from pymodbus.framer import FramerType
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
+
+from edge_agent.agent import Agent
+from edge_agent.types import Quality
 
 logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
 
@@ -132,3 +135,16 @@ class ModbusPeer:
         if self._server is not None:
             await self._server.shutdown()
             self._server = None
+
+
+async def wait_for(pred: Callable[[], bool], timeout: float = 5.0, step: float = 0.02) -> None:
+    """Poll `pred` until it holds; fail the test after `timeout` seconds (bounded, like every test loop)."""
+    async with asyncio.timeout(timeout):
+        while not pred():
+            await asyncio.sleep(step)
+
+
+def latest_value(agent: Agent, tag: str) -> tuple[float, Quality] | None:
+    """A tag's newest (value, quality) in the agent's buffers, or None before its first sample."""
+    latest = agent.buffers.latest(tag)
+    return None if latest is None else (latest[1], latest[2])

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 
 import pytest
-from peers import ModbusPeer, free_port
+from peers import ModbusPeer, free_port, wait_for
+from peers import latest_value as value
 
 from edge_agent.agent import Agent
 from edge_agent.config import parse_config
@@ -24,17 +24,6 @@ def config(*devices: tuple[str, int, str]) -> str:
             f'    tags:\n      - {{name: {name}.v, address: "40001"}}\n'
         )
     return out
-
-
-async def wait_for(pred: Callable[[], bool], timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not pred():
-            await asyncio.sleep(0.02)
-
-
-def value(agent: Agent, tag: str) -> tuple[float, Quality] | None:
-    latest = agent.buffers.latest(tag)
-    return None if latest is None else (latest[1], latest[2])
 
 
 async def test_server_restart_mid_run(modbus_peer: ModbusPeer) -> None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from collections.abc import Callable
 
+from peers import latest_value as value
+from peers import wait_for
 from s7peer import S7Peer, free_port
 
 from edge_agent.agent import Agent
@@ -23,17 +24,6 @@ def config(port: int) -> str:
         "      - {name: plc.v, address: DB1.DBD0, type: real}\n"
         "      - {name: plc.run, address: Q0.0}\n"
     )
-
-
-async def wait_for(pred: Callable[[], bool], timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not pred():
-            await asyncio.sleep(0.02)
-
-
-def value(agent: Agent, tag: str) -> tuple[float, Quality] | None:
-    latest = agent.buffers.latest(tag)
-    return None if latest is None else (latest[1], latest[2])
 
 
 async def test_plc_down_at_startup_comes_back_by_itself() -> None:
