@@ -11,6 +11,7 @@ from edge_agent.buffers import Buffers
 from edge_agent.config import Config
 from edge_agent.drivers import REGISTRY
 from edge_agent.errors import DeviceStartupError
+from edge_agent.observe import Check, HealthServer, Metrics, agent_metrics
 from edge_agent.poller import DevicePoller
 from edge_agent.scoring.monitor import LoadedModel, ModelMonitor, load_models, retention_needed
 from edge_agent.types import AnomalyEvent, SampleBatch
@@ -36,6 +37,7 @@ class Agent:
         models: list[LoadedModel] | None = None,
     ) -> None:
         self.config = config
+        self.metrics = Metrics()
         models = load_models(config) if models is None else models
         retention = max(config.buffers.retention, retention_needed(models))
         self.buffers = Buffers(retention=retention, max_samples=max(config.buffers.max_samples_per_tag, 16))
@@ -49,6 +51,7 @@ class Agent:
                 agent=config.agent.id,
                 site=config.agent.site,
                 counter=counter,
+                on_score_seconds=self.metrics.score_seconds.labels(m.section.name).observe,
             )
             for m in models
         ]
@@ -59,15 +62,30 @@ class Agent:
                 self.buffers.register(group.tags, group.interval)
             for group in getattr(driver, "subscriptions", []):
                 self.buffers.register(group.tags, group.interval, hold=True)
-            self.pollers.append(DevicePoller(dev, driver, self._sink))
+            self.pollers.append(
+                DevicePoller(
+                    dev, driver, self._sink, on_read_seconds=self.metrics.poll_seconds.labels(dev.name).observe
+                )
+            )
+        self.metrics.add(lambda: agent_metrics(self))
+        # readiness: the config loaded (we exist) and at least one device answers; publishing adds its own
+        self.ready_checks: list[Check] = [self._a_device_is_up]
 
     def _sink(self, batch: SampleBatch) -> None:
         self.buffers.write(batch)
         if self._on_batch is not None:
             self._on_batch(batch)
 
+    def _a_device_is_up(self) -> tuple[bool, str]:
+        up = [p.config.name for p in self.pollers if p.stats.connected]
+        return bool(up), "no device answers" if not up else ""
+
     async def run(self, stop: asyncio.Event) -> None:
         """Poll every device until `stop` is set; raises DeviceStartupError for `on_startup_error: error`."""
+        health = None
+        if self.config.observe.listen:
+            health = HealthServer(self.metrics, self.ready_checks)
+            await health.start(self.config.observe.listen)
         try:
             async with asyncio.TaskGroup() as tg:
                 for poller in self.pollers:
@@ -77,6 +95,9 @@ class Agent:
                 tg.create_task(self._wait(stop), name="stop")
         except* _Stop:
             log.info("stopped")
+        finally:
+            if health is not None:
+                await health.stop()
 
     async def _wait(self, stop: asyncio.Event) -> None:
         await stop.wait()

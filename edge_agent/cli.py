@@ -222,6 +222,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             )
         sys.stdout.flush()
 
+    if cfg.observe.log_format == "json":
+        from edge_agent.observe import JsonFormatter
+
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonFormatter())
     agent = Agent(
         cfg, on_batch=print_samples if args.output == "samples" else None, on_event=print_event, models=models
     )

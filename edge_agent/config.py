@@ -155,10 +155,20 @@ class OutboxSection(StrictModel):
     when_full: WhenFull = WhenFull.DROP_OLDEST
 
 
-class ObserveSection(StrictModel):
-    """Metrics and health endpoint (filled in by the deployment work)."""
+class LogFormat(StrEnum):
+    """How log lines are written to stderr."""
 
-    listen: str | None = Field(None, pattern=r"^[^\s]+:\d+$", description="host:port, off when unset")
+    TEXT = "text"
+    JSON = "json"  # one JSON object per line, for log shippers
+
+
+class ObserveSection(StrictModel):
+    """Prometheus metrics and the health endpoints, and the log format."""
+
+    listen: str | None = Field(
+        None, pattern=r"^[^\s]+:\d+$", description="host:port for /metrics, /healthz, /readyz; off when unset"
+    )
+    log_format: LogFormat = LogFormat.TEXT
 
 
 def _device_union() -> Any:

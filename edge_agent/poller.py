@@ -68,11 +68,13 @@ class DevicePoller:
         *,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        on_read_seconds: Callable[[float], None] | None = None,
     ) -> None:
         self.config = config
         self.driver = driver
         self.sink = sink
         self.stats = DeviceStats()
+        self._on_read_seconds = on_read_seconds
         self._clock = clock
         self._rng = rng or random.Random()
         self._attempt = 0
@@ -160,7 +162,10 @@ class DevicePoller:
         except (DeviceError, TimeoutError) as exc:
             self._went_down(exc if isinstance(exc, DeviceError) else DeviceError(self.config.name, "read timed out"))
             return False
-        self.stats.record_read(time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        self.stats.record_read(seconds)
+        if self._on_read_seconds is not None:
+            self._on_read_seconds(seconds)
         self.sink(batch)
         return True
 

@@ -89,6 +89,7 @@ class ModelMonitor:
         agent: str,
         site: str,
         counter: Iterator[int] | None = None,
+        on_score_seconds: Callable[[float], None] | None = None,
     ) -> None:
         self.section = model.section
         self.buffers = buffers
@@ -101,6 +102,7 @@ class ModelMonitor:
         self.windows_insufficient = 0
         self.last_score: float | None = None
         self.score_seconds = 0.0
+        self._on_score_seconds = on_score_seconds
         self.calibrating = model.section.calibrate.mode is CalibrateMode.STARTUP and not (
             model.section.calibrate.save_to and model.section.calibrate.save_to.exists()
         )
@@ -149,7 +151,10 @@ class ModelMonitor:
         started = time.perf_counter()
         w = self.buffers.window(self.inputs, t_end=t_end, interval=self.interval, n_samples=meta.window)
         scores, contrib = self.scorer.score(np.nan_to_num(w.values)[None], w.good[None])
-        self.score_seconds += time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        self.score_seconds += seconds
+        if self._on_score_seconds is not None:
+            self._on_score_seconds(seconds)
         score = float(scores[0])
         was_insufficient = self.detector.insufficient
         if math.isnan(score):
