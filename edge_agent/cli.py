@@ -201,7 +201,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
 
     def print_event(event: AnomalyEvent) -> None:
-        print(json.dumps(event_payload(event)), flush=True)
+        if cfg.mqtt is None:  # with MQTT configured the events go to the broker, through the outbox
+            print(json.dumps(event_payload(event)), flush=True)
         log.warning(
             "model %s: %s %s score %.3g (threshold %.3g), top %s",
             event.model,
@@ -230,13 +231,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     agent = Agent(
         cfg, on_batch=print_samples if args.output == "samples" else None, on_event=print_event, models=models
     )
-    failed: list[BaseException] = []
+    from edge_agent.publish import MqttSetupError, OutboxError
+
+    failed: list[str] = []
     try:
         asyncio.run(_run_agent(agent, args))
     except* DeviceStartupError as group:
-        failed.extend(_leaves(group))
+        failed.extend(f"{e}; stopping (on_startup_error: error)" for e in _leaves(group))
+    except* (OutboxError, MqttSetupError) as group:
+        failed.extend(str(e) for e in _leaves(group))
     for err in failed:
-        log.error("%s; stopping (on_startup_error: error)", err)
+        log.error("%s", err)
     return EXIT_FAIL if failed else EXIT_OK
 
 
@@ -601,6 +606,57 @@ def cmd_opcua_gen_cert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_outbox(args: argparse.Namespace) -> int:
+    """Operators' view of an outbox: stats, export, drain."""
+    from edge_agent.publish import OutboxError, drain, export, outbox_stats
+
+    try:
+        if args.outbox_command == "stats":
+            st = outbox_stats(args.path)
+            if args.json:
+                print(json.dumps(st.as_dict(), indent=2))
+            else:
+                oldest = "-" if st.oldest is None else _iso(st.oldest)
+                print(
+                    f"{st.path}: {st.total} messages ({', '.join(f'{k} {v}' for k, v in st.depth.items())}), "
+                    f"{st.bytes} of {st.max_bytes} bytes, oldest {oldest}, open anomalies {st.open_anomalies}"
+                )
+                print(
+                    f"  dropped: {', '.join(f'{k} {v}' for k, v in st.dropped_by_kind().items())}; "
+                    f"last event seq {st.last_seq}"
+                )
+            return EXIT_OK
+        if args.outbox_command == "export":
+            if args.out in (None, "-"):
+                n = export(args.path, sys.stdout)
+            else:
+                with open(args.out, "w", encoding="utf-8") as f:
+                    n = export(args.path, f)
+            print(f"{n} messages exported", file=sys.stderr)
+            return EXIT_OK
+        cfg = _load(args.config)
+        if cfg is None:
+            return EXIT_CONFIG
+        if cfg.mqtt is None:
+            print(f"{args.config}: no mqtt section: nowhere to drain to", file=sys.stderr)
+            return EXIT_CONFIG
+        result = asyncio.run(
+            drain(
+                cfg.mqtt,
+                cfg.outbox,
+                agent_id=cfg.agent.id,
+                site=cfg.agent.site,
+                version=__version__,
+                max_seconds=args.timeout or None,
+            )
+        )
+        print(f"{result.sent} sent, {result.left} left, {result.seconds:.1f} s")
+        return EXIT_OK if result.complete else EXIT_FAIL
+    except OutboxError as exc:
+        print(f"outbox: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -672,6 +728,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--days", type=int, default=730)
     g.add_argument("--force", action="store_true", help="overwrite existing files")
     g.set_defaults(func=cmd_opcua_gen_cert)
+
+    ob = sub.add_parser("outbox", help="inspect, export or drain the durable outbox")
+    obsub = ob.add_subparsers(dest="outbox_command", required=True)
+    st = obsub.add_parser("stats", help="depth, bytes, oldest message and drops (safe while the agent runs)")
+    st.add_argument("path", help="the outbox file (outbox.path in the config)")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_outbox)
+    ex = obsub.add_parser("export", help="every stored message as JSON lines (safe while the agent runs)")
+    ex.add_argument("path")
+    ex.add_argument("--out", help="file to write (default stdout)")
+    ex.set_defaults(func=cmd_outbox)
+    dr = obsub.add_parser("drain", help="publish everything in the outbox to the config's broker, then exit")
+    dr.add_argument("config")
+    dr.add_argument("--timeout", type=float, default=0, metavar="SECONDS", help="give up after this long (0: never)")
+    dr.set_defaults(func=cmd_outbox)
 
     m = sub.add_parser("model", help="model bundles")
     msub = m.add_subparsers(dest="model_command", required=True)

@@ -105,25 +105,60 @@ class TlsVerify(StrEnum):
 
 
 class TlsSection(StrictModel):
-    """TLS to the broker."""
+    """TLS to the broker: the CA that signed its certificate, an optional client certificate, verification."""
 
-    ca: Path | None = None
-    cert: Path | None = None
-    key: Path | None = None
-    verify: TlsVerify = TlsVerify.FULL
+    ca: Path | None = Field(None, description="CA certificates (PEM) that signed the broker's; default: the system's")
+    cert: Path | None = Field(None, description="client certificate (PEM), for brokers that require one")
+    key: Path | None = Field(None, description="the client certificate's private key (PEM); may be inside cert")
+    verify: TlsVerify = Field(TlsVerify.FULL, description="full: certificate chain and hostname; none: test benches")
+
+    @model_validator(mode="after")
+    def _key_needs_cert(self) -> TlsSection:
+        if self.key is not None and self.cert is None:
+            raise ValueError("key is set without cert: give the client certificate too")
+        return self
 
 
 class MqttSection(StrictModel):
-    """The broker events go to (filled in by the MQTT work)."""
+    """The broker the agent publishes to, and how."""
 
     url: str = Field("mqtt://127.0.0.1:1883", description="mqtt://host:1883 or mqtts://host:8883")
-    topic_prefix: str = Field("edge-agent", min_length=1)
-    qos: Literal[0, 1, 2] = 1
+    topic_prefix: str = Field(
+        "edge-agent", min_length=1, max_length=512, description="topic levels, e.g. enterprise/site/area/line"
+    )
+    qos: Literal[0, 1, 2] = Field(1, description="QoS of events/{model}; a row leaves the outbox on its ack")
+    protocol: Literal["3.1.1", "5"] = Field("3.1.1", description="MQTT protocol version")
+    client_id: str | None = Field(None, min_length=1, max_length=128, description="default: the agent id")
+    session: Literal["clean", "persistent"] = Field(
+        "clean", description="clean: the broker forgets the session when the agent disconnects"
+    )
+    session_expiry: Duration = Field(
+        3600.0, ge=0, le=7 * 86400, description="MQTT 5, session: persistent: how long the broker keeps it"
+    )
     username: str | None = None
     password: SecretStr | None = None
     password_file: Path | None = Field(None, description="file holding the password (container secrets)")
-    keepalive: Duration = Field(30.0, ge=5, le=3600)
-    tls: TlsSection | None = None
+    keepalive: Duration = Field(30.0, ge=1, le=3600, description="a dead connection is noticed within 2 × this")
+    tls: TlsSection | None = Field(None, description="mqtts:// only; without it the system's CAs verify the broker")
+    window: int = Field(
+        256, ge=1, le=4096, description="messages handed to paho and not yet acknowledged; its queue never holds more"
+    )
+    reconnect_initial: Duration = Field(0.5, gt=0, le=3600, description="first reconnect delay (doubles, jittered)")
+    reconnect_max: Duration = Field(30.0, gt=0, le=86400, description="longest delay between connection attempts")
+    historical_after: Duration = Field(
+        10.0, ge=0, le=86400, description="a message older than this when sent is marked historical: true"
+    )
+    status_interval: Duration = Field(
+        30.0, ge=1, le=86400, description="how often the retained status (outbox depth, drops) is refreshed"
+    )
+    scores_interval: Duration | None = Field(
+        None, gt=0, description="publish {prefix}/scores/{model} at most this often; off when unset"
+    )
+    scores_qos: Literal[0, 1, 2] = 0
+    telemetry_interval: Duration | None = Field(
+        None, gt=0, description="publish {prefix}/telemetry/{device} (latest tag values) this often; off when unset"
+    )
+    telemetry_qos: Literal[0, 1, 2] = 0
 
     @field_validator("url")
     @classmethod
@@ -132,10 +167,31 @@ class MqttSection(StrictModel):
             raise ValueError(f"{v!r} is not a broker URL: write mqtt://HOST:1883 or mqtts://HOST:8883")
         return v
 
+    @field_validator("topic_prefix")
+    @classmethod
+    def _prefix_ok(cls, v: str) -> str:
+        if any(c in v for c in "+#\0"):
+            raise ValueError(f"{v!r}: a topic prefix cannot hold the wildcards + or #")
+        if v.startswith("/") or v.endswith("/") or "//" in v:
+            raise ValueError(f"{v!r}: write topic levels without empty ones, e.g. plant-a/area-1/line-3")
+        if v.startswith("$"):
+            raise ValueError(f"{v!r}: topics starting with $ are reserved for the broker")
+        return v
+
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _protocol_text(cls, v: object) -> object:
+        # YAML reads `protocol: 5` as a number
+        return str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
+
     @model_validator(mode="after")
-    def _one_password(self) -> MqttSection:
+    def _consistent(self) -> MqttSection:
         if self.password is not None and self.password_file is not None:
             raise ValueError("give password or password_file, not both")
+        if self.tls is not None and self.url.startswith("mqtt://"):
+            raise ValueError("tls is set but the URL is mqtt://; write mqtts://HOST:8883 for TLS")
+        if self.reconnect_initial > self.reconnect_max:
+            raise ValueError("reconnect_initial is longer than reconnect_max")
         return self
 
 
@@ -147,12 +203,20 @@ class WhenFull(StrEnum):
 
 
 class OutboxSection(StrictModel):
-    """Durable queue of events not yet acknowledged by the broker (filled in by the MQTT work)."""
+    """Durable queue of messages not yet acknowledged by the broker."""
 
     path: Path = Path("/var/lib/edge-agent/outbox.db")
-    max_bytes: Size = Field(512 * 1024**2, ge=1024**2)
-    max_age: Duration = Field(30 * 86400.0, gt=0)
-    when_full: WhenFull = WhenFull.DROP_OLDEST
+    max_bytes: Size = Field(512 * 1024**2, ge=1024**2, description="stored messages (payload + topic + ~48 B each)")
+    max_age: Duration = Field(30 * 86400.0, gt=0, description="older messages are dropped (and counted)")
+    when_full: WhenFull = Field(
+        WhenFull.DROP_OLDEST, description="which messages of the same kind give way; telemetry always goes first"
+    )
+    sync: Literal["full", "batched"] = Field(
+        "full",
+        description="full: fsync as soon as a message is written (a power loss loses nothing committed); "
+        "batched: commit every commit_interval (fewer flash writes; a power loss can lose that much)",
+    )
+    commit_interval: Duration = Field(0.2, gt=0, le=60, description="sync: batched: time between commits")
 
 
 class LogFormat(StrEnum):

@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from edge_agent.agent import Agent
+    from edge_agent.publish.mqtt import MqttPublisher
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,33 @@ def agent_metrics(agent: Agent) -> Iterable[Metric]:
         threshold.add_metric([m.name], m.threshold)
         active.add_metric([m.name], 1.0 if m.detector.active else 0.0)
     yield from (scored, skipped, score, threshold, active)
+
+
+def publisher_metrics(publisher: MqttPublisher) -> Iterable[Metric]:
+    """MQTT connection state and counters, and the outbox's depth, bytes and drops (from memory, no I/O)."""
+    st = publisher.stats
+    yield GaugeMetricFamily("edge_agent_mqtt_connected", "1 while connected to the broker", value=float(st.connected))
+    for name, doc, value in (
+        ("published", "Messages handed to the broker", st.published),
+        ("acked", "Messages acknowledged by the broker", st.acked),
+        ("connects", "Successful connections", st.connects),
+        ("connect_failures", "Failed connection attempts", st.connect_failures),
+    ):
+        yield CounterMetricFamily(f"edge_agent_mqtt_{name}", doc, value=value)
+    if not publisher.outbox.is_open:
+        return
+    ob = publisher.outbox.quick_stats()
+    depth = GaugeMetricFamily("edge_agent_outbox_depth", "Messages waiting in the outbox", labels=["kind"])
+    for kind, n in ob.depth.items():
+        depth.add_metric([kind], n)
+    yield depth
+    yield GaugeMetricFamily("edge_agent_outbox_bytes", "Bytes stored in the outbox", value=ob.bytes)
+    yield GaugeMetricFamily("edge_agent_outbox_max_bytes", "The outbox's bound", value=ob.max_bytes)
+    drops = CounterMetricFamily("edge_agent_outbox_dropped", "Messages dropped", labels=["reason", "kind"])
+    for key, n in ob.dropped.items():
+        reason, _, kind = key.partition(".")
+        drops.add_metric([reason, kind], n)
+    yield drops
 
 
 Check = Callable[[], tuple[bool, str]]

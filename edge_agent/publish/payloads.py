@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import math
+import typing
+from collections.abc import Mapping
+from importlib import resources
 from typing import Any
 
-from edge_agent.types import AnomalyEvent
+from edge_agent.types import AnomalyEvent, Quality, SampleBatch, Score
 
 EVENT_SCHEMA = "edge-agent/anomaly-event/v1"
 
@@ -42,3 +46,108 @@ def event_payload(e: AnomalyEvent) -> dict[str, Any]:
         "reason": e.reason or None,
         "historical": e.historical,
     }
+
+
+STATUS_SCHEMA = "edge-agent/status/v1"
+SCORE_SCHEMA = "edge-agent/score/v1"
+TELEMETRY_SCHEMA = "edge-agent/telemetry/v1"
+SCHEMA_FILES = {"event": "event.json", "status": "status.json", "score": "score.json", "telemetry": "telemetry.json"}
+_HISTORICAL_FALSE = b'"historical":false}'
+_HISTORICAL_TRUE = b'"historical":true}'
+
+
+def encode(payload: Mapping[str, Any]) -> bytes:
+    """Compact JSON bytes, as published (keys in the builder's order, so `historical` stays last)."""
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def mark_historical(payload: bytes) -> bytes:
+    """The same payload with `historical: true` (a byte swap on the tail; a JSON round trip otherwise)."""
+    if payload.endswith(_HISTORICAL_FALSE):
+        return payload[: -len(_HISTORICAL_FALSE)] + _HISTORICAL_TRUE
+    try:
+        doc = json.loads(payload)
+    except ValueError:
+        return payload
+    if isinstance(doc, dict) and "historical" in doc:
+        doc["historical"] = True
+        return encode(doc)
+    return payload
+
+
+def status_payload(
+    state: str,
+    *,
+    agent: str,
+    site: str,
+    version: str,
+    since: float,
+    ts: float | None = None,
+    outbox: Mapping[str, Any] | None = None,
+    reason: str | None = None,
+) -> dict[str, Any]:
+    """Retained `{prefix}/status`: online with outbox depth and drop counters, or offline with a reason."""
+    out: dict[str, Any] = {
+        "schema": STATUS_SCHEMA,
+        "state": state,
+        "agent": agent,
+        "site": site,
+        "version": version,
+        "since": iso(since),
+    }
+    if ts is not None:
+        out["ts"] = iso(ts)
+    if outbox is not None:
+        out["outbox"] = dict(outbox)
+    if reason is not None:
+        out["reason"] = reason
+    return out
+
+
+def score_payload(
+    score: Score, *, agent: str, site: str, version: str | None = None, sha256: str | None = None
+) -> dict[str, Any]:
+    """`{prefix}/scores/{model}`: the latest score of a model against its threshold."""
+    model: dict[str, Any] = {"name": score.model}
+    if version is not None:
+        model["version"] = version
+    if sha256 is not None:
+        model["sha256"] = sha256
+    return {
+        "schema": SCORE_SCHEMA,
+        "agent": agent,
+        "site": site,
+        "model": model,
+        "ts": iso(score.t_end),
+        "score": _num(score.score),
+        "threshold": _num(score.threshold),
+        "good_fraction": _num(score.good_fraction),
+        "contributions": [{"tag": k, "share": _num(v)} for k, v in score.contributions.items()],
+        "historical": False,
+    }
+
+
+def telemetry_payload(batch: SampleBatch, *, agent: str, site: str) -> dict[str, Any]:
+    """`{prefix}/telemetry/{device}`: the device's latest value of every tag, with quality and time."""
+    tags = []
+    for i, tag in enumerate(batch.tags):
+        v = batch.value_at(i)
+        if isinstance(v, float) and not math.isfinite(v):
+            v = None
+        ts = batch.ts if batch.times is None else float(batch.times[i])
+        tags.append({"name": tag, "value": v, "quality": Quality(int(batch.quality[i])).label, "ts": iso(ts)})
+    return {
+        "schema": TELEMETRY_SCHEMA,
+        "agent": agent,
+        "site": site,
+        "device": batch.device,
+        "ts": iso(batch.ts),
+        "tags": tags,
+        "historical": False,
+    }
+
+
+def load_schema(name: str) -> dict[str, Any]:
+    """A shipped JSON Schema by name: event, status, score or telemetry."""
+    text = resources.files("edge_agent.publish").joinpath("schemas", SCHEMA_FILES[name]).read_text(encoding="utf-8")
+    return typing.cast(dict[str, Any], json.loads(text))

@@ -18,7 +18,7 @@ from edge_agent.errors import ConfigError, ConfigIssue
 from edge_agent.scoring.bundle import Bundle, ModelError, load_bundle, save_bundle
 from edge_agent.scoring.calibrate import calibrate
 from edge_agent.scoring.detector import Detector, WindowScorer
-from edge_agent.types import AnomalyEvent
+from edge_agent.types import AnomalyEvent, Score
 
 log = logging.getLogger(__name__)
 SETTLE = 0.05  # score a grid point this long after it, so the read at that deadline has landed
@@ -90,6 +90,7 @@ class ModelMonitor:
         site: str,
         counter: Iterator[int] | None = None,
         on_score_seconds: Callable[[float], None] | None = None,
+        on_score: Callable[[Score], None] | None = None,
     ) -> None:
         self.section = model.section
         self.buffers = buffers
@@ -103,6 +104,7 @@ class ModelMonitor:
         self.last_score: float | None = None
         self.score_seconds = 0.0
         self._on_score_seconds = on_score_seconds
+        self._on_score = on_score
         self.calibrating = model.section.calibrate.mode is CalibrateMode.STARTUP and not (
             model.section.calibrate.save_to and model.section.calibrate.save_to.exists()
         )
@@ -172,6 +174,17 @@ class ModelMonitor:
             if was_insufficient:
                 log.info("model %s: enough data again; scoring", self.name)
         values = {t: (None if not w.good[-1, j] else float(w.values[-1, j])) for j, t in enumerate(self.inputs)}
+        if self._on_score is not None:
+            self._on_score(
+                Score(
+                    model=self.name,
+                    t_end=t_end,
+                    score=None if math.isnan(score) else score,
+                    threshold=self.threshold,
+                    contributions=dict(zip(self.inputs, map(float, contrib[0]), strict=True)),
+                    good_fraction=w.good_fraction,
+                )
+            )
         for event in self.detector.update(
             t_end=t_end, window_start=float(w.times[0]), score=score, contributions=contrib[0], values=values
         ):

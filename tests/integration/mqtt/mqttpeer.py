@@ -1,0 +1,441 @@
+"""Real MQTT peers for tests: a mosquitto subprocess, a paho subscriber, a blackholing TCP proxy, TLS certificates."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import ipaddress
+import json
+import os
+import secrets
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edge_agent.config import MqttSection, OutboxSection
+from edge_agent.publish.mqtt import MqttPublisher
+from edge_agent.scoring.detector import new_event_id
+from edge_agent.types import AnomalyEvent, EventType, Severity
+
+PREFIX = "acme/plant-a/area-1/line-3"  # ISA-95 style levels
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now, on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str = "condition", step: float = 0.02) -> None:
+    """Poll until predicate() is true (bounded); AssertionError naming `what` otherwise."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(step)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@dataclass
+class Broker:
+    """A mosquitto subprocess on a free loopback port, with persistence so a subscriber's session survives kills."""
+
+    workdir: Path
+    port: int = 0
+    password_file: Path | None = None
+    tls: tuple[Path, Path, Path] | None = None  # ca, cert, key
+    require_certificate: bool = False
+    acl: str | None = None  # mosquitto acl_file text
+    proc: subprocess.Popen[bytes] | None = None
+    log: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.port = self.port or free_port()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.log = self.workdir / "mosquitto.log"
+
+    @property
+    def url(self) -> str:
+        """The agent's mqtt.url for this broker."""
+        return f"{'mqtts' if self.tls else 'mqtt'}://127.0.0.1:{self.port}"
+
+    def _config(self) -> Path:
+        lines = [
+            f"listener {self.port} 127.0.0.1",
+            "persistence true",
+            f"persistence_location {self.workdir}/",
+            "autosave_interval 3600",
+            "max_queued_messages 0",
+            "max_inflight_messages 100",
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+            f"log_dest file {self.log}",
+        ]
+        if os.geteuid() == 0:
+            lines.append("user root")  # as root mosquitto would switch to 'mosquitto', who cannot read the test's files
+        if self.password_file is not None:
+            lines += ["allow_anonymous false", f"password_file {self.password_file}"]
+        else:
+            lines.append("allow_anonymous true")
+        if self.acl is not None:
+            acl = self.workdir / "acl"
+            acl.write_text(self.acl)
+            lines.append(f"acl_file {acl}")
+        if self.tls is not None:
+            ca, cert, key = self.tls
+            lines += [f"cafile {ca}", f"certfile {cert}", f"keyfile {key}"]
+            if self.require_certificate:
+                lines.append("require_certificate true")
+        conf = self.workdir / "mosquitto.conf"
+        conf.write_text("\n".join(lines) + "\n")
+        return conf
+
+    def start(self) -> None:
+        """Start (or restart) on the same port; returns once it accepts connections."""
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        conf = self._config()
+        self.proc = subprocess.Popen(
+            [MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mosquitto exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError("mosquitto did not start listening")
+
+    def kill(self) -> None:
+        """SIGKILL: no goodbye to anyone."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(5)
+
+    def stop(self) -> None:
+        """SIGTERM and wait."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def save(self) -> None:
+        """Write the persistence file now (SIGUSR1), so sessions made so far survive a SIGKILL."""
+        assert self.proc is not None
+        db = self.workdir / "mosquitto.db"
+        before = db.stat().st_mtime_ns if db.exists() else 0
+        self.proc.send_signal(signal.SIGUSR1)
+        wait_until(lambda: db.exists() and db.stat().st_mtime_ns != before, 5, "mosquitto to save its database")
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config (and the password file)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGHUP)
+
+
+def write_password_file(path: Path, users: dict[str, str]) -> None:
+    """A mosquitto password file (hashed with mosquitto_passwd)."""
+    path.write_text("")
+    for user, pw in users.items():
+        subprocess.run([MOSQUITTO_PASSWD, "-b", str(path), user, pw], check=True, capture_output=True)
+    os.chmod(path, 0o600)
+
+
+@dataclass
+class Received:
+    """A message as a subscriber saw it."""
+
+    topic: str
+    payload: bytes
+    retain: bool
+    at: float
+
+    def json(self) -> Any:
+        """The payload parsed."""
+        return json.loads(self.payload)
+
+
+class Subscriber:
+    """A paho subscriber with a persistent session (QoS 1), collecting everything it receives."""
+
+    def __init__(self, port: int, topic: str, *, client_id: str | None = None, tls: Any = None, **auth: str) -> None:
+        self.messages: list[Received] = []
+        self._lock = threading.Lock()
+        self.subscribed = threading.Event()
+        self.client = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=client_id or f"test-sub-{secrets.token_hex(3)}",
+            clean_session=False,
+        )
+        self.client.reconnect_delay_set(0.05, 0.2)  # type: ignore[arg-type]
+        if auth:
+            self.client.username_pw_set(auth["username"], auth["password"])
+        if tls is not None:
+            self.client.tls_set_context(tls)
+        self.topic = topic
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port, keepalive=5)
+        self.client.loop_start()
+        if not self.subscribed.wait(5):
+            raise RuntimeError("subscriber did not subscribe")
+
+    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if not reason.is_failure:
+            client.subscribe(self.topic, qos=1)
+            self.subscribed.set()
+
+    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        with self._lock:
+            self.messages.append(Received(msg.topic, bytes(msg.payload), bool(msg.retain), time.time()))
+
+    def on(self, topic_part: str) -> list[Received]:
+        """Messages whose topic contains `topic_part`."""
+        with self._lock:
+            return [m for m in self.messages if topic_part in m.topic]
+
+    def event_ids(self) -> list[str]:
+        """event_ids of every event received, duplicates included, in arrival order."""
+        return [m.json()["event_id"] for m in self.on("/events/")]
+
+    def close(self) -> None:
+        """Disconnect and stop the network thread."""
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+class BlackholeProxy:
+    """TCP proxy on a free loopback port; `blackhole()` silently stops forwarding without closing any socket."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream = upstream_port
+        self.port = free_port()
+        self.blackholed = threading.Event()
+        self._stop = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        self._listener.setblocking(False)
+        self._pairs: dict[socket.socket, socket.socket] = {}
+        self._thread = threading.Thread(target=self._run, name="blackhole-proxy", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        sel = selectors.DefaultSelector()
+        sel.register(self._listener, selectors.EVENT_READ)
+        while not self._stop.is_set():
+            for key, _ in sel.select(0.05):
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                if sock is self._listener:
+                    client, _ = self._listener.accept()
+                    if self.blackholed.is_set():
+                        self._pairs[client] = client  # accepted, never answered: a dead network path
+                        continue
+                    try:
+                        upstream = socket.create_connection(("127.0.0.1", self.upstream), timeout=1)
+                    except OSError:
+                        client.close()
+                        continue
+                    for s in (client, upstream):
+                        s.setblocking(False)
+                        sel.register(s, selectors.EVENT_READ)
+                    self._pairs[client], self._pairs[upstream] = upstream, client
+                    continue
+                try:
+                    data = sock.recv(65536)
+                except OSError:
+                    data = b""
+                peer = self._pairs.get(sock)
+                if self.blackholed.is_set():
+                    if not data:  # closed on its side: stop watching it, but say nothing to the other side
+                        with contextlib.suppress(KeyError, ValueError):
+                            sel.unregister(sock)
+                    continue  # read and discard: the sender's writes succeed, nothing arrives anywhere
+                if not data or peer is None:
+                    for s in (sock, peer):
+                        if s is not None:
+                            self._pairs.pop(s, None)
+                            with contextlib.suppress(KeyError, ValueError):
+                                sel.unregister(s)
+                            s.close()
+                    continue
+                with contextlib.suppress(OSError):
+                    peer.sendall(data)
+        sel.close()
+
+    def blackhole(self) -> None:
+        """Stop forwarding in both directions; sockets stay open."""
+        self.blackholed.set()
+
+    def restore(self) -> None:
+        """Forward new connections again (blackholed ones stay dead; the client has to reconnect)."""
+        self.blackholed.clear()
+
+    def close(self) -> None:
+        """Stop the proxy and close every socket."""
+        self._stop.set()
+        self._thread.join(2)
+        for s in list(self._pairs):
+            s.close()
+        self._listener.close()
+
+
+def make_certs(directory: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1/localhost, a server certificate for the wrong name, a client cert."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    directory.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.UTC)
+
+    def key() -> ec.EllipticCurvePrivateKey:
+        return ec.generate_private_key(ec.SECP256R1())
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def write(stem: str, cert: x509.Certificate, k: ec.EllipticCurvePrivateKey | None) -> None:
+        (directory / f"{stem}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        if k is not None:
+            pem = k.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+            (directory / f"{stem}.key").write_bytes(pem)
+
+    def ca(cn: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+        k = key()
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name(cn))
+            .issuer_name(name(cn))
+            .public_key(k.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=2))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+            .sign(k, hashes.SHA256())
+        )
+        return cert, k
+
+    def leaf(
+        cn: str,
+        sans: list[x509.GeneralName],
+        issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey],
+        usage: x509.ObjectIdentifier,
+    ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+        k = key()
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name(cn))
+            .issuer_name(issuer[0].subject)
+            .public_key(k.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .sign(issuer[1], hashes.SHA256())
+        )
+        return cert, k
+
+    the_ca = ca("edge-agent test CA")
+    write("ca", the_ca[0], the_ca[1])
+    good = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    write("server", *leaf("localhost", good, the_ca, ExtendedKeyUsageOID.SERVER_AUTH))
+    wrong = [x509.DNSName("broker.elsewhere.example")]
+    write("wrongname", *leaf("broker.elsewhere.example", wrong, the_ca, ExtendedKeyUsageOID.SERVER_AUTH))
+    rogue = ca("someone else's CA")
+    write("rogue-ca", rogue[0], rogue[1])
+    write("rogue", *leaf("localhost", good, rogue, ExtendedKeyUsageOID.SERVER_AUTH))
+    write("client", *leaf("edge-agent-client", [x509.DNSName("client")], the_ca, ExtendedKeyUsageOID.CLIENT_AUTH))
+    return {p.stem if p.suffix == ".crt" else p.stem + ".key": p for p in directory.iterdir()}
+
+
+SHA = "ab" * 32
+
+
+def make_event(
+    kind: EventType, *, seq: int, model: str = "pump", anomaly_id: str | None = None, t: float | None = None
+) -> AnomalyEvent:
+    """A synthetic anomaly event, shaped like the detector's."""
+    t = time.time() if t is None else t
+    return AnomalyEvent(
+        type=kind,
+        event_id=new_event_id(t, seq),
+        anomaly_id=anomaly_id or secrets.token_hex(8),
+        seq=seq,
+        agent="agent-1",
+        site="plant-a",
+        model=model,
+        model_version="1.0.0",
+        model_sha256=SHA,
+        window_start=t - 10,
+        window_end=t,
+        score=2.5,
+        threshold=1.0,
+        severity=Severity.MAJOR,
+        contributions={"pump1.pressure": 0.7, "pump1.flow": 0.3},
+        values={"pump1.pressure": 4.2, "pump1.flow": None},
+        started_at=t,
+        peak_score=2.5,
+        reason="" if kind is EventType.START else "recovered",
+    )
+
+
+def mqtt_config(url: str, **kw: Any) -> MqttSection:
+    """An mqtt section with fast reconnects, as the tests want them."""
+    base: dict[str, Any] = {
+        "url": url,
+        "topic_prefix": PREFIX,
+        "reconnect_initial": 0.05,
+        "reconnect_max": 0.5,
+        "status_interval": 1.0,
+        "keepalive": 5,
+    }
+    base.update(kw)
+    return MqttSection.model_validate(base)
+
+
+def publisher(mqtt: MqttSection, path: Path, **kw: Any) -> MqttPublisher:
+    """A publisher for agent-1 at plant-a with an outbox at `path` (outbox={...} for more outbox settings)."""
+    box: dict[str, Any] = {"path": path}
+    box.update(kw.pop("outbox", {}))
+    return MqttPublisher(
+        mqtt, OutboxSection.model_validate(box), agent_id="agent-1", site="plant-a", version="test", **kw
+    )
+
+
+@contextlib.asynccontextmanager
+async def running(pub: MqttPublisher) -> AsyncIterator[MqttPublisher]:
+    """Run the publisher in a task; stop it cleanly afterwards."""
+    await pub.open()
+    task = asyncio.create_task(pub.run(), name="publisher")
+    try:
+        yield pub
+    finally:
+        pub.stop()
+        await asyncio.wait_for(task, 10)
