@@ -526,7 +526,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if args.plot:
         from edge_agent.scoring.plot import plot_replay
 
-        plot_replay(result, table.times, data, bundle.metadata.inputs, args.plot, title=str(args.data))
+        try:
+            plot_replay(result, table.times, data, bundle.metadata.inputs, args.plot, title=str(args.data))
+        except (ValueError, OSError) as exc:
+            print(f"replay: --plot: {exc}", file=sys.stderr)
+            return EXIT_FAIL
     n_anom = int(result.anomaly.sum())
     spans = int(((result.anomaly[1:] == 1) & (result.anomaly[:-1] == 0)).sum() + result.anomaly[:1].sum())
     print(

@@ -126,7 +126,10 @@ class DevicePoller:
             # pushed data has no read to fail: probe the connection on its own schedule
             groups.append(ScanGroup(max(self.config.timeout, 1.0), ()))
         heap = self._schedule(groups)
+        task = asyncio.current_task()
         while True:
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError  # a cancellation a library swallowed (see ModbusDriver.read)
             deadline, k, i = heap[0]
             group = groups[i]
             delay = deadline - self._clock()

@@ -458,7 +458,12 @@ class ModbusDriver:
             Table.COIL: client.read_coils,
             Table.DISCRETE: client.read_discrete_inputs,
         }
+        task = asyncio.current_task()
         for req in plan.requests:
+            if task is not None and task.cancelling():
+                # Python 3.11's wait_for (inside pymodbus) can swallow a cancellation that meets a reply:
+                # honour it here, or a shutdown waits for a whole group, and the next, forever
+                raise asyncio.CancelledError
             try:
                 rr = await calls[req.table](req.start, count=req.count, device_id=unit)
             except (ModbusException, OSError, TimeoutError) as exc:

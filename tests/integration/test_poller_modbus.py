@@ -106,3 +106,21 @@ async def test_wrong_unit_marks_tags_bad_but_device_up(modbus_peer: ModbusPeer) 
     finally:
         stop.set()
         await asyncio.wait_for(task, 5)
+
+
+async def test_stop_is_prompt_in_the_middle_of_a_long_group(modbus_peer: ModbusPeer) -> None:
+    # one request per tag: a stop nearly always lands while a reply is on its way, where Python 3.11's
+    # wait_for (inside pymodbus) may swallow the cancellation; the agent must stop anyway
+    tags = "".join(f'      - {{name: t{i}, address: "holding:{i}"}}\n' for i in range(400))
+    text = (
+        f"devices:\n  - name: plc\n    type: modbus\n    host: 127.0.0.1\n    port: {modbus_peer.port}\n"
+        f"    poll_interval: 50ms\n    planner: {{mode: none}}\n    tags:\n{tags}"
+    )
+    agent = Agent(parse_config(text))
+    for _ in range(3):
+        stop = asyncio.Event()
+        task = asyncio.create_task(agent.run(stop))
+        await wait_for(lambda: agent.pollers[0].stats.reads >= 1)
+        await asyncio.sleep(0.13)
+        stop.set()
+        await asyncio.wait_for(task, 3)  # a swallowed cancellation would hang here
