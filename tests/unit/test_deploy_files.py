@@ -1,0 +1,389 @@
+"""The deploy files: the compose file and the Kubernetes manifests against their published schemas (shipped
+offline by check-jsonschema and kubernetes-validate), the systemd unit through systemd-analyze, the
+configs they carry through the agent's own loader, and the contract of Dockerfile.arm64 and its health check.
+"""
+
+from __future__ import annotations
+
+import copy
+import http.server
+import importlib.resources
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from edge_agent.config import parse_config
+from edge_agent.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+COMPOSE = DEPLOY / "docker-compose.yml"
+K8S_FILES = sorted((DEPLOY / "k8s").glob("*.yaml"))
+UNIT = DEPLOY / "systemd" / "edge-agent.service"
+DOCKERFILE = ROOT / "Dockerfile.arm64"
+# k3s / KubeEdge releases in the field span several minors: the oldest supported and the newest schemas
+K8S_VERSIONS = ("1.28", "latest")
+
+
+def _kv() -> Any:
+    """kubernetes-validate (dev dependency): Kubernetes' JSON schemas for every minor, offline."""
+    return pytest.importorskip("kubernetes_validate", reason="dev dependency missing: pip install kubernetes-validate")
+
+
+def _k8s_version(version: str) -> str:
+    return str(_kv().utils.latest_version()) if version == "latest" else version
+
+
+# ---------------------------------------------------------------- compose
+
+
+def _compose_schema() -> dict[str, Any]:
+    # check-jsonschema (dev dependency) vendors the compose-spec schema (compose-spec/compose-spec, Apache-2.0)
+    pytest.importorskip("check_jsonschema", reason="dev dependency missing: pip install check-jsonschema")
+    ref = importlib.resources.files("check_jsonschema.builtin_schemas.vendor").joinpath("compose-spec.json")
+    return json.loads(ref.read_text(encoding="utf-8"))
+
+
+def _compose_errors(doc: Any) -> list[str]:
+    schema = _compose_schema()
+    jsonschema = pytest.importorskip("jsonschema")
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
+
+
+def _compose() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))
+
+
+def test_compose_file_matches_the_compose_spec() -> None:
+    assert _compose_errors(_compose()) == []
+
+
+@pytest.mark.parametrize(
+    ("break_it", "expected"),
+    [
+        (lambda d: d["services"]["edge-agent"].update(restartt="always"), "restartt"),
+        (lambda d: d["services"]["edge-agent"]["healthcheck"].update(retries=[3]), "[3] is not of type"),
+        (lambda d: d["services"]["edge-agent"].update(volumes="/var/lib/edge-agent"), "is not of type"),
+        (lambda d: d.update(secrets={"mqtt_password": {"path": "./secrets/mqtt_password"}}), "path"),
+    ],
+    ids=["unknown-key", "wrong-type", "volumes-not-a-list", "secret-without-file"],
+)
+def test_compose_schema_rejects_a_broken_file(break_it: Any, expected: str) -> None:
+    doc = copy.deepcopy(_compose())
+    break_it(doc)
+    errors = _compose_errors(doc)
+    assert errors, "the broken compose file passed the schema"
+    assert any(expected in e for e in errors), errors
+
+
+def test_compose_agent_is_hardened_and_kept_healthy() -> None:
+    agent = _compose()["services"]["edge-agent"]
+    assert agent["read_only"] is True
+    assert any(t.startswith("/tmp") for t in agent["tmpfs"])
+    assert agent["cap_drop"] == ["ALL"]
+    assert "no-new-privileges:true" in agent["security_opt"]
+    assert agent["user"] == "10001:10001"
+    assert agent["restart"] == "unless-stopped"
+    assert "healthz" in " ".join(agent["healthcheck"]["test"])
+    assert any(v.endswith(":/var/lib/edge-agent") for v in agent["volumes"])
+    assert any(v.endswith(":/etc/edge-agent/config.yaml:ro") for v in agent["volumes"])
+    assert [s["source"] for s in agent["secrets"]] == ["mqtt_password"]
+    assert agent["environment"]["EDGE_AGENT__MQTT__URL"].startswith("mqtt://mosquitto:")
+    assert agent["depends_on"]["mosquitto"]["condition"] == "service_healthy"
+
+
+# ---------------------------------------------------------------- Kubernetes
+
+
+def _k8s_docs() -> list[tuple[str, dict[str, Any]]]:
+    docs = []
+    for path in K8S_FILES:
+        for doc in yaml.safe_load_all(path.read_text(encoding="utf-8")):
+            if doc:
+                docs.append((f"{path.name}:{doc['kind']}/{doc['metadata']['name']}", doc))
+    return docs
+
+
+def test_there_are_manifests_for_every_piece() -> None:
+    kinds = {doc["kind"] for _, doc in _k8s_docs()}
+    assert {"Namespace", "ConfigMap", "Secret", "PersistentVolumeClaim", "Deployment", "DaemonSet"} <= kinds
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize(("name", "doc"), _k8s_docs(), ids=[n for n, _ in _k8s_docs()])
+def test_manifest_matches_the_kubernetes_schema(name: str, doc: dict[str, Any], version: str) -> None:
+    # strict: unknown fields are errors too (a typo such as imagePullPolcy would be ignored by the API server)
+    _kv().validate(doc, _k8s_version(version), strict=True)
+
+
+def _deployment() -> dict[str, Any]:
+    return next(doc for _, doc in _k8s_docs() if doc["kind"] == "Deployment")
+
+
+@pytest.mark.parametrize(
+    ("break_it", "expected"),
+    [
+        (lambda d: d["spec"]["template"]["spec"]["containers"][0].update(imagePullPolcy="Always"), "imagePullPolcy"),
+        (lambda d: d["spec"].update(replicas="one"), "'one' is not of type"),
+        (lambda d: d["spec"].pop("selector"), "'selector' is a required property"),
+        (
+            lambda d: d["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["httpGet"].pop("port"),
+            "'port' is a required property",
+        ),
+    ],
+    ids=["unknown-field", "wrong-type", "missing-selector", "probe-without-port"],
+)
+def test_kubernetes_schema_rejects_a_broken_manifest(break_it: Any, expected: str) -> None:
+    doc = copy.deepcopy(_deployment())
+    break_it(doc)
+    kv = _kv()
+    with pytest.raises(kv.ValidationError) as err:
+        kv.validate(doc, _k8s_version("latest"), strict=True)
+    assert expected in str(err.value)
+
+
+@pytest.mark.parametrize("kind", ["Deployment", "DaemonSet"])
+def test_workloads_are_locked_down_and_probed(kind: str) -> None:
+    doc = next(doc for _, doc in _k8s_docs() if doc["kind"] == kind)
+    pod = doc["spec"]["template"]["spec"]
+    assert pod["nodeSelector"]["kubernetes.io/arch"] == "arm64"
+    assert pod["automountServiceAccountToken"] is False
+    (agent,) = pod["containers"]
+    ctx = agent["securityContext"]
+    assert ctx["readOnlyRootFilesystem"] is True
+    assert ctx["allowPrivilegeEscalation"] is False
+    assert ctx["capabilities"]["drop"] == ["ALL"]
+    assert ctx.get("runAsNonRoot", pod["securityContext"].get("runAsNonRoot")) is True
+    assert {"cpu", "memory"} <= set(agent["resources"]["limits"])
+    assert agent["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert agent["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    mounts = {m["mountPath"]: m["name"] for m in agent["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert (
+        "persistentVolumeClaim" in volumes[mounts["/var/lib/edge-agent"]]
+        or "hostPath" in volumes[mounts["/var/lib/edge-agent"]]
+    )
+    assert "emptyDir" in volumes[mounts["/tmp"]]
+    assert "configMap" in volumes[mounts["/etc/edge-agent"]]
+    assert "secret" in volumes[mounts["/run/secrets/edge-agent"]]
+    for init in pod.get("initContainers", []):  # may run as root to chown, but with nothing else
+        assert init["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN"]}
+        assert init["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+# ---------------------------------------------------------------- the configs the files carry
+
+
+def _secret_env(tmp_path: Path) -> dict[str, str]:
+    secret = tmp_path / "mqtt_password"
+    secret.write_text("s3cret\n", encoding="utf-8")
+    return {"MQTT_USERNAME": "skid-1", "EDGE_AGENT__MQTT__PASSWORD_FILE": str(secret)}
+
+
+def test_sample_container_config_loads(tmp_path: Path) -> None:
+    text = (DEPLOY / "config" / "edge-agent.yaml").read_text(encoding="utf-8")
+    cfg = parse_config(text, source="edge-agent.yaml", environ=_secret_env(tmp_path))
+    assert cfg.mqtt is not None and cfg.mqtt.password_file is not None
+    assert str(cfg.outbox.path) == "/var/lib/edge-agent/outbox.db"
+    assert cfg.observe.listen == "0.0.0.0:9108"
+    assert [str(m.file) for m in cfg.models] == ["/opt/edge-agent/models/pump-skid-ae.tflite"]
+    assert (ROOT / "models" / "pump-skid-ae.tflite").exists()  # what the image copies to /opt/edge-agent/models
+
+
+def test_configmap_tag_map_loads(tmp_path: Path) -> None:
+    cm = next(doc for _, doc in _k8s_docs() if doc["kind"] == "ConfigMap")
+    cfg = parse_config(cm["data"]["config.yaml"], source="configmap", environ=_secret_env(tmp_path))
+    assert cfg.mqtt is not None and cfg.mqtt.url.startswith("mqtts://")
+    assert cfg.observe.listen == "0.0.0.0:9108"
+
+
+def test_a_broken_tag_map_is_refused(tmp_path: Path) -> None:
+    cm = next(doc for _, doc in _k8s_docs() if doc["kind"] == "ConfigMap")
+    text = cm["data"]["config.yaml"].replace('address: "40001"', 'address: "29999"')
+    with pytest.raises(ConfigError):
+        parse_config(text, source="configmap", environ=_secret_env(tmp_path))
+
+
+# ---------------------------------------------------------------- systemd
+
+
+def _unit_keys() -> dict[str, list[str]]:
+    keys: dict[str, list[str]] = {}
+    for line in UNIT.read_text(encoding="utf-8").splitlines():
+        if "=" in line and not line.startswith(("#", "[")):
+            k, v = line.split("=", 1)
+            keys.setdefault(k.strip(), []).append(v.strip())
+    return keys
+
+
+def test_systemd_unit_is_hardened() -> None:
+    keys = _unit_keys()
+    for key, value in {
+        "DynamicUser": "yes",
+        "ProtectSystem": "strict",
+        "StateDirectory": "edge-agent",
+        "Restart": "on-failure",
+        "NoNewPrivileges": "yes",
+        "PrivateTmp": "yes",
+        "CapabilityBoundingSet": "",
+        "RestartPreventExitStatus": "2",
+    }.items():
+        assert keys.get(key) == [value], key
+    assert any("run /etc/edge-agent/config.yaml" in v for v in keys["ExecStart"])
+
+
+def _verify(unit_text: str, tmp_path: Path) -> str:
+    """systemd-analyze verify on the unit, with the venv's edge-agent standing in for /opt/edge-agent/venv's."""
+    exe = Path(sys.executable).with_name("edge-agent")
+    if not exe.exists():
+        exe = Path(shutil.which("edge-agent") or "/bin/true")
+    unit = tmp_path / "edge-agent.service"
+    unit.write_text(unit_text.replace("/opt/edge-agent/venv/bin/edge-agent", str(exe)), encoding="utf-8")
+    proc = subprocess.run(
+        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    # it reports unknown keys and bad values as warnings with exit code 0: any output about the unit fails
+    return (proc.stdout + proc.stderr).strip() + (f"\n(exit {proc.returncode})" if proc.returncode else "")
+
+
+needs_systemd_analyze = pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed (apt-get install systemd)"
+)
+
+
+@needs_systemd_analyze
+def test_systemd_unit_verifies(tmp_path: Path) -> None:
+    assert _verify(UNIT.read_text(encoding="utf-8"), tmp_path) == ""
+
+
+@needs_systemd_analyze
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        ("ProtectSystem=strict", "ProtectSytem=strict", "Unknown key"),
+        ("Restart=on-failure", "Restart=sometimes", "restart specifier"),
+    ],
+    ids=["typo", "bad-value"],
+)
+def test_systemd_analyze_catches_a_broken_unit(tmp_path: Path, old: str, new: str, expected: str) -> None:
+    text = UNIT.read_text(encoding="utf-8")
+    assert old in text
+    assert expected in _verify(text.replace(old, new), tmp_path)
+
+
+@needs_systemd_analyze
+def test_systemd_unit_exposure_is_low(tmp_path: Path) -> None:
+    unit = tmp_path / "edge-agent.service"
+    unit.write_text(UNIT.read_text(encoding="utf-8"), encoding="utf-8")
+    proc = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", str(unit)], capture_output=True, text=True, timeout=60
+    )
+    if "--offline" in proc.stderr and proc.returncode != 0:
+        pytest.skip("this systemd-analyze has no --offline (systemd < 250)")
+    m = re.search(r"Overall exposure level for \S+: ([\d.]+)", proc.stdout)
+    assert m, proc.stdout[-500:] + proc.stderr
+    assert float(m.group(1)) <= 2.0, proc.stdout[-2000:]
+
+
+# ---------------------------------------------------------------- Dockerfile.arm64
+
+
+def _instructions() -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text(encoding="utf-8"))
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def test_dockerfile_contract() -> None:
+    ins = _instructions()
+    assert ins[0] == ("ARG", "BASE_IMAGE=python:3.11-slim-bookworm")
+    froms = [rest for word, rest in ins if word == "FROM"]
+    assert len(froms) == 2 and all(f.startswith("${BASE_IMAGE}") for f in froms)
+    runtime = ins[max(i for i, (w, _) in enumerate(ins) if w == "FROM") :]
+    assert ("USER", "10001:10001") in runtime
+    assert ("ENTRYPOINT", '["edge-agent"]') in runtime
+    assert ("CMD", '["run", "/etc/edge-agent/config.yaml"]') in runtime
+    assert ("VOLUME", '["/var/lib/edge-agent"]') in runtime
+    assert any(w == "COPY" and "/opt/edge-agent/models/" in r for w, r in runtime)
+    assert any(w == "HEALTHCHECK" and "/healthz" in r for w, r in runtime)
+    pip_installs = [r for w, r in ins if w == "RUN" and "pip install" in r]
+    assert pip_installs and all(r.count("pip install") == r.count("--only-binary=:all:") for r in pip_installs)
+    # nothing of the build machine (its CA certificates, mirrors, proxies) belongs in the Dockerfile
+    assert not re.search(r"ca-certificates/|PIP_INDEX_URL|http_proxy|trusted-host", DOCKERFILE.read_text())
+
+
+def _healthcheck_code() -> str:
+    (rest,) = [r for w, r in _instructions() if w == "HEALTHCHECK"]
+    argv = json.loads(rest[rest.index("CMD") + 3 :].strip())
+    assert argv[:2] == ["python", "-c"]
+    return str(argv[2])
+
+
+class _Health(http.server.BaseHTTPRequestHandler):
+    status = 200
+
+    def do_GET(self) -> None:
+        self.send_response(self.status if self.path == "/healthz" else 404)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def health_server() -> Iterator[http.server.HTTPServer]:
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Health)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def _run_healthcheck(listen: str) -> int:
+    env = {**os.environ, "EDGE_AGENT__OBSERVE__LISTEN": listen}
+    proc = subprocess.run([sys.executable, "-c", _healthcheck_code()], env=env, capture_output=True, timeout=30)
+    return proc.returncode
+
+
+@pytest.mark.skipif(Path("/etc/edge-agent/config.yaml").exists(), reason="this machine has a real agent config")
+def test_healthcheck_passes_on_200_and_fails_otherwise(health_server: http.server.HTTPServer) -> None:
+    port = health_server.server_address[1]
+    _Health.status = 200
+    assert _run_healthcheck(f"0.0.0.0:{port}") == 0
+    _Health.status = 503
+    try:
+        assert _run_healthcheck(f"0.0.0.0:{port}") == 1
+    finally:
+        _Health.status = 200
+    health_server.shutdown()
+    health_server.server_close()
+    assert _run_healthcheck(f"127.0.0.1:{port}") == 1  # observe configured but nothing answers
+
+
+def test_dockerignore_keeps_what_the_build_copies() -> None:
+    patterns = (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
+    for needed in ("pyproject.toml", "README.md", "edge_agent/", "models/", "deploy/config/edge-agent.yaml"):
+        assert f"!{needed}" in patterns, needed
+
+
+def test_smoke_script_is_valid_bash() -> None:
+    script = DEPLOY / "arm64" / "build-and-smoke.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    assert os.access(script, os.X_OK)
