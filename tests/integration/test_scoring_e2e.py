@@ -63,7 +63,7 @@ async def test_fault_raises_an_anomaly_and_normal_operation_does_not() -> None:
     first = starts[0]
     assert first.model == "pump-skid" and first.model_sha256 == monitor.bundle.sha256
     assert abs(round(first.window_end / 0.2) * 0.2 - first.window_end) < 1e-6  # windows end on the model's grid
-    assert monitor.windows_scored > 50
+    assert monitor.windows_scored > 25
     detected_after = first.started_at - agent_f_start(agent_f)
     # bounded: within 50 windows (10 s) of the fault's start; a loaded CI machine connects OPC UA late
     assert FAULT_AT - 1 <= detected_after <= FAULT_AT + 50 * 0.2, detected_after
@@ -71,7 +71,7 @@ async def test_fault_raises_an_anomaly_and_normal_operation_does_not() -> None:
     # the open anomaly was closed on shutdown: every start has its end
     assert [e.type for e in faulty].count(EventType.END) == len(starts)
     assert normal == [], [(e.type, e.score, e.threshold) for e in normal]
-    assert agent_n.monitors[0].windows_scored > 50
+    assert agent_n.monitors[0].windows_scored > 25
 
 
 def agent_f_start(agent: Agent) -> float:
