@@ -80,8 +80,9 @@ async def test_dropped_connection_recovers(ua_peer: UaPeer, mode: str) -> None:
         ua_peer.drop_connections()
         await wait_for(lambda: agent.pollers[0].stats.failures > failures)
         await ua_peer.write("Level", 32.0)
-        await wait_for(lambda: latest(agent, "d.level") == (32.0, Quality.GOOD))
-        assert agent.pollers[0].stats.connected
+        # in subscribe mode the first data change can land while the reconnect is still creating the
+        # subscription, a moment before the poller marks itself connected: wait for both
+        await wait_for(lambda: latest(agent, "d.level") == (32.0, Quality.GOOD) and agent.pollers[0].stats.connected)
     finally:
         stop.set()
         await asyncio.wait_for(task, 5)
