@@ -1,4 +1,4 @@
-"""Command line: check | read | run | simulate."""
+"""Command line: check | read | run | demo | simulate | opcua | outbox | model | calibrate | replay | train."""
 
 from __future__ import annotations
 
@@ -661,6 +661,35 @@ def cmd_outbox(args: argparse.Namespace) -> int:
         return EXIT_FAIL
 
 
+# ---------------------------------------------------------------- demo
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The simulator with a scheduled fault, the agent, a broker and a live subscriber view."""
+    from edge_agent import demo
+
+    if args.fault:
+        try:
+            demo.fault_window(args.fault)
+        except ValueError as exc:
+            print(f"--fault: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+    opts = demo.DemoOptions(
+        fault=args.fault,
+        duration=args.duration,
+        broker=args.broker,
+        model=Path(args.model) if args.model else None,
+        view=args.view,
+        seed=args.seed,
+        keep=args.keep,
+    )
+    try:
+        return asyncio.run(demo.run_demo(opts))
+    except demo.DemoError as exc:
+        print(f"demo: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -692,6 +721,31 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--report-interval", type=float, default=5.0, metavar="SECONDS")
     u.add_argument("--duration", type=float, default=0, metavar="SECONDS", help="stop after this long (0: never)")
     u.set_defaults(func=cmd_run)
+
+    d = sub.add_parser("demo", help="the whole job on this machine: simulator, agent, broker and a live view")
+    d.add_argument(
+        "--fault",
+        default="cavitation@30+40",
+        metavar="NAME@SECONDS[+DURATION]",
+        help="the simulator's scheduled fault (default cavitation@30+40; '' for none; see simulate --list-faults)",
+    )
+    d.add_argument("--duration", type=float, default=120.0, metavar="SECONDS", help="stop after this long (0: never)")
+    d.add_argument(
+        "--broker",
+        choices=["auto", "mosquitto", "builtin"],
+        default="auto",
+        help="auto: mosquitto when installed, else the in-process amqtt broker (pip install 'edge-agent[demo]')",
+    )
+    d.add_argument("--model", metavar="FILE", help="model bundle (default: the shipped models/pump-skid-ae.tflite)")
+    d.add_argument(
+        "--view",
+        choices=["auto", "live", "plain"],
+        default="auto",
+        help="live: a full-screen view (needs rich); plain: event lines and a summary every 5 s",
+    )
+    d.add_argument("--seed", type=int, default=0, help="the simulator's random seed")
+    d.add_argument("--keep", action="store_true", help="keep the config, outbox and logs (kept anyway on failure)")
+    d.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("simulate", help="serve a simulated pump skid over Modbus TCP, OPC UA and S7")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")

@@ -1,19 +1,14 @@
 #!/usr/bin/env bash
-# The main job, for now: the simulated pump skid and the agent polling it, on this machine.
-# Sets up a venv on first use. Ctrl-C stops both.
-#   bash examples/quickstart.sh                         # normal operation
-#   bash examples/quickstart.sh --fault cavitation@20+30 # with a scheduled fault
+# The main job on this machine: `edge-agent demo` (simulated pump skid with a scheduled fault, the agent,
+# an MQTT broker and a live subscriber view). Sets up .venv with the demo extra on first use.
+#   bash examples/quickstart.sh                                # cavitation 30 s in, two minutes
+#   bash examples/quickstart.sh --fault bearing_wear@20 --duration 0   # until Ctrl-C
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ ! -x .venv/bin/edge-agent ]; then
+if [ ! -x .venv/bin/edge-agent ] || ! .venv/bin/python -c "import amqtt, rich" 2>/dev/null; then
   echo "setting up .venv (first run only)…"
-  python3 -m venv .venv
+  [ -x .venv/bin/python ] || python3 -m venv .venv
   .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e .
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[demo]'
 fi
-port="${SIM_MODBUS_PORT:-5020}"
-.venv/bin/edge-agent simulate --modbus-port "$port" "$@" &
-sim=$!
-trap 'kill $sim 2>/dev/null; wait $sim 2>/dev/null' EXIT
-.venv/bin/edge-agent check examples/simulator.yaml
-SIM_MODBUS_PORT="$port" .venv/bin/edge-agent run examples/simulator.yaml --report-interval 2
+exec .venv/bin/edge-agent demo "$@"
