@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 from pydantic import Field, field_validator
 
 from edge_agent.fields import Duration, StrictModel
-from edge_agent.types import SampleBatch
+from edge_agent.types import Quality, SampleBatch
 
 TAG_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-/]*$")
 
@@ -133,3 +135,39 @@ def register(plugin: DriverPlugin) -> DriverPlugin:
     """Add a driver to the registry under its `type` key."""
     REGISTRY[plugin.key] = plugin
     return plugin
+
+
+class PartFailures:
+    """Requests of a device that fail on their own (an exception answer, a bad item): logged once, counted."""
+
+    def __init__(self, device: str, log: logging.Logger) -> None:
+        self.device = device
+        self.log = log
+        self.count = 0
+        self._failing: set[str] = set()
+
+    def failed(self, label: str, tags: Sequence[str], why: str, hint: str = "") -> None:
+        """Count a failure; WARNING with its tags the first time, DEBUG while it keeps failing."""
+        self.count += 1
+        if label in self._failing:
+            self.log.debug("device %s: %s failed again: %s", self.device, label, why)
+            return
+        self._failing.add(label)
+        more = f" and {len(tags) - 5} more" if len(tags) > 5 else ""
+        self.log.warning(
+            "device %s: %s: %s; tags %s%s marked bad%s", self.device, label, why, ", ".join(tags[:5]), more, hint
+        )
+
+    def answered(self, label: str) -> None:
+        """A request answered: log its recovery once."""
+        if label in self._failing:
+            self._failing.discard(label)
+            self.log.info("device %s: %s answers again", self.device, label)
+
+
+def mark_bad(values: np.ndarray, quality: np.ndarray, exact: dict[int, Any], cols: np.ndarray) -> None:
+    """Columns of a failed request: NaN, quality bad, no exact value."""
+    values[cols] = np.nan
+    quality[cols] = Quality.BAD
+    for col in cols:
+        exact.pop(int(col), None)

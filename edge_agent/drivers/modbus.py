@@ -20,13 +20,13 @@ from pymodbus.exceptions import ModbusException, ModbusIOException
 from pymodbus.framer import FramerType
 from pymodbus.pdu.register_message import ReadHoldingRegistersResponse
 
-from edge_agent.drivers.base import DeviceBase, DriverPlugin, ScanGroup, TagBase, register
+from edge_agent.drivers.base import DeviceBase, DriverPlugin, PartFailures, ScanGroup, TagBase, mark_bad, register
 from edge_agent.drivers.codecs import BlockDecoder, ByteOrder, DataType, kind_of, width_of
 from edge_agent.drivers.codecs import Field as CodecField
 from edge_agent.drivers.planner import Span, plan_reads
 from edge_agent.errors import DeviceError, FieldError
 from edge_agent.fields import StrictModel
-from edge_agent.types import Quality, SampleBatch, Value
+from edge_agent.types import SampleBatch, Value
 
 log = logging.getLogger(__name__)
 
@@ -329,8 +329,7 @@ class ModbusDriver:
         self.config = config
         self.name = config.name
         self._client: AsyncModbusTcpClient | AsyncModbusSerialClient | None = None
-        self._failing: set[str] = set()
-        self.request_errors = 0
+        self._parts = PartFailures(self.name, log)
         self.groups: list[ScanGroup] = []
         self._plans: dict[ScanGroup, _GroupPlan] = {}
         by_interval: dict[float, list[ModbusTag]] = defaultdict(list)
@@ -482,29 +481,20 @@ class ModbusDriver:
                     failed.append(req)
                     continue
                 block[req.buf_offset : req.buf_offset + 2 * req.count] = np.frombuffer(raw, np.uint8, 2 * req.count)
-            if req.label in self._failing:
-                self._failing.discard(req.label)
-                log.info("device %s: %s answers again", self.name, req.label)
+            self._parts.answered(req.label)
         plan.decoder.decode(block, values, quality, exact)
         for req in failed:
-            values[req.cols] = np.nan
-            quality[req.cols] = Quality.BAD
-            for col in req.cols:
-                exact.pop(int(col), None)
+            mark_bad(values, quality, exact, req.cols)
         return SampleBatch(self.name, ts, group.tags, values, quality, exact, plan.kinds)
 
     def _request_failed(self, req: _Request, group: ScanGroup, why: str) -> None:
-        self.request_errors += 1
-        if req.label in self._failing:
-            log.debug("device %s: %s failed again: %s", self.name, req.label, why)
-            return
-        self._failing.add(req.label)
-        names = [group.tags[c] for c in req.cols[:5]]
-        more = f" and {len(req.cols) - 5} more" if len(req.cols) > 5 else ""
         hint = " (if the device leaves gaps unmapped, lower planner.max_gap)" if len(req.cols) > 1 else ""
-        log.warning(
-            "device %s: %s answered %s; tags %s%s marked bad%s", self.name, req.label, why, ", ".join(names), more, hint
-        )
+        self._parts.failed(req.label, [group.tags[c] for c in req.cols], f"answered {why}", hint)
+
+    @property
+    def request_errors(self) -> int:
+        """Requests that failed on their own (exception answers, short answers)."""
+        return self._parts.count
 
 
 PLUGIN = register(DriverPlugin(key="modbus", config=ModbusDevice, factory=ModbusDriver))

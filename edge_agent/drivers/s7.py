@@ -26,13 +26,13 @@ from snap7.error import S7Error, S7ProtocolError
 from snap7.s7protocol import get_return_code_description
 from snap7.type import Parameter
 
-from edge_agent.drivers.base import DeviceBase, DriverPlugin, ScanGroup, TagBase, register
+from edge_agent.drivers.base import DeviceBase, DriverPlugin, PartFailures, ScanGroup, TagBase, mark_bad, register
 from edge_agent.drivers.codecs import BlockDecoder, ByteDecoder, ByteField, ByteOrder, DataType
 from edge_agent.drivers.codecs import Field as CodecField
 from edge_agent.drivers.planner import Span, plan_reads
 from edge_agent.errors import DeviceError, FieldError
 from edge_agent.fields import StrictModel
-from edge_agent.types import FloatArray, Quality, QualityArray, SampleBatch, Value
+from edge_agent.types import FloatArray, QualityArray, SampleBatch, Value
 
 log = logging.getLogger(__name__)
 
@@ -715,12 +715,11 @@ class S7Driver:
         self.config = config
         self.name = config.name
         self.groups: list[ScanGroup] = []
-        self.request_errors = 0
         self.pdu = config.pdu_size  # the PDU the current plans are made for
         self._client: snap7.Client | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._lock = asyncio.Lock()  # one request at a time on the connection
-        self._failing: set[str] = set()
+        self._parts = PartFailures(self.name, log)
         self._tags: dict[ScanGroup, list[S7Tag]] = {}
         self._plans: dict[ScanGroup, ReadPlan] = {}
         by_interval: dict[float, list[S7Tag]] = defaultdict(list)
@@ -828,11 +827,9 @@ class S7Driver:
             except (S7Error, OSError) as exc:
                 raise DeviceError(self.name, f"read failed: {exc or type(exc).__name__}") from exc
         for item, why in result.failed:
-            self._item_failed(item, group, why)
+            self._parts.failed(item.label, [group.tags[c] for c in item.cols], why)
         for item in result.answered:
-            if item.label in self._failing:
-                self._failing.discard(item.label)
-                log.info("device %s: %s answers again", self.name, item.label)
+            self._parts.answered(item.label)
         return SampleBatch(self.name, ts, group.tags, result.values, result.quality, result.exact, plan.kinds)
 
     def _read_blocking(self, plan: ReadPlan) -> tuple[float, _Result]:
@@ -873,21 +870,13 @@ class S7Driver:
                 actual = min(int(block[off + 1]), length)
                 exact[col] = bytes(block[off + 2 : off + 2 + actual]).decode("latin-1")
         for it, _ in failed:
-            values[it.cols] = np.nan
-            quality[it.cols] = Quality.BAD
-            for col in it.cols:
-                exact.pop(int(col), None)
+            mark_bad(values, quality, exact, it.cols)
         return ts, _Result(values, quality, exact, failed, answered)
 
-    def _item_failed(self, item: PlannedItem, group: ScanGroup, why: str) -> None:
-        self.request_errors += 1
-        if item.label in self._failing:
-            log.debug("device %s: %s failed again: %s", self.name, item.label, why)
-            return
-        self._failing.add(item.label)
-        names = [group.tags[c] for c in item.cols[:5]]
-        more = f" and {len(item.cols) - 5} more" if len(item.cols) > 5 else ""
-        log.warning("device %s: %s: %s; tags %s%s marked bad", self.name, item.label, why, ", ".join(names), more)
+    @property
+    def request_errors(self) -> int:
+        """Items that failed on their own (bad address, wrong area) while the connection was fine."""
+        return self._parts.count
 
 
 def _quiet_snap7() -> None:
