@@ -1,6 +1,7 @@
 """The deploy files: the compose file and the Kubernetes manifests against their published schemas (shipped
-offline by check-jsonschema and kubernetes-validate), the systemd unit through systemd-analyze, the
-configs they carry through the agent's own loader, and the contract of Dockerfile.arm64 and its health check.
+offline by check-jsonschema and kubernetes-validate), every ConfigMap, Secret and PVC a workload refers to
+shipped too, the systemd unit through systemd-analyze, the configs they carry through the agent's own loader,
+and the contract of Dockerfile.arm64 and its health check.
 """
 
 from __future__ import annotations
@@ -182,6 +183,131 @@ def test_workloads_are_locked_down_and_probed(kind: str) -> None:
         assert init["securityContext"]["readOnlyRootFilesystem"] is True
 
 
+# Where a pod spec sits in each workload kind, and which kinds define the objects pods refer to by name.
+_POD_SPEC_PATHS = {
+    "Pod": ("spec",),
+    "Deployment": ("spec", "template", "spec"),
+    "DaemonSet": ("spec", "template", "spec"),
+    "StatefulSet": ("spec", "template", "spec"),
+    "ReplicaSet": ("spec", "template", "spec"),
+    "Job": ("spec", "template", "spec"),
+    "CronJob": ("spec", "jobTemplate", "spec", "template", "spec"),
+}
+_REFERABLE = ("ConfigMap", "Secret", "PersistentVolumeClaim")
+
+
+def _pod_references(pod: dict[str, Any]) -> Iterator[tuple[str, str, str | None, bool]]:
+    """(kind, name, key or None, optional) for every ConfigMap, Secret and PVC a pod spec refers to."""
+    for vol in pod.get("volumes", []):
+        if "configMap" in vol:
+            ref = vol["configMap"]
+            keys = [i["key"] for i in ref.get("items", [])] or [None]
+            yield from (("ConfigMap", ref["name"], k, ref.get("optional", False)) for k in keys)
+        if "secret" in vol:
+            ref = vol["secret"]
+            keys = [i["key"] for i in ref.get("items", [])] or [None]
+            yield from (("Secret", ref["secretName"], k, ref.get("optional", False)) for k in keys)
+        if "persistentVolumeClaim" in vol:
+            yield ("PersistentVolumeClaim", vol["persistentVolumeClaim"]["claimName"], None, False)
+        for source in vol.get("projected", {}).get("sources", []):
+            for kind, field in (("ConfigMap", "configMap"), ("Secret", "secret")):
+                if field in source:
+                    ref = source[field]
+                    keys = [i["key"] for i in ref.get("items", [])] or [None]
+                    yield from ((kind, ref["name"], k, ref.get("optional", False)) for k in keys)
+    for secret in pod.get("imagePullSecrets", []):
+        yield ("Secret", secret["name"], None, False)
+    for container in pod.get("initContainers", []) + pod.get("containers", []):
+        for env in container.get("env", []):
+            source = env.get("valueFrom", {})
+            for kind, field in (("ConfigMap", "configMapKeyRef"), ("Secret", "secretKeyRef")):
+                if field in source:
+                    ref = source[field]
+                    yield (kind, ref["name"], ref["key"], ref.get("optional", False))
+        for env_from in container.get("envFrom", []):
+            for kind, field in (("ConfigMap", "configMapRef"), ("Secret", "secretRef")):
+                if field in env_from:
+                    ref = env_from[field]
+                    yield (kind, ref["name"], None, ref.get("optional", False))
+
+
+def _unresolved_references(docs: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    """Every reference from a workload to a ConfigMap, Secret, PVC (or a key of one) no shipped manifest defines."""
+    defined: dict[tuple[str, str, str], set[str]] = {}
+    for _, doc in docs:
+        if doc["kind"] in _REFERABLE:
+            meta = doc["metadata"]
+            keys = set(doc.get("data", {})) | set(doc.get("stringData", {})) | set(doc.get("binaryData", {}))
+            defined[(doc["kind"], meta.get("namespace", "default"), meta["name"])] = keys
+    problems = []
+    for where, doc in docs:
+        if doc["kind"] not in _POD_SPEC_PATHS:
+            continue
+        namespace = doc["metadata"].get("namespace", "default")
+        pod: Any = doc
+        for part in _POD_SPEC_PATHS[doc["kind"]]:
+            pod = pod[part]
+        # a StatefulSet's claim templates define the PVCs its pods mount
+        own_claims = {t["metadata"]["name"] for t in doc["spec"].get("volumeClaimTemplates", [])}
+        for kind, name, key, optional in _pod_references(pod):
+            if optional or (kind == "PersistentVolumeClaim" and name in own_claims):
+                continue
+            keys = defined.get((kind, namespace, name))
+            if keys is None:
+                problems.append(f"{where}: {kind} {namespace}/{name} is not defined by any manifest in deploy/k8s")
+            elif key is not None and key not in keys:
+                problems.append(f"{where}: {kind} {namespace}/{name} has no key {key!r}")
+    return problems
+
+
+def test_every_reference_from_a_workload_resolves() -> None:
+    # a pod that mounts a ConfigMap, Secret or PVC nobody ships is stuck in ContainerCreating on the node
+    assert _unresolved_references(_k8s_docs()) == []
+
+
+def _pod_spec_of(docs: list[tuple[str, dict[str, Any]]], kind: str) -> dict[str, Any]:
+    doc = next(doc for _, doc in docs if doc["kind"] == kind)
+    pod: dict[str, Any] = doc
+    for part in _POD_SPEC_PATHS[kind]:
+        pod = pod[part]
+    return pod
+
+
+def _volume(pod: dict[str, Any], field: str) -> dict[str, Any]:
+    return next(v[field] for v in pod["volumes"] if field in v)
+
+
+@pytest.mark.parametrize(
+    ("kind", "break_it", "expected"),
+    [
+        ("DaemonSet", lambda p: _volume(p, "configMap").update(name="edge-agent-nowhere"), "ConfigMap edge-agent/"),
+        ("Deployment", lambda p: _volume(p, "secret").update(secretName="mqtt-typo"), "Secret edge-agent/mqtt-typo"),
+        (
+            "Deployment",
+            lambda p: _volume(p, "persistentVolumeClaim").update(claimName="skid-2-state"),
+            "PersistentVolumeClaim edge-agent/skid-2-state",
+        ),
+        (
+            "DaemonSet",
+            lambda p: p["containers"][0]["env"][1]["valueFrom"]["secretKeyRef"].update(key="user"),
+            "has no key 'user'",
+        ),
+        ("Deployment", lambda p: _volume(p, "configMap")["items"][0].update(key="conf.yaml"), "no key 'conf.yaml'"),
+        (
+            "DaemonSet",
+            lambda p: p["containers"][0].update(envFrom=[{"configMapRef": {"name": "site-env"}}]),
+            "ConfigMap edge-agent/site-env",
+        ),
+    ],
+    ids=["configmap-volume", "secret-volume", "pvc", "secret-key", "configmap-key", "env-from"],
+)
+def test_a_dangling_reference_is_caught(kind: str, break_it: Any, expected: str) -> None:
+    docs = copy.deepcopy(_k8s_docs())
+    break_it(_pod_spec_of(docs, kind))
+    problems = _unresolved_references(docs)
+    assert any(expected in p for p in problems), problems
+
+
 # ---------------------------------------------------------------- the configs the files carry
 
 
@@ -201,11 +327,38 @@ def test_sample_container_config_loads(tmp_path: Path) -> None:
     assert (ROOT / "models" / "pump-skid-ae.tflite").exists()  # what the image copies to /opt/edge-agent/models
 
 
-def test_configmap_tag_map_loads(tmp_path: Path) -> None:
-    cm = next(doc for _, doc in _k8s_docs() if doc["kind"] == "ConfigMap")
-    cfg = parse_config(cm["data"]["config.yaml"], source="configmap", environ=_secret_env(tmp_path))
+def _tag_maps() -> list[tuple[str, dict[str, Any]]]:
+    return [(name, doc) for name, doc in _k8s_docs() if doc["kind"] == "ConfigMap" and "config.yaml" in doc["data"]]
+
+
+def _env_of_workload_mounting(configmap: str, node: str) -> dict[str, str]:
+    """The literal env of the agent container that mounts `configmap`, $(VAR)s expanded as the kubelet does."""
+    docs = [doc for _, doc in _k8s_docs() if doc["kind"] in ("Deployment", "DaemonSet")]
+    pod = next(
+        d["spec"]["template"]["spec"]
+        for d in docs
+        if any(v.get("configMap", {}).get("name") == configmap for v in d["spec"]["template"]["spec"]["volumes"])
+    )
+    env: dict[str, str] = {}
+    for var in pod["containers"][0].get("env", []):
+        if "value" in var:
+            env[var["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), var["value"])
+        elif var.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "spec.nodeName":
+            env[var["name"]] = node
+    return env
+
+
+@pytest.mark.parametrize(("name", "cm"), _tag_maps(), ids=[n for n, _ in _tag_maps()])
+def test_configmap_tag_map_loads(name: str, cm: dict[str, Any], tmp_path: Path) -> None:
+    # with the env its workload gives it: EDGE_AGENT__… overrides must name real keys too
+    env = {**_env_of_workload_mounting(cm["metadata"]["name"], "ipc-07"), **_secret_env(tmp_path)}
+    cfg = parse_config(cm["data"]["config.yaml"], source=name, environ=env)
     assert cfg.mqtt is not None and cfg.mqtt.url.startswith("mqtts://")
     assert cfg.observe.listen == "0.0.0.0:9108"
+    assert str(cfg.outbox.path) == "/var/lib/edge-agent/outbox.db"
+    if "EDGE_AGENT__AGENT__ID" in env:  # the DaemonSet: one tag map, the node names the agent and its topics
+        assert cfg.agent.id == "ipc-07"
+        assert cfg.mqtt.topic_prefix.endswith("/ipc-07")
 
 
 def test_a_broken_tag_map_is_refused(tmp_path: Path) -> None:
