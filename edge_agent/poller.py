@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import heapq
 import logging
 import math
@@ -18,6 +19,8 @@ from edge_agent.errors import DeviceError, DeviceStartupError
 from edge_agent.types import Quality, SampleBatch
 
 log = logging.getLogger(__name__)
+# a read that starts within this long after its deadline is stamped with the deadline (the scan time)
+STAMP_SLACK = 0.05
 
 Sink = Callable[[SampleBatch], None]
 
@@ -135,7 +138,7 @@ class DevicePoller:
             delay = deadline - self._clock()
             if delay > 0:
                 await asyncio.sleep(delay)
-            if not await (self._probe() if not group.tags else self._read(group)):
+            if not await (self._probe() if not group.tags else self._read(group, deadline)):
                 self._emit_lost()
                 await self._reconnect()
                 heap = self._schedule(groups)
@@ -156,7 +159,7 @@ class DevicePoller:
         heapq.heapify(heap)
         return heap
 
-    async def _read(self, group: ScanGroup) -> bool:
+    async def _read(self, group: ScanGroup, deadline: float) -> bool:
         started = time.perf_counter()
         try:
             # the client's own timeout bounds each request; this bounds a stuck group as a whole
@@ -169,6 +172,10 @@ class DevicePoller:
         self.stats.record_read(seconds)
         if self._on_read_seconds is not None:
             self._on_read_seconds(seconds)
+        if batch.times is None and 0.0 <= batch.ts - deadline <= min(STAMP_SLACK, group.interval / 4):
+            # a scan's samples carry the scan's deadline: they land on the sample grid, so the window
+            # ending at that deadline holds them (stamped a few ms after it, they would wait a whole hop)
+            batch = dataclasses.replace(batch, ts=deadline)
         self.sink(batch)
         return True
 

@@ -7,6 +7,7 @@ import random
 import time
 
 import numpy as np
+import pytest
 
 from edge_agent.config import parse_config
 from edge_agent.drivers.base import ScanGroup
@@ -82,6 +83,22 @@ async def test_reads_land_on_the_grid() -> None:
     assert len(phases) >= 8
     # started just after each aligned deadline; a loaded machine (CI, benchmarks beside) may delay a few
     assert sum(p < 0.02 for p in phases) >= 0.8 * len(phases), phases
+
+
+@pytest.mark.parametrize(("delay", "on_grid"), [(0.0, True), (0.03, False)])
+async def test_a_scan_is_stamped_with_its_deadline_when_it_read_on_time(delay: float, on_grid: bool) -> None:
+    cfg = parse_config(CONFIG)
+    driver = FakeDriver(delay=delay)  # stamps its batches when the read ends
+    batches: list[SampleBatch] = []
+    poller = DevicePoller(cfg.devices[0], driver, batches.append)
+    task = asyncio.create_task(poller.run())
+    await asyncio.sleep(0.5)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert len(batches) >= 4
+    # on time: the scan's deadline exactly (the window ending there holds it); late: the read's own time
+    exact = [abs(b.ts / 0.05 - round(b.ts / 0.05)) < 1e-6 for b in batches]
+    assert (sum(exact) >= 0.8 * len(batches)) if on_grid else not any(exact)
 
 
 async def test_slow_reads_count_overruns_and_skip_cycles() -> None:
