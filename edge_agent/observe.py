@@ -1,7 +1,8 @@
 """Prometheus metrics, /healthz and /readyz on `observe.listen`, and JSON log lines.
 
 Counters are read from the stages' own stats at scrape time (a custom collector), so the hot
-paths pay nothing for them; only latencies are observed as they happen, once per read or window.
+paths pay nothing for them; poll and scoring latencies are observed as they happen, once per read or
+window; MQTT latencies are counted by the publisher into fixed buckets and read at scrape time too.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 if TYPE_CHECKING:
     from edge_agent.agent import Agent
-    from edge_agent.publish.mqtt import MqttPublisher
+    from edge_agent.publish.mqtt import LatencyHistogram, MqttPublisher
 
 log = logging.getLogger(__name__)
 
@@ -104,17 +106,38 @@ def agent_metrics(agent: Agent) -> Iterable[Metric]:
     yield from (scored, skipped, score, threshold, active)
 
 
+def _histogram(name: str, doc: str, hist: LatencyHistogram) -> HistogramMetricFamily:
+    """A Prometheus histogram from a publisher's running bucket counts."""
+    buckets = [(floatToGoString(le), n) for le, n in hist.cumulative()]
+    return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=hist.sum)
+
+
 def publisher_metrics(publisher: MqttPublisher) -> Iterable[Metric]:
-    """MQTT connection state and counters, and the outbox's depth, bytes and drops (from memory, no I/O)."""
+    """MQTT connection state, counters and latencies, and the outbox's depth, bytes and drops (from memory)."""
     st = publisher.stats
     yield GaugeMetricFamily("edge_agent_mqtt_connected", "1 while connected to the broker", value=float(st.connected))
+    yield GaugeMetricFamily(
+        "edge_agent_mqtt_in_flight", "Messages handed to the MQTT client and not yet acknowledged", value=st.in_flight
+    )
     for name, doc, value in (
         ("published", "Messages handed to the broker", st.published),
         ("acked", "Messages acknowledged by the broker", st.acked),
+        ("rejected", "Messages the broker refused with an MQTT 5 reason code", st.rejected),
         ("connects", "Successful connections", st.connects),
         ("connect_failures", "Failed connection attempts", st.connect_failures),
+        ("disconnects", "Connections lost", st.disconnects),
     ):
         yield CounterMetricFamily(f"edge_agent_mqtt_{name}", doc, value=value)
+    yield _histogram(
+        "edge_agent_mqtt_publish_seconds",
+        "Time from handing a QoS 1/2 message to the MQTT client to the broker's acknowledgement",
+        publisher.publish_latency,
+    )
+    yield _histogram(
+        "edge_agent_mqtt_delivery_seconds",
+        "Time from writing a QoS 1/2 message to the outbox to the broker's acknowledgement (outages included)",
+        publisher.delivery_latency,
+    )
     if not publisher.outbox.is_open:
         return
     ob = publisher.outbox.quick_stats()

@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 from edge_agent.config import OutboxSection, WhenFull
 from edge_agent.errors import EdgeAgentError
@@ -86,9 +86,8 @@ class Entry:
         return len(self.payload) + len(self.topic) + ROW_OVERHEAD
 
 
-@dataclass(frozen=True, slots=True)
-class Row:
-    """A stored message handed out by `take`."""
+class Row(NamedTuple):
+    """A stored message handed out by `take` (a named tuple: replay builds thousands per second)."""
 
     id: int
     topic: str
