@@ -413,8 +413,10 @@ class MqttPublisher:
         self._attempt = 0  # paho thread only
         self._fail_kind: str | None = None
         self._down_since: float | None = None
-        self._last_score: dict[str, float] = {}
-        self._last_telemetry: dict[str, float] = {}
+        # rates on a grid (slot k = floor(t / interval)): one message per interval, not one per interval + a poll
+        self._score_slot: dict[str, int] = {}
+        self._telemetry_slot: dict[str, int] = {}
+        self._telemetry: dict[str, dict[str, tuple[SampleBatch, int]]] = {}  # device → tag → (batch, column)
         self._exec: ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: _Client | None = None
@@ -546,26 +548,35 @@ class MqttPublisher:
         self._submit(Entry(topic, payload, Kind.EVENT, self.mqtt.qos, None, event.seq, opens, closes))
 
     def publish_score(self, score: Score, *, version: str | None = None, sha256: str | None = None) -> None:
-        """Queue a model's score for `{prefix}/scores/{model}`, at most once per scores_interval (off when unset)."""
+        """Queue a model's score for `{prefix}/scores/{model}`, once per scores_interval (off when unset)."""
         interval = self.mqtt.scores_interval
-        now = self._clock()
-        if interval is None or now - self._last_score.get(score.model, -1e18) < interval:
+        if interval is None or not self._new_slot(self._score_slot, score.model, interval):
             return
-        self._last_score[score.model] = now
         payload = score_payload(score, agent=self.agent_id, site=self.site, version=version, sha256=sha256)
         topic = f"{self._prefix}/scores/{topic_level(score.model)}"
         self._submit(Entry(topic, encode(payload), Kind.SCORE, self.mqtt.scores_qos))
 
     def publish_telemetry(self, batch: SampleBatch) -> None:
-        """Queue a device's latest values for `{prefix}/telemetry/{device}`, once per telemetry_interval."""
+        """Queue a device's latest values of all its tags for `{prefix}/telemetry/{device}`, once per
+        telemetry_interval (off when unset); every scan group and subscription of the device is merged."""
         interval = self.mqtt.telemetry_interval
-        now = self._clock()
-        if interval is None or now - self._last_telemetry.get(batch.device, -1e18) < interval:
+        if interval is None:
             return
-        self._last_telemetry[batch.device] = now
-        payload = telemetry_payload(batch, agent=self.agent_id, site=self.site)
+        latest = self._telemetry.setdefault(batch.device, {})
+        # remember which batch carried each tag last: one C-level dict update, no Python loop per tag
+        latest.update(zip(batch.tags, zip(itertools.repeat(batch), range(len(batch.tags)), strict=False), strict=True))
+        if not self._new_slot(self._telemetry_slot, batch.device, interval):
+            return
+        payload = telemetry_payload(batch.device, latest, agent=self.agent_id, site=self.site, ts=batch.ts)
         topic = f"{self._prefix}/telemetry/{topic_level(batch.device)}"
         self._submit(Entry(topic, encode(payload), Kind.TELEMETRY, self.mqtt.telemetry_qos))
+
+    def _new_slot(self, slots: dict[str, int], key: str, interval: float) -> bool:
+        slot = math.floor(self._clock() / interval)
+        if slots.get(key) == slot:
+            return False
+        slots[key] = slot
+        return True
 
     def _submit(self, entry: Entry) -> None:
         self.stats.submitted += 1

@@ -127,21 +127,24 @@ def score_payload(
     }
 
 
-def telemetry_payload(batch: SampleBatch, *, agent: str, site: str) -> dict[str, Any]:
-    """`{prefix}/telemetry/{device}`: the device's latest value of every tag, with quality and time."""
+def telemetry_payload(
+    device: str, latest: Mapping[str, tuple[SampleBatch, int]], *, agent: str, site: str, ts: float
+) -> dict[str, Any]:
+    """`{prefix}/telemetry/{device}`: the device's latest value of every tag (tag → the batch and column
+    that last carried it: scan groups and subscriptions of one device merge), with quality and time."""
     tags = []
-    for i, tag in enumerate(batch.tags):
+    for tag, (batch, i) in latest.items():
         v = batch.value_at(i)
         if isinstance(v, float) and not math.isfinite(v):
             v = None
-        ts = batch.ts if batch.times is None else float(batch.times[i])
-        tags.append({"name": tag, "value": v, "quality": Quality(int(batch.quality[i])).label, "ts": iso(ts)})
+        t = batch.ts if batch.times is None else float(batch.times[i])
+        tags.append({"name": tag, "value": v, "quality": Quality(int(batch.quality[i])).label, "ts": iso(t)})
     return {
         "schema": TELEMETRY_SCHEMA,
         "agent": agent,
         "site": site,
-        "device": batch.device,
-        "ts": iso(batch.ts),
+        "device": device,
+        "ts": iso(ts),
         "tags": tags,
         "historical": False,
     }

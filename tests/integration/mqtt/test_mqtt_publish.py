@@ -54,6 +54,29 @@ def batch() -> SampleBatch:
     )
 
 
+async def test_telemetry_merges_every_scan_group_and_subscription_of_a_device(broker: Broker, tmp_path: Path) -> None:
+    """A device read in two groups (and changes pushed by subscription): each message holds all its tags."""
+    sub = Subscriber(broker.port, f"{PREFIX}/telemetry/#")
+    pub = publisher(mqtt_config(broker.url, telemetry_interval=0.2), tmp_path / "outbox.db")
+
+    def group(tags: tuple[str, ...], values: list[float]) -> SampleBatch:
+        q = np.zeros(len(tags), dtype=np.uint8)
+        return SampleBatch("pump-1", time.time(), tags, np.array(values), q, kinds=("float",) * len(tags))
+
+    async with running(pub):
+        pub.publish_telemetry(group(("fast.a", "fast.b"), [1.0, 2.0]))
+        pub.publish_telemetry(group(("slow.c",), [3.0]))  # same interval slot: merged, not sent on its own
+        await asyncio.sleep(0.25)
+        pub.publish_telemetry(group(("fast.b",), [20.0]))  # a pushed change of one tag
+        await asyncio.wait_for(pub.wait_drained(), 10)
+        await asyncio.to_thread(wait_until, lambda: len(sub.on("/telemetry/")) == 2, 5)
+    sub.close()
+    first, second = ({t["name"]: t["value"] for t in m.json()["tags"]} for m in sub.on("/telemetry/"))
+    assert first == {"fast.a": 1.0, "fast.b": 2.0}
+    assert second == {"fast.a": 1.0, "fast.b": 20.0, "slow.c": 3.0}
+    validate("telemetry", sub.on("/telemetry/")[1].json())
+
+
 @pytest.mark.parametrize(("protocol", "session"), [("3.1.1", "clean"), ("5", "persistent")])
 async def test_payloads_from_the_broker_match_the_schemas(
     broker: Broker, tmp_path: Path, protocol: str, session: str
