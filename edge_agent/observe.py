@@ -147,6 +147,13 @@ def publisher_metrics(publisher: MqttPublisher) -> Iterable[Metric]:
     yield depth
     yield GaugeMetricFamily("edge_agent_outbox_bytes", "Bytes stored in the outbox", value=ob.bytes)
     yield GaugeMetricFamily("edge_agent_outbox_max_bytes", "The outbox's bound", value=ob.max_bytes)
+    oldest = publisher.outbox_oldest
+    age = max(0.0, time.time() - oldest) if oldest is not None and ob.total else 0.0
+    yield GaugeMetricFamily(
+        "edge_agent_outbox_oldest_age_seconds",
+        "Age of the oldest message waiting in the outbox (refreshed every mqtt.status_interval)",
+        value=age,
+    )
     drops = CounterMetricFamily("edge_agent_outbox_dropped", "Messages dropped", labels=["reason", "kind"])
     for key, n in ob.dropped.items():
         reason, _, kind = key.partition(".")

@@ -414,6 +414,7 @@ class MqttPublisher:
         self._fail_kind: str | None = None
         self._down_since: float | None = None
         # rates on a grid (slot k = floor(t / interval)): one message per interval, not one per interval + a poll
+        self.outbox_oldest: float | None = None  # creation time of the oldest stored message (housekeeping)
         self._score_slot: dict[str, int] = {}
         self._telemetry_slot: dict[str, int] = {}
         self._telemetry: dict[str, dict[str, tuple[SampleBatch, int]]] = {}  # device → tag → (batch, column)
@@ -738,6 +739,11 @@ class MqttPublisher:
                         log.warning("outbox: dropped messages older than %gs", self.outbox.max_age)
                 except (OSError, OutboxError, sqlite3.Error) as exc:
                     log.error("outbox %s: expiry failed (%s)", self.outbox.path, exc)
+            try:
+                # the oldest stored message needs a query: refreshed here, read by the metrics at scrape time
+                self.outbox_oldest = (await self._db(self.outbox.stats)).oldest
+            except (OSError, OutboxError, sqlite3.Error) as exc:
+                log.debug("outbox %s: stats failed (%s)", self.outbox.path, exc)
             if self._connected:
                 self._publish_status("online")
             await asyncio.sleep(self.mqtt.status_interval)

@@ -116,3 +116,23 @@ async def test_delivery_latency_includes_the_time_in_the_outbox(broker: Broker, 
     assert len(shared) > 3
     assert all(publish[le] >= delivery[le] for le in shared), (publish, delivery)
     assert samples["edge_agent_mqtt_publish_seconds_sum"] < samples["edge_agent_mqtt_delivery_seconds_sum"]
+
+
+async def test_outbox_oldest_age_grows_during_an_outage_and_clears_after(broker: Broker, tmp_path: Path) -> None:
+    """The age of the oldest waiting message: refreshed on the status interval, 0 once the outbox is empty."""
+
+    def age() -> float:
+        (family,) = [f for f in publisher_metrics(pub) if f.name == "edge_agent_outbox_oldest_age_seconds"]
+        return float(family.samples[0].value)
+
+    broker.kill()
+    pub = publisher(mqtt_config(broker.url, reconnect_max=0.2, status_interval=1), tmp_path / "outbox.db")
+    async with running(pub):
+        pub.publish_event(make_event(EventType.START, seq=1))
+        await pub.flush()
+        written = time.time()
+        await asyncio.sleep(2.2)  # at least one housekeeping pass after the write
+        assert 1.0 <= age() <= time.time() - written + 0.5
+        broker.start()
+        await asyncio.wait_for(pub.wait_drained(), 10)
+        assert age() == 0.0
