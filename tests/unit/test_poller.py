@@ -70,15 +70,20 @@ def test_backoff_is_capped_and_jittered() -> None:
     assert len({round(d, 6) for d in delays[-10:]}) > 1  # jitter spreads reconnect storms
 
 
-async def test_reads_land_on_the_grid() -> None:
-    cfg = parse_config(CONFIG)
-    driver = FakeDriver()
+async def poll_for(driver: FakeDriver, seconds: float) -> tuple[DevicePoller, list[SampleBatch]]:
+    """Run a poller over `driver` for `seconds`; the poller and the batches it delivered."""
     batches: list[SampleBatch] = []
-    poller = DevicePoller(cfg.devices[0], driver, batches.append)
+    poller = DevicePoller(parse_config(CONFIG).devices[0], driver, batches.append)
     task = asyncio.create_task(poller.run())
-    await asyncio.sleep(0.6)
+    await asyncio.sleep(seconds)
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
+    return poller, batches
+
+
+async def test_reads_land_on_the_grid() -> None:
+    driver = FakeDriver()
+    await poll_for(driver, 0.6)
     phases = [(t % 0.05) for t in driver.read_times]
     assert len(phases) >= 8
     # started just after each aligned deadline; a loaded machine (CI, benchmarks beside) may delay a few
@@ -87,14 +92,7 @@ async def test_reads_land_on_the_grid() -> None:
 
 @pytest.mark.parametrize(("delay", "on_grid"), [(0.0, True), (0.03, False)])
 async def test_a_scan_is_stamped_with_its_deadline_when_it_read_on_time(delay: float, on_grid: bool) -> None:
-    cfg = parse_config(CONFIG)
-    driver = FakeDriver(delay=delay)  # stamps its batches when the read ends
-    batches: list[SampleBatch] = []
-    poller = DevicePoller(cfg.devices[0], driver, batches.append)
-    task = asyncio.create_task(poller.run())
-    await asyncio.sleep(0.5)
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+    _, batches = await poll_for(FakeDriver(delay=delay), 0.5)  # FakeDriver stamps a batch when its read ends
     assert len(batches) >= 4
     # on time: the scan's deadline exactly (the window ending there holds it); late: the read's own time
     exact = [abs(b.ts / 0.05 - round(b.ts / 0.05)) < 1e-6 for b in batches]
@@ -102,13 +100,8 @@ async def test_a_scan_is_stamped_with_its_deadline_when_it_read_on_time(delay: f
 
 
 async def test_slow_reads_count_overruns_and_skip_cycles() -> None:
-    cfg = parse_config(CONFIG)
     driver = FakeDriver(delay=0.12)  # each read spans more than two intervals
-    poller = DevicePoller(cfg.devices[0], driver, lambda b: None)
-    task = asyncio.create_task(poller.run())
-    await asyncio.sleep(0.65)
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+    poller, _ = await poll_for(driver, 0.65)
     assert poller.stats.reads >= 3
     assert poller.stats.overruns >= 2 * (poller.stats.reads - 1)
 
