@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 need=()
 command -v mbpoll >/dev/null 2>&1 || need+=(mbpoll)
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)  # verifies the shipped systemd unit
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing with apt: ${need[*]}"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
