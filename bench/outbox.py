@@ -17,9 +17,7 @@ import argparse
 import asyncio
 import os
 import platform
-import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -31,6 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import paho.mqtt
 import paho.mqtt.client
+from harness import cpu_model, mosquitto_path, start_mosquitto
 
 from edge_agent.config import MqttSection, OutboxSection
 from edge_agent.outbox import Entry, Outbox
@@ -39,7 +38,6 @@ from edge_agent.publish.payloads import encode, event_payload
 from edge_agent.scoring.detector import new_event_id
 from edge_agent.types import AnomalyEvent, EventType, Severity
 
-MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 SUBSCRIBER = """
 import sys, time, threading
 import paho.mqtt.client as paho
@@ -86,12 +84,6 @@ def event(seq: int) -> AnomalyEvent:
     )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def bench_put(directory: Path, payloads: list[bytes], batch: int, limit: float = 3.0) -> float:
     """Events/s through Outbox.put in batches of `batch` (one fsynced transaction each), for at most `limit` s."""
     path = directory / f"put-{batch}.db"
@@ -136,23 +128,6 @@ async def bench_publish(directory: Path, events: list[AnomalyEvent], sync: str) 
     return rate
 
 
-def start_broker(directory: Path) -> tuple[subprocess.Popen[bytes], int]:
-    port = free_port()
-    conf = directory / "mosquitto.conf"
-    conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\nset_tcp_nodelay true\n"
-        + ("user root\n" if os.geteuid() == 0 else "")
-    )
-    proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(200):
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.1).close()
-            return proc, port
-        except OSError:
-            time.sleep(0.02)
-    raise RuntimeError("mosquitto did not start")
-
-
 def spawn_subscriber(port: int, n: int) -> subprocess.Popen[str]:
     """A QoS 1 subscriber in its own process (its own GIL), subscribed when this returns."""
     sub = subprocess.Popen([sys.executable, "-c", SUBSCRIBER, str(port), str(n)], stdout=subprocess.PIPE, text=True)
@@ -170,7 +145,7 @@ async def bench_replay(directory: Path, payloads: list[bytes], window: int, subs
     for i in range(0, len(payloads), 5000):
         box.put([Entry("bench/events/pump-skid", p, seq=i + k) for k, p in enumerate(payloads[i : i + 5000])])
     box.close()
-    broker, port = start_broker(directory)
+    broker, port = start_mosquitto(directory)
     sub = None
     try:
         if subscriber:
@@ -206,7 +181,7 @@ def bench_paho_alone(directory: Path, payloads: list[bytes]) -> float:
 
     from paho.mqtt.enums import CallbackAPIVersion
 
-    broker, port = start_broker(directory)
+    broker, port = start_mosquitto(directory)
     done, sent, acked = threading.Event(), [0], [0]
 
     def send(client: paho.mqtt.client.Client) -> None:
@@ -240,9 +215,8 @@ def bench_paho_alone(directory: Path, payloads: list[bytes]) -> float:
 
 
 def machine() -> str:
-    with open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
-    mosq = subprocess.run([MOSQUITTO, "-h"], capture_output=True, text=True).stdout.splitlines()[0]
+    cpu = cpu_model()
+    mosq = subprocess.run([mosquitto_path(), "-h"], capture_output=True, text=True).stdout.splitlines()[0]
     load = os.getloadavg()
     return (
         f"machine: {platform.machine()} {cpu}, {os.cpu_count()} cores, load {load[0]:.1f}, "

@@ -20,7 +20,6 @@ import signal
 import socket
 import sys
 import tempfile
-import threading
 import time
 from asyncio.subprocess import Process
 from collections import deque
@@ -414,7 +413,6 @@ class Subscriber:
 
     def __init__(self, port: int, loop: asyncio.AbstractEventLoop) -> None:
         self.queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
-        self.connected = threading.Event()
         self._loop = loop
         self._client = paho.Client(
             CallbackAPIVersion.VERSION2, client_id="edge-agent-demo-view", protocol=MQTTProtocolVersion.MQTTv311
@@ -424,8 +422,7 @@ class Subscriber:
         self._port = port
 
     def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
-        client.subscribe(f"{PREFIX}/#", qos=1)
-        self.connected.set()
+        client.subscribe(f"{PREFIX}/#", qos=1)  # again after every reconnect
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         self._loop.call_soon_threadsafe(self.queue.put_nowait, (msg.topic, bytes(msg.payload)))

@@ -188,6 +188,19 @@ async def test_network_cut_without_closing_the_socket(broker: Broker, tmp_path: 
         proxy.close()
 
 
+async def refused_while_producing(
+    pub: MqttPublisher, events: list[AnomalyEvent], caplog: pytest.LogCaptureFixture
+) -> str:
+    """Produce 20 events while the broker refuses the agent; after 4 failed attempts, the one ERROR logged."""
+    await produce(pub, events, 20, 0, ("pump",))
+    async with asyncio.timeout(10):
+        while pub.stats.connect_failures < 4:
+            await asyncio.sleep(0.02)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1, errors  # retries log at a lower level: one clear error per outage
+    return errors[0]
+
+
 async def test_refused_credentials_then_fixed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Bad password: one clear error, retries with backoff, nothing lost once the broker accepts it."""
     pwfile = tmp_path / "passwords"
@@ -200,13 +213,8 @@ async def test_refused_credentials_then_fixed(tmp_path: Path, caplog: pytest.Log
         pub = publisher(mqtt_config(broker.url, username="edge", password="what-the-agent-has"), tmp_path / "o.db")
         events: list[AnomalyEvent] = []
         async with running(pub):
-            await produce(pub, events, 20, 0, ("pump",))
-            async with asyncio.timeout(10):
-                while pub.stats.connect_failures < 4:
-                    await asyncio.sleep(0.02)
-            errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-            assert len(errors) == 1, errors
-            assert "refused the connection" in errors[0] and "check mqtt.username" in errors[0]
+            error = await refused_while_producing(pub, events, caplog)
+            assert "refused the connection" in error and "check mqtt.username" in error
             assert sub.event_ids() == []
             write_password_file(pwfile, {"edge": "what-the-agent-has", "historian": "h"})
             broker.reload()
@@ -236,14 +244,9 @@ async def test_certificate_that_does_not_verify_then_fixed(
         pub = publisher(mqtt_config(broker.url, tls={"ca": str(certs["ca"])}), tmp_path / "o.db")
         events: list[AnomalyEvent] = []
         async with running(pub):
-            await produce(pub, events, 20, 0, ("pump",))
-            async with asyncio.timeout(10):
-                while pub.stats.connect_failures < 4:
-                    await asyncio.sleep(0.02)
-            errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-            assert len(errors) == 1, errors
-            assert "TLS certificate does not verify" in errors[0]
-            assert ("mismatch" if bad == "wrongname" else "unable to get local issuer") in errors[0]
+            error = await refused_while_producing(pub, events, caplog)
+            assert "TLS certificate does not verify" in error
+            assert ("mismatch" if bad == "wrongname" else "unable to get local issuer") in error
             broker.stop()  # the operator installs the right certificate
             broker.tls = (certs["ca"], certs["server"], certs["server.key"])
             await asyncio.to_thread(broker.start)
