@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edge_agent.errors import EdgeAgentError
+from edge_agent.scoring.tflite_metadata import FlatbufferError, read_metadata_bytes, replace_metadata_bytes
 
 METADATA_NAME = "edge_agent"
 SCHEMA_VERSION = 1
@@ -107,7 +108,7 @@ class Bundle:
 
 
 def _schema() -> Any:
-    """The TFLite flatbuffer schema module that ships with the runtime (or TensorFlow)."""
+    """The TFLite flatbuffer schema module that ships with ai-edge-litert (or TensorFlow)."""
     try:
         from ai_edge_litert import schema_py_generated
 
@@ -119,7 +120,7 @@ def _schema() -> Any:
 
         return schema_py_generated
     except ImportError as exc:
-        raise ModelError("reading model metadata needs ai-edge-litert (pip install ai-edge-litert)") from exc
+        raise ModelError("adding metadata to a model needs ai-edge-litert (pip install ai-edge-litert)") from exc
 
 
 def _check_tflite(data: bytes, where: str) -> None:
@@ -130,22 +131,12 @@ def _check_tflite(data: bytes, where: str) -> None:
 def read_metadata(data: bytes, where: str = "model") -> BundleMetadata:
     """The edge_agent metadata of a TFLite model, validated."""
     _check_tflite(data, where)
-    schema = _schema()
     try:
-        model = schema.Model.GetRootAs(data, 0)
-        for i in range(model.MetadataLength()):
-            entry = model.Metadata(i)
-            if entry.Name() == METADATA_NAME.encode():
-                raw = model.Buffers(entry.Buffer()).DataAsNumpy().tobytes()
-                break
-        else:
-            raise ModelError(
-                f"{where}: no '{METADATA_NAME}' metadata; make bundles with `edge-agent train` or calibrate"
-            )
-    except ModelError:
-        raise
-    except Exception as exc:  # a damaged flatbuffer raises anything from IndexError to struct.error
-        raise ModelError(f"{where}: damaged model file ({type(exc).__name__}: {exc})") from exc
+        raw = read_metadata_bytes(data, METADATA_NAME)
+    except FlatbufferError as exc:
+        raise ModelError(f"{where}: damaged model file ({exc})") from exc
+    if raw is None:
+        raise ModelError(f"{where}: no '{METADATA_NAME}' metadata; make bundles with `edge-agent train` or calibrate")
     try:
         return BundleMetadata.model_validate(json.loads(raw))
     except (ValueError, ValidationError) as exc:
@@ -155,11 +146,19 @@ def read_metadata(data: bytes, where: str = "model") -> BundleMetadata:
 def embed_metadata(data: bytes, metadata: BundleMetadata) -> bytes:
     """Return the model with `metadata` stored in its metadata table (replacing an older copy)."""
     _check_tflite(data, "model")
+    blob = json.dumps(metadata.model_dump(mode="json"), separators=(",", ":")).encode()
+    try:
+        # a bundle already has the entry: patch it, which needs no schema module (tflite-runtime devices)
+        patched = replace_metadata_bytes(data, METADATA_NAME, blob)
+    except FlatbufferError as exc:
+        raise ModelError(f"model: damaged model file ({exc})") from exc
+    if patched is not None:
+        return patched
+    # a bare model fresh from the converter (training): add the entry with the schema's object API
     import flatbuffers
 
     schema = _schema()
     model = schema.ModelT.InitFromPackedBuf(bytearray(data), 0)
-    blob = json.dumps(metadata.model_dump(mode="json"), separators=(",", ":")).encode()
     buffer = schema.BufferT()
     buffer.data = list(blob)
     model.buffers = model.buffers or []
