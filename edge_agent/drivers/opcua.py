@@ -228,7 +228,7 @@ class Security(StrictModel):
     rejected_dir: Path | None = Field(
         None, description="where refused server certificates are saved; default: trust_dir/../rejected"
     )
-    application_uri: str | None = Field(None, description="default: the URI in the certificate")
+    application_uri: str | None = Field(None, description="must be the URI in the certificate (the default)")
 
     @model_validator(mode="after")
     def _fields_fit_policy(self) -> Security:
@@ -338,6 +338,97 @@ class OpcUaDevice(DeviceBase):
                         problems.append((("tags", i, name), "applies to mode: subscribe; this device reads"))
         return problems
 
+    def relative_to(self, base: Path) -> OpcUaDevice:
+        """This device with relative file paths (certificates, keys, folders, password file) taken under `base`."""
+
+        def under(model: Security | Auth, names: tuple[str, ...]) -> Any:
+            fixed = {n: base / p for n in names if (p := getattr(model, n)) is not None and not p.is_absolute()}
+            return model.model_copy(update=fixed) if fixed else model
+
+        security = under(self.security, ("certificate", "private_key", "trust_dir", "rejected_dir"))
+        auth = under(self.auth, ("password_file", "certificate", "private_key"))
+        if security is self.security and auth is self.auth:
+            return self
+        return self.model_copy(update={"security": security, "auth": auth})
+
+    def check_files(self) -> list[tuple[tuple[str | int, ...], str]]:
+        """Certificates, keys, the trust folder and the password file that cannot be used, read now, not at connect."""
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        for section, owner in (("security", self.security), ("auth", self.auth)):
+            if owner.certificate is None or owner.private_key is None:
+                continue
+            cert, why = _try_load(opcua_certs.load_certificate, owner.certificate, "a certificate (PEM or DER)")
+            if why is not None:
+                problems.append(((section, "certificate"), why))
+            key, why = _try_load(
+                opcua_certs.load_private_key, owner.private_key, "an unencrypted private key (PEM or DER)"
+            )
+            if why is not None:
+                problems.append(((section, "private_key"), why))
+            if cert is not None and key is not None and not _same_key(cert, key):
+                problems.append(
+                    ((section, "private_key"), f"{owner.private_key} is not the key of {owner.certificate}")
+                )
+            if section == "security" and cert is not None and (uri := _uri_problem(self.security, cert)) is not None:
+                problems.append((("security", uri[0]), uri[1]))
+        trust = self.security.trust_dir
+        if trust is not None:
+            try:
+                if not trust.is_dir():
+                    problems.append(
+                        (
+                            ("security", "trust_dir"),
+                            f"{trust} is not a folder: create it and copy the server's certificate into it",
+                        )
+                    )
+                else:
+                    next(trust.iterdir(), None)
+            except OSError as exc:
+                problems.append((("security", "trust_dir"), f"cannot read {trust}: {_why(exc)}"))
+        secret = self.auth.password_file
+        if secret is not None:
+            try:
+                secret.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                problems.append((("auth", "password_file"), f"cannot read the secret {secret}: {_why(exc)}"))
+        return problems
+
+
+def _try_load(load: Callable[[Path], Any], path: Path, what: str) -> tuple[Any, str | None]:
+    """(what `load` made of the file, None) or (None, why it could not)."""
+    try:
+        return load(path), None
+    except OSError as exc:
+        return None, f"cannot read {path}: {_why(exc)}"
+    except (ValueError, TypeError):
+        return None, f"{path} is not {what}"
+
+
+def _same_key(cert: x509.Certificate, key: Any) -> bool:
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    return bool(cert.public_key().public_bytes(*spki) == key.public_key().public_bytes(*spki))
+
+
+def _uri_problem(sec: Security, cert: x509.Certificate) -> tuple[str, str] | None:
+    """(field, why) when the application URI the agent would announce is not the one in its certificate.
+
+    Servers compare the two and refuse the session (BadCertificateUriInvalid) with nothing that says which.
+    """
+    in_cert = opcua_certs.application_uri_of(cert)
+    if in_cert is None:
+        return "certificate", (
+            f"{sec.certificate} holds no application URI (a URI in its subjectAltName), which OPC UA servers "
+            "require: make a pair with edge-agent opcua gen-cert --application-uri urn:HOST:edge-agent"
+        )
+    if sec.application_uri is not None and sec.application_uri != in_cert:
+        return "application_uri", (
+            f"{sec.application_uri!r} is not the application URI in the certificate {sec.certificate} "
+            f"({in_cert!r}), and servers refuse a mismatch: leave application_uri out to use the certificate's, "
+            f"or make a matching pair with edge-agent opcua gen-cert --application-uri {sec.application_uri} "
+            "--cert … --key …"
+        )
+    return None
+
 
 # ---------------------------------------------------------------- values
 
@@ -356,15 +447,15 @@ def _iso(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _pick(v: Any, index: int | None) -> Any:
-    """One element of an array value, for a tag with `index`."""
+def _pick(v: Any, index: int | None, ranged: bool) -> Any:
+    """One element of an array value, for a tag with `index`; `ranged`: the request carried IndexRange `index`."""
     if index is None:
         raise _Unusable(f"is an array of {len(v)} values; set index: N on the tag to read one element")
     n = len(v)
-    if n == 1:
+    if n == 1 and ranged:
         return v[0]  # the server applied the IndexRange and sent just that element
     if index < n:
-        return v[index]  # the server ignored the IndexRange and sent the whole array
+        return v[index]  # the whole array: the server ignored the IndexRange (or none was asked for)
     raise _Unusable(f"has no element {index}: the array has {n}")
 
 
@@ -623,6 +714,12 @@ _CERT_REFUSED = {
     ua.StatusCodes.BadCertificateRevoked,
     ua.StatusCodes.BadSecurityPolicyRejected,
 }
+_FILTER_REFUSED = {
+    ua.StatusCodes.BadFilterNotAllowed,
+    ua.StatusCodes.BadMonitoredItemFilterInvalid,
+    ua.StatusCodes.BadMonitoredItemFilterUnsupported,
+    ua.StatusCodes.BadDeadbandFilterInvalid,
+}
 MONITORED_ITEMS_PER_CALL = 1000  # when the server states no limit: keeps each request a modest size
 KEEPALIVE_TARGET = 5.0  # seconds between keep-alives of a quiet subscription
 SESSION_TIMEOUT = 30.0  # seconds a server keeps our session after the agent vanishes: sessions are scarce on PLCs
@@ -661,6 +758,7 @@ class _Sub:
     subscription_id: int = 0
     silence_limit: float = 0.0  # seconds without any publish (data or keep-alive) that mean it is dead
     last_seen: float = field(default_factory=time.monotonic)
+    ranged: set[int] = field(default_factory=set)  # columns monitored with an IndexRange
 
 
 class OpcUaDriver:
@@ -693,6 +791,7 @@ class OpcUaDriver:
         self._sink: Sink | None = None
         self._fast = True  # Read requests encoded once and answers decoded here (see _send_encoded)
         self.request_errors = 0
+        self._warned_plain_password = False
 
     # -- planning ------------------------------------------------------------------------
 
@@ -793,7 +892,10 @@ class OpcUaDriver:
         if sec.policy is not SecurityPolicy.NONE:
             assert sec.certificate is not None and sec.private_key is not None and sec.trust_dir is not None
             cert, key_der = await asyncio.to_thread(self._load_pair, sec.certificate, sec.private_key, "security")
-            client.application_uri = sec.application_uri or opcua_certs.application_uri_of(cert) or "urn:edge-agent"
+            uri = _uri_problem(sec, cert)  # checked at load too; the file may have changed since
+            if uri is not None:
+                raise DeviceError(self.name, f"security.{uri[0]}: {uri[1]}")
+            client.application_uri = opcua_certs.application_uri_of(cert) or "urn:edge-agent"
             policy_cls = security_policies.SecurityPolicyBasic256Sha256
             mode = getattr(ua.MessageSecurityMode, sec.mode.value)
             server_cert = await self._server_certificate(client, policy_cls.URI, mode)
@@ -810,6 +912,14 @@ class OpcUaDriver:
         elif sec.application_uri:
             client.application_uri = sec.application_uri
         if auth.username is not None:
+            if sec.policy is SecurityPolicy.NONE and not self._warned_plain_password:
+                self._warned_plain_password = True
+                log.warning(
+                    "device %s: user %r logs in over security policy None: the password goes to a server whose "
+                    "certificate nobody checked; use policy Basic256Sha256 with a trust_dir",
+                    self.name,
+                    auth.username,
+                )
             client.set_user(auth.username)
             client.set_password(await asyncio.to_thread(self._password))
         elif auth.certificate is not None:
@@ -895,6 +1005,12 @@ class OpcUaDriver:
                     "register it as a user on the server"
                 )
             return f"the server refused an anonymous session ({why}): set auth.username or auth.certificate"
+        if code == ua.StatusCodes.BadCertificateUriInvalid and cfg.security.policy is not SecurityPolicy.NONE:
+            return (
+                f"the server refused this agent's certificate {cfg.security.certificate} ({why}): it finds the "
+                "application URI in it wrong (some servers want the host name in it too): make a pair with "
+                "edge-agent opcua gen-cert --application-uri … --hostname …"
+            )
         if code in _CERT_REFUSED and cfg.security.policy is not SecurityPolicy.NONE:
             return (
                 f"the server refused this agent's certificate {cfg.security.certificate} ({why}): "
@@ -944,7 +1060,7 @@ class OpcUaDriver:
         plan = self._plans[group]
         for chunk in plan.chunks:
             results = await self._read_chunk(client, group, chunk)
-            for col, (status, vt, v, is_array) in zip(chunk.cols, results, strict=True):
+            for col, rv, (status, vt, v, is_array) in zip(chunk.cols, chunk.params.NodesToRead, results, strict=True):
                 if status >> 30:  # severity bits: 01 uncertain, 10 and 11 bad
                     quality[col] = Quality.UNCERTAIN if status >> 30 == 1 else Quality.BAD
                     if status >> 31:
@@ -952,7 +1068,7 @@ class OpcUaDriver:
                     continue
                 try:
                     if is_array or tags[col].index is not None:
-                        v = _pick(v, tags[col].index) if is_array else _not_array(tags[col].index)
+                        v = _pick(v, tags[col].index, bool(rv.IndexRange)) if is_array else _not_array(tags[col].index)
                     values[col], x, kinds[col] = _convert(vt, v)
                 except _Unusable as exc:
                     problems.append((col, str(exc)))
@@ -1091,6 +1207,8 @@ class OpcUaDriver:
                         ).value,
                         DeadbandValue=tag.deadband.value,
                     )
+                if rv.IndexRange:
+                    sub.ranged.add(col)
                 req = ua.MonitoredItemCreateRequest()
                 req.ItemToMonitor = rv
                 req.MonitoringMode = ua.MonitoringMode.Reporting
@@ -1109,7 +1227,7 @@ class OpcUaDriver:
             results = await client.uaclient.create_monitored_items(create)
             for (col, _), res in zip(part, results, strict=True):
                 if not res.StatusCode.is_good():
-                    problems.append((col, f"cannot be monitored: {res.StatusCode.name}"))
+                    problems.append((col, f"cannot be monitored: {res.StatusCode.name}{_filter_hint(tags[col], res)}"))
         if problems:
             cols = [c for c, _ in problems]
             n = len(cols)
@@ -1131,9 +1249,9 @@ class OpcUaDriver:
             try:
                 for notification in data:
                     if isinstance(notification, DataChanges):
-                        self._deliver(sub.group, notification.items)
+                        self._deliver(sub, notification.items)
                     elif isinstance(notification, ua.DataChangeNotification):
-                        self._deliver(sub.group, [_change(i) for i in notification.MonitoredItems])
+                        self._deliver(sub, [_change(i) for i in notification.MonitoredItems])
                     elif isinstance(notification, ua.StatusChangeNotification):
                         status = notification.Status
                         if status is not None and not status.is_good():
@@ -1145,8 +1263,9 @@ class OpcUaDriver:
 
         return callback
 
-    def _deliver(self, group: ScanGroup, items: Iterable[Change]) -> None:
+    def _deliver(self, sub: _Sub, items: Iterable[Change]) -> None:
         """Turn one publish's data changes into batches: one batch per round of distinct tags."""
+        group = sub.group
         tags = self._tags[group]
         now = time.time()
         stamp = self.config.timestamps
@@ -1193,7 +1312,7 @@ class OpcUaDriver:
             else:
                 try:
                     if is_array or tags[col].index is not None:
-                        v = _pick(v, tags[col].index) if is_array else _not_array(tags[col].index)
+                        v = _pick(v, tags[col].index, col in sub.ranged) if is_array else _not_array(tags[col].index)
                     value, x, kind = _convert(vt, v)
                     q = Quality.GOOD
                     if x is not None:
@@ -1348,6 +1467,15 @@ def _fast_path_available(client: Client) -> bool:
 
 def _status_name(code: int) -> str:
     return ua.StatusCode(ua.UInt32(code)).name
+
+
+def _filter_hint(tag: OpcUaTag, result: ua.MonitoredItemCreateResult) -> str:
+    """What to do when a server refuses a tag's deadband (the tag goes bad, the device stays up)."""
+    if tag.deadband is None or result.StatusCode.value not in _FILTER_REFUSED:
+        return ""
+    if tag.deadband.type is DeadbandType.PERCENT:
+        return " (the server refuses its percent deadband, which needs an EURange on the node): use type: absolute"
+    return " (the server refuses its deadband): remove it, or ask the server's vendor which filters it supports"
 
 
 def _not_array(index: int | None) -> Any:

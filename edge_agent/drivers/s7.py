@@ -8,8 +8,10 @@ ranges are packed into multi-variable read requests that fit the negotiated PDU.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
+import socket
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -22,7 +24,8 @@ import numpy as np
 import numpy.typing as npt
 import snap7
 from pydantic import Field, PlainSerializer, PlainValidator, model_validator
-from snap7.error import S7Error, S7ProtocolError
+from snap7.connection import ISOTCPConnection
+from snap7.error import S7Error, S7ProtocolError, S7TimeoutError
 from snap7.s7protocol import get_return_code_description
 from snap7.type import Parameter
 
@@ -763,6 +766,10 @@ class S7Driver:
         async with self._lock:
             try:
                 pdu, plans = await self._call(self._connect_blocking)
+            except S7TimeoutError as exc:
+                raise DeviceError(
+                    self.name, f"cannot connect to {self._endpoint()}: no answer within {self.config.timeout:g}s"
+                ) from exc
             except (S7Error, OSError) as exc:
                 raise DeviceError(self.name, f"cannot connect to {self._endpoint()}: {exc}") from exc
         if plans is not None:
@@ -784,15 +791,24 @@ class S7Driver:
         local, remote = cfg.tsaps
         client.set_param(Parameter.PDURequest, cfg.pdu_size)
         client.set_connection_params(cfg.host, local, remote)
-        # Client.connect builds the remote TSAP as type << 8 | rack << 5 | slot; any TSAP splits that way
-        client.set_connection_type(remote >> 8)
-        client.connect(cfg.host, (remote >> 5) & 0x7, remote & 0x1F, cfg.port)
-        # stored before anything else can fail, so close() finds it even if the caller gave up waiting
+        client.port = cfg.port
+        # Client.connect opens the connection with python-snap7's own 5 s for the TCP connect, the COTP
+        # handshake and the PDU negotiation; the same steps here take the device's timeout, which then
+        # holds for every receive too (python-snap7 3.3 internals: see the pin in pyproject.toml)
+        conn = ISOTCPConnection(cfg.host, cfg.port, local_tsap=local, remote_tsap=remote)
+        client.connection = conn
+        # stored before anything can block, so close() finds it even if the caller gave up waiting
         self._client = client
-        if client.connection is not None and client.connection.socket is not None:
-            # python-snap7 uses 5 s for every receive; each request gets the configured timeout instead
-            client.connection.timeout = cfg.timeout
-            client.connection.socket.settimeout(cfg.timeout)
+        try:
+            conn.connect(timeout=cfg.timeout)
+            client._setup_communication()
+        except BaseException:
+            with contextlib.suppress(S7Error, OSError):
+                client.disconnect()
+            if self._client is client:  # not a newer connection's, should this one have been given up on
+                self._client = None
+            raise
+        client.connected = True
         pdu = client.get_pdu_length()
         # planned here, off the event loop: ten thousand tags take a few tens of milliseconds
         return pdu, (None if pdu == self.pdu else self._plan_all(pdu))
@@ -802,11 +818,21 @@ class S7Driver:
         executor, self._executor = self._executor, None
         if executor is None:
             return
+        self._abort_connect()
         try:
             # queued behind a request still running, so the connection is never closed under it
             await asyncio.get_running_loop().run_in_executor(executor, self._disconnect_blocking)
         finally:
             executor.shutdown(wait=False)
+
+    def _abort_connect(self) -> None:
+        """Shut the socket of a connect still in progress, so its thread gives up now and not after the timeout."""
+        client = self._client
+        conn = client.connection if client is not None else None
+        sock = conn.socket if conn is not None else None
+        if client is not None and not client.connected and sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in connect() or recv()
 
     def _disconnect_blocking(self) -> None:
         client, self._client = self._client, None

@@ -1,4 +1,4 @@
-"""OPC UA node id parsing (property-based), namespace resolution, and the Read response decoder."""
+"""OPC UA node id parsing (property-based), namespace resolution, the Read response decoder, array elements."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ from edge_agent.drivers.opcua import (
     NodeRef,
     _change,
     _from_datavalue,
+    _pick,
+    _Unusable,
     decode_publish_response,
     decode_read_response,
     format_node_id,
@@ -288,3 +290,15 @@ def test_publish_decoder_reads_picoseconds_in_the_spec_order() -> None:
     (item,) = got.NotificationMessage.NotificationData[0].items
     assert item[0] == 42 and item[3] == 1.5
     assert item[5] == (src - 116_444_736_000_000_000) / 1e7 and item[6] == (srv - 116_444_736_000_000_000) / 1e7
+
+
+def test_array_element_from_a_ranged_or_a_whole_answer() -> None:
+    assert _pick([7.0], 3, ranged=True) == 7.0  # the server applied IndexRange "3"
+    assert _pick([1.0, 2.0, 3.0, 4.0], 3, ranged=True) == 4.0  # it ignored the range and sent the whole array
+    assert _pick([7.0], 0, ranged=False) == 7.0
+    with pytest.raises(_Unusable, match="has no element 3: the array has 1"):
+        _pick([7.0], 3, ranged=False)  # a one-element array, not element 3, when no range was asked for
+    with pytest.raises(_Unusable, match="has no element 5: the array has 4"):
+        _pick([1.0, 2.0, 3.0, 4.0], 5, ranged=True)
+    with pytest.raises(_Unusable, match="set index: N"):
+        _pick([1.0, 2.0], None, ranged=False)

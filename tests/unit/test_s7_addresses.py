@@ -226,6 +226,12 @@ def test_overlaps() -> None:
     ]
 
 
+def test_default_and_pg_tsaps() -> None:
+    # basic communication (0x03) unless asked: PG (0x01) can push TIA Portal off the CPU
+    assert device(("M0.0", None)).tsaps == (0x0100, 0x0301)
+    assert device(("M0.0", None), slot=2, connection_type="PG").tsaps == (0x0100, 0x0102)
+
+
 def test_remote_tsap_excludes_rack_and_slot() -> None:
     assert device(("M0.0", None), remote_tsap="03.01").tsaps == (0x0100, 0x0301)
     assert device(("M0.0", None), rack=1, slot=2, connection_type="OP").tsaps == (0x0100, 0x0222)

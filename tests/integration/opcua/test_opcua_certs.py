@@ -10,8 +10,9 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from edge_agent.config import parse_config
+from edge_agent.config import load_config, parse_config
 from edge_agent.drivers.opcua import Mode, OpcUaDevice, OpcUaDriver, Timestamps
+from edge_agent.errors import ConfigError
 from edge_agent.opcua_certs import (
     CertPurpose,
     TrustFolder,
@@ -91,8 +92,9 @@ devices:
 """
 
 
-def test_subscribe_device_groups_by_sampling_interval() -> None:
-    dev = parse_config(SUBSCRIBE).devices[0]
+def test_subscribe_device_groups_by_sampling_interval(tmp_path: Path) -> None:
+    generate_certificate(tmp_path / "user.der", tmp_path / "user.pem", application_uri="urn:a:user", hostname="a")
+    dev = parse_config(SUBSCRIBE, base_dir=tmp_path).devices[0]
     assert isinstance(dev, OpcUaDevice) and dev.mode is Mode.SUBSCRIBE and dev.timestamps is Timestamps.SERVER
     driver = OpcUaDriver(dev)
     assert driver.groups == [] and [(g.interval, g.tags) for g in driver.subscriptions] == [
@@ -109,3 +111,85 @@ def test_password_is_never_printed() -> None:
         )
     ).devices[0]
     assert "hunter2" not in repr(dev) and "hunter2" not in str(dev.model_dump())
+
+
+FILES = """\
+devices:
+  - name: press
+    type: opcua
+    endpoint: "opc.tcp://plc:4840"
+    security:
+      policy: Basic256Sha256
+      certificate: own/a.der
+      private_key: own/b-key.pem
+      trust_dir: own/a.der
+    auth: {username: op, password_file: secrets/missing}
+    tags: [{name: a, node: "i=2258"}]
+  - name: oven
+    type: opcua
+    endpoint: "opc.tcp://plc:4840"
+    security:
+      policy: Basic256Sha256
+      certificate: own/junk.der
+      private_key: own/a-key.pem
+      trust_dir: /nonexistent/trusted
+      application_uri: urn:a:agent
+    auth: {certificate: own/a.der, private_key: /nonexistent/user.pem}
+    tags: [{name: b, node: "i=2258"}]
+  - name: kiln
+    type: opcua
+    endpoint: "opc.tcp://plc:4840"
+    security:
+      policy: Basic256Sha256
+      certificate: own/a.der
+      private_key: own/a-key.pem
+      trust_dir: trusted
+      application_uri: urn:elsewhere:edge-agent
+    tags: [{name: c, node: "i=2258"}]
+"""
+
+
+def test_unusable_files_are_config_errors_at_their_lines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    site = tmp_path / "site"
+    for name in ("a", "b"):
+        generate_certificate(
+            site / "own" / f"{name}.der", site / "own" / f"{name}-key.pem", application_uri="urn:a:agent", hostname="a"
+        )
+    (site / "own" / "junk.der").write_bytes(b"not a certificate")
+    (site / "trusted").mkdir()
+    config = site / "config.yaml"
+    config.write_text(FILES)
+    monkeypatch.chdir(tmp_path)  # relative paths are the config file's, not the working directory's
+    with pytest.raises(ConfigError) as err:
+        load_config(config)
+    own = site / "own"
+    assert [str(i) for i in err.value.issues] == [
+        f"{config}:8: devices[0].security.private_key: {own / 'b-key.pem'} is not the key of {own / 'a.der'}",
+        f"{config}:9: devices[0].security.trust_dir: {own / 'a.der'} is not a folder: "
+        "create it and copy the server's certificate into it",
+        f"{config}:10: devices[0].auth.password_file: cannot read the secret {site / 'secrets' / 'missing'}: "
+        "No such file or directory",
+        f"{config}:17: devices[1].security.certificate: {own / 'junk.der'} is not a certificate (PEM or DER)",
+        f"{config}:19: devices[1].security.trust_dir: /nonexistent/trusted is not a folder: "
+        "create it and copy the server's certificate into it",
+        f"{config}:21: devices[1].auth.private_key: cannot read /nonexistent/user.pem: No such file or directory",
+        f"{config}:31: devices[2].security.application_uri: 'urn:elsewhere:edge-agent' is not the application URI "
+        f"in the certificate {own / 'a.der'} ('urn:a:agent'), and servers refuse a mismatch: leave application_uri "
+        "out to use the certificate's, or make a matching pair with edge-agent opcua gen-cert "
+        "--application-uri urn:elsewhere:edge-agent --cert … --key …",
+    ]
+
+
+def test_relative_paths_follow_the_config_file(tmp_path: Path) -> None:
+    text = SUBSCRIBE.replace(
+        "auth: {certificate: user.der, private_key: user.pem}",
+        "auth: {username: op, password_file: secrets/pw}\n    security: {policy: Basic256Sha256, "
+        "certificate: /abs/agent.der, private_key: own/agent-key.pem, trust_dir: pki/trusted}",
+    )
+    with pytest.raises(ConfigError) as err:  # nothing there: every relative path is reported under base_dir
+        parse_config(text, base_dir=tmp_path)
+    text_of = str(err.value)
+    assert f"cannot read {tmp_path / 'own' / 'agent-key.pem'}" in text_of
+    assert f"{tmp_path / 'pki' / 'trusted'} is not a folder" in text_of
+    assert f"cannot read the secret {tmp_path / 'secrets' / 'pw'}" in text_of
+    assert "cannot read /abs/agent.der" in text_of

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import time
+from typing import Any
 
 import pytest
+from asyncua import ua
+from asyncua.common.callback import CallbackType
 from opcua_peer import NS, UaPeer, device_yaml, wait_for
 
 from edge_agent.config import parse_config
@@ -150,3 +154,96 @@ async def test_check_fails_once_the_connection_drops(ua_peer: UaPeer) -> None:
                     await asyncio.sleep(0.05)
     finally:
         await driver.close()
+
+
+async def test_monitored_item_settings_reach_the_server(ua_peer: UaPeer) -> None:
+    """The sampling interval, queue and deadband the server is asked for, as it received them.
+
+    asyncua's server does not implement percent deadbands (it logs "not implemented" and sends every
+    change), so this checks the request, not the filtering.
+    """
+    assert ua_peer.server is not None
+    requests: list[ua.CreateMonitoredItemsParameters] = []
+
+    def created(event: Any, _: Any) -> None:
+        requests.append(event.request_params)
+
+    ua_peer.server.subscribe_server_callback(CallbackType.ItemSubscriptionCreated, created)
+    tags = [
+        f"{{name: m.abs, node: 'nsu={NS};s=Level', deadband: {{type: absolute, value: 0.25}}, queue_size: 5}}",
+        f"{{name: m.pct, node: 'nsu={NS};s=Double', deadband: {{type: percent, value: 2.5}}}}",
+        f"{{name: m.plain, node: 'nsu={NS};s=Counter', poll_interval: 1s}}",
+    ]
+    try:
+        driver, sink = await subscribed(device_yaml(ua_peer.url, tags, mode="subscribe", interval="250ms"))
+        try:
+            await wait_for(lambda: all(sink.samples(t) for t in ("m.abs", "m.pct", "m.plain")))
+        finally:
+            await driver.close()
+    finally:
+        ua_peer.server.unsubscribe_server_callback(CallbackType.ItemSubscriptionCreated, created)
+    assert {r.TimestampsToReturn for r in requests} == {ua.TimestampsToReturn.Both}
+    items = {i.ItemToMonitor.NodeId.Identifier: i.RequestedParameters for r in requests for i in r.ItemsToCreate}
+    absolute, percent, plain = items["Level"], items["Double"], items["Counter"]
+    assert (absolute.SamplingInterval, absolute.QueueSize, absolute.DiscardOldest) == (250.0, 5, True)
+    # the server decodes filters into asyncua's generated DataChangeFilter, not the class the client sends
+    assert type(absolute.Filter).__name__ == type(percent.Filter).__name__ == "DataChangeFilter"
+    assert (absolute.Filter.Trigger, absolute.Filter.DeadbandType, absolute.Filter.DeadbandValue) == (
+        ua.DataChangeTrigger.StatusValue,
+        ua.DeadbandType.Absolute,
+        0.25,
+    )
+    assert (percent.SamplingInterval, percent.QueueSize) == (250.0, 1)
+    assert (percent.Filter.DeadbandType, percent.Filter.DeadbandValue) == (ua.DeadbandType.Percent, 2.5)
+    assert (plain.SamplingInterval, plain.QueueSize) == (1000.0, 1)
+    assert plain.Filter is None or plain.Filter.Body is None  # no filter: an empty extension object on the wire
+
+
+async def test_refused_deadband_makes_the_tag_bad_not_the_device(
+    ua_peer: UaPeer, caplog_opcua: pytest.LogCaptureFixture
+) -> None:
+    assert ua_peer.server is not None
+    service = ua_peer.server.iserver.subscription_service
+    create = service.create_monitored_items
+
+    def is_percent(item: ua.MonitoredItemCreateRequest) -> bool:
+        return getattr(item.RequestedParameters.Filter, "DeadbandType", None) == ua.DeadbandType.Percent
+
+    async def refuse_percent(params: ua.CreateMonitoredItemsParameters) -> list[ua.MonitoredItemCreateResult]:
+        # what a server does for nodes without an EURange: percent deadbands refused, the other items created
+        made = iter(
+            await create(
+                dataclasses.replace(params, ItemsToCreate=[i for i in params.ItemsToCreate if not is_percent(i)])
+            )
+        )
+        refused = ua.MonitoredItemCreateResult(
+            StatusCode=ua.StatusCode(ua.UInt32(ua.StatusCodes.BadMonitoredItemFilterUnsupported))
+        )
+        return [refused if is_percent(i) else next(made) for i in params.ItemsToCreate]
+
+    service.create_monitored_items = refuse_percent  # type: ignore[method-assign]
+    tags = [
+        f"{{name: r.pct, node: 'nsu={NS};s=Double', deadband: {{type: percent, value: 2}}}}",
+        f"{{name: r.level, node: 'nsu={NS};s=Level'}}",
+    ]
+    try:
+        driver, sink = await subscribed(device_yaml(ua_peer.url, tags, mode="subscribe", interval="50ms"))
+    finally:
+        del service.create_monitored_items  # the class's own method again
+    try:
+        await wait_for(lambda: bool(sink.samples("r.pct")) and bool(sink.samples("r.level")))
+        assert [s.quality for s in sink.samples("r.pct")] == [Quality.BAD]
+        assert sink.samples("r.level")[0].quality is Quality.GOOD
+        await driver.check()  # the device is up
+        await ua_peer.write("Level", 11.5)
+        await wait_for(lambda: sink.values("r.level")[-1] == 11.5)
+    finally:
+        await driver.close()
+        await ua_peer.write("Level", 10.0)
+    assert any(
+        "r.pct" in r.getMessage()
+        and "cannot be monitored: BadMonitoredItemFilterUnsupported (the server refuses its percent deadband, "
+        "which needs an EURange on the node): use type: absolute"
+        in r.getMessage()
+        for r in caplog_opcua.records
+    )
