@@ -6,17 +6,28 @@ Loading never touches the network. Errors come back all at once, each as `FILE:L
 from __future__ import annotations
 
 import difflib
+import functools
+import operator
 import os
 import re
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from enum import StrEnum
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, Field, PrivateAttr, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from edge_agent.drivers import REGISTRY, DeviceBase
 from edge_agent.errors import ConfigError, ConfigIssue, FieldError
@@ -247,6 +258,9 @@ else:
     DeviceConfig = _device_union()
 
 
+_DEVICE: TypeAdapter[DeviceBase] = TypeAdapter(DeviceConfig)
+
+
 class Config(StrictModel):
     """A whole config file."""
 
@@ -427,6 +441,43 @@ def _unwrap(annotation: Any) -> Any:
         return annotation
 
 
+def _annotation_at(tree: Any, path: Sequence[str | int]) -> Any:
+    """The type annotation of the field at `path` in the raw tree (a device's by its type), or None if unknown."""
+    current: Any = Config
+    node: Any = tree
+    for part in path:
+        if isinstance(part, int):
+            node = node[part] if isinstance(node, list) and part < len(node) else None
+            if isinstance(node, dict) and node.get("type") in REGISTRY:  # one device of the union
+                current = REGISTRY[node["type"]].config
+            continue
+        node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(current, type) and issubclass(current, BaseModel) and part in current.model_fields:
+            current = current.model_fields[part].annotation
+            if typing.get_origin(_unwrap(current)) not in (Union, types.UnionType, Literal):
+                current = _unwrap(current)
+            continue
+        return None
+    return current
+
+
+def _wants_text(annotation: Any) -> bool:
+    """Whether a field takes text as it is: str, secrets, paths, string choices (not numbers or booleans)."""
+    annotation = _unwrap(annotation)
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        return any(_wants_text(a) for a in typing.get_args(annotation) if a is not type(None))
+    if origin is Literal:
+        return any(isinstance(a, str) for a in typing.get_args(annotation))
+    return isinstance(annotation, type) and issubclass(annotation, str | SecretStr | PurePath)
+
+
+def _scalar(raw: str, source: str) -> Any:
+    """Environment text read as YAML would read it in the file (1 → int, true → bool), scalars only."""
+    value, issues = _parse_yaml(raw, source)
+    return raw if issues or value is None or isinstance(value, dict | list) else value
+
+
 _BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
 
 
@@ -460,8 +511,15 @@ def _message(err: Mapping[str, Any], parent_loc: tuple[str | int, ...], node: An
 
 
 def _substitute(
-    node: Any, source: str, environ: Mapping[str, str], issues: list[ConfigIssue], path: list[str | int], line: int
+    node: Any,
+    source: str,
+    environ: Mapping[str, str],
+    issues: list[ConfigIssue],
+    path: list[str | int],
+    line: int,
+    whole: list[list[str | int]] | None = None,
 ) -> Any:
+    """${VAR} and ${VAR:-default} replaced in every string; `whole` collects values that were one reference."""
     if isinstance(node, dict):
         for k in list(node):
             node[k] = _substitute(
@@ -471,12 +529,19 @@ def _substitute(
                 issues,
                 [*path, k],
                 node.lines.get(k, line) if isinstance(node, _LineDict) else line,
+                whole,
             )
         return node
     if isinstance(node, list):
         for i in range(len(node)):
             node[i] = _substitute(
-                node[i], source, environ, issues, [*path, i], node.lines[i] if isinstance(node, _LineList) else line
+                node[i],
+                source,
+                environ,
+                issues,
+                [*path, i],
+                node.lines[i] if isinstance(node, _LineList) else line,
+                whole,
             )
         return node
     if not isinstance(node, str) or "$" not in node:
@@ -499,7 +564,10 @@ def _substitute(
         )
         return ""
 
-    return _ENV_REF.sub(repl, node)
+    text = _ENV_REF.sub(repl, node)
+    if whole is not None and _ENV_REF.fullmatch(node) and node != "$$":
+        whole.append(path)  # `qos: ${QOS}` must read as `qos: 1` would, once the field's type is known
+    return text
 
 
 def _apply_overrides(
@@ -529,8 +597,8 @@ def _apply_overrides(
                 )
             )
             continue
-        value, _ = _parse_yaml(raw, f"env {env}")
-        node[path[-1]] = raw if isinstance(value, dict | list) or value is None else value
+        # a password of digits or 'yes' stays text; a QoS of 1 becomes a number, as in the file
+        node[path[-1]] = raw if _wants_text(_annotation_at(tree, path)) else _scalar(raw, f"env {env}")
         applied[path] = env
     return applied
 
@@ -564,7 +632,12 @@ def parse_config(
         raise ConfigError(issues)
     if not isinstance(tree, dict):
         raise ConfigError([ConfigIssue(f"{source}:1", "", "the top level must be a mapping (agent:, devices:, …)")])
-    tree = _substitute(tree, source, environ, issues, [], 1)
+    whole: list[list[str | int]] = []
+    tree = _substitute(tree, source, environ, issues, [], 1, whole)
+    for ref in whole:
+        if not _wants_text(_annotation_at(tree, ref)):
+            parent = functools.reduce(operator.getitem, ref[:-1], tree)
+            parent[ref[-1]] = _scalar(parent[ref[-1]], source)
     overrides = _apply_overrides(tree, environ, issues)
     try:
         cfg = Config.model_validate(tree)
@@ -582,13 +655,17 @@ def parse_config(
             path = _format_path(parts)
             if path not in reported:
                 issues.append(ConfigIssue(where, path, _message(err, parent, node)))
+                reported.add(path)
+        # the checks across items still run over what is valid, so one run reports every problem
+        more = _semantic_issues(tree, _validated_devices(tree, base_dir), source, overrides)
+        issues.extend(i for i in more if i.path not in reported)
         raise ConfigError(_in_file_order(issues)) from None
-    issues.extend(_semantic_issues(cfg, tree, source, overrides))
+    if base_dir is not None:
+        cfg = _relative_to(cfg, base_dir)  # before the checks, which read a device's files
+    issues.extend(_semantic_issues(tree, list(enumerate(cfg.devices)), source, overrides))
     cfg = _resolve_secrets(cfg, tree, source, issues)
     if issues:
         raise ConfigError(_in_file_order(issues))
-    if base_dir is not None:
-        cfg = _relative_to(cfg, base_dir)
 
     def locate(loc: tuple[str | int, ...]) -> ConfigIssue:
         place, parts, _ = _locate(tree, loc, source, overrides)
@@ -607,45 +684,85 @@ def _in_file_order(issues: list[ConfigIssue]) -> list[ConfigIssue]:
 
 
 def _relative_to(cfg: Config, base: Path) -> Config:
-    """Model files named relative to the config file are found next to it, wherever the agent runs from."""
+    """Files named relative to the config file are found next to it, wherever the agent runs from."""
     models = [m if m.file.is_absolute() else m.model_copy(update={"file": base / m.file}) for m in cfg.models]
-    return cfg.model_copy(update={"models": models})
+    # a driver whose devices name files (OPC UA certificates, keys, password files) resolves them itself
+    devices = [d.relative_to(base) for d in cfg.devices]
+    mqtt = cfg.mqtt
+    if mqtt is not None:
+        tls = mqtt.tls
+        if tls is not None:
+            tls = tls.model_copy(update={k: _under(base, getattr(tls, k)) for k in ("ca", "cert", "key")})
+        mqtt = mqtt.model_copy(update={"password_file": _under(base, mqtt.password_file), "tls": tls})
+    return cfg.model_copy(update={"models": models, "devices": devices, "mqtt": mqtt})
+
+
+def _under(base: Path, path: Path | None) -> Path | None:
+    """A path named in the config, relative to the config file's folder unless absolute."""
+    return path if path is None or path.is_absolute() else base / path
+
+
+def _validated_devices(tree: Any, base: Path | None) -> list[tuple[int, DeviceBase]]:
+    """The devices that are valid on their own, when the file as a whole is not (for the checks across items)."""
+    out: list[tuple[int, DeviceBase]] = []
+    raw = tree.get("devices")
+    for d, item in enumerate(raw if isinstance(raw, list) else []):
+        try:
+            dev = _DEVICE.validate_python(item)
+        except ValidationError:
+            continue
+        out.append((d, dev.relative_to(base) if base is not None else dev))
+    return out
+
+
+def _names(items: Any, key: str = "name") -> list[tuple[int, str]]:
+    """(index, name) of the raw items that have a text name: names are checked even where other fields are not valid."""
+    if not isinstance(items, list):
+        return []
+    return [(i, x[key]) for i, x in enumerate(items) if isinstance(x, dict) and isinstance(x.get(key), str)]
 
 
 def _semantic_issues(
-    cfg: Config, tree: Any, source: str, overrides: Mapping[tuple[str, ...], str]
+    tree: Any, devices: Sequence[tuple[int, DeviceBase]], source: str, overrides: Mapping[tuple[str, ...], str]
 ) -> list[ConfigIssue]:
-    """Checks across items: unique names, device-specific overlaps, model inputs that exist."""
+    """Checks across items: unique names, device-specific overlaps, a device's files, model inputs that exist."""
     issues: list[ConfigIssue] = []
 
     def add(loc: tuple[str | int, ...], message: str) -> None:
         where, parts, _ = _locate(tree, loc, source, overrides)
         issues.append(ConfigIssue(where, _format_path(parts), message))
 
+    raw_devices = tree.get("devices")
     devices_seen: dict[str, int] = {}
     tags_seen: dict[str, tuple[int, int]] = {}
-    for d, dev in enumerate(cfg.devices):
-        if dev.name in devices_seen:
-            first = devices_seen[dev.name]
-            add(("devices", d, "name"), f"device name {dev.name!r} is already used by devices[{first}]")
-        devices_seen.setdefault(dev.name, d)
-        for t, tag in enumerate(dev.tags):
-            if tag.name in tags_seen:
-                d0, t0 = tags_seen[tag.name]
+    for d, name in _names(raw_devices):
+        if name in devices_seen:
+            add(("devices", d, "name"), f"device name {name!r} is already used by devices[{devices_seen[name]}]")
+        devices_seen.setdefault(name, d)
+        for t, tag in _names(raw_devices[d].get("tags")):
+            if tag in tags_seen:
+                d0, t0 = tags_seen[tag]
                 add(
                     ("devices", d, "tags", t, "name"),
-                    f"tag name {tag.name!r} is already used by devices[{d0}].tags[{t0}]; tag names are unique",
+                    f"tag name {tag!r} is already used by devices[{d0}].tags[{t0}]; tag names are unique",
                 )
-            tags_seen.setdefault(tag.name, (d, t))
+            tags_seen.setdefault(tag, (d, t))
+    for d, dev in devices:
         for loc, message in dev.check():
             add(("devices", d, *loc), message)
+        # files a device names (certificates, keys, password files) are read now: a missing one fails here
+        for loc, message in dev.check_files():
+            add(("devices", d, *loc), message)
+    raw_models = tree.get("models")
     models_seen: set[str] = set()
-    for m, model in enumerate(cfg.models):
-        if model.name in models_seen:
-            add(("models", m, "name"), f"model name {model.name!r} is used twice")
-        models_seen.add(model.name)
-        for i, name in enumerate(model.inputs or []):
-            if name not in tags_seen:
+    for m, name in _names(raw_models):
+        if name in models_seen:
+            add(("models", m, "name"), f"model name {name!r} is used twice")
+        models_seen.add(name)
+    for m, model in enumerate(raw_models if isinstance(raw_models, list) else []):
+        inputs = model.get("inputs") if isinstance(model, dict) else None
+        for i, name in enumerate(inputs if isinstance(inputs, list) else []):
+            if isinstance(name, str) and name not in tags_seen:
                 near = difflib.get_close_matches(name, list(tags_seen), n=1)
                 add(
                     ("models", m, "inputs", i),

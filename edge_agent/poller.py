@@ -33,8 +33,9 @@ class DeviceStats:
     pushed: int = 0  # batches the device sent by itself (subscriptions)
     failures: int = 0  # reads or connects that failed at the connection level
     overruns: int = 0  # cycles skipped because the previous read ran late
-    connected: bool = False
+    connected: bool = False  # up: answered since the last (re)connect, not merely accepted a connection
     down_since: float | None = None
+    attempts: int = 0  # reconnect attempts in the current outage (drives the backoff)
     last_read_s: float = 0.0  # duration of the last scan-group read
     read_seconds: float = 0.0  # total time spent in reads
     latencies: list[float] = field(default_factory=list)  # recent read durations, bounded
@@ -80,7 +81,6 @@ class DevicePoller:
         self._on_read_seconds = on_read_seconds
         self._clock = clock
         self._rng = rng or random.Random()
-        self._attempt = 0
 
     async def run(self) -> None:
         """Connect, then poll until cancelled. Raises DeviceStartupError under `on_startup_error: error`."""
@@ -101,11 +101,11 @@ class DevicePoller:
                 raise DeviceStartupError(self.config.name, reason) from exc
             if policy is OnStartupError.IGNORE:
                 log.error("%s; left out until restart (on_startup_error: ignore)", exc)
+                self.stats.failures += 1
+                self._emit_lost()  # consumers see the tags as unreachable, not merely absent
                 return False
             self._went_down(exc)
             await self._reconnect()
-            return True
-        self._came_up()
         return True
 
     @property
@@ -117,6 +117,10 @@ class DevicePoller:
         if self._subscriptions:
             assert isinstance(self.driver, SubscribingDriver)
             await self.driver.subscribe(self._pushed)
+            # creating the subscription took answers from the device, not just an accepted connection
+            self._came_up()
+        else:
+            log.debug("device %s: connected; up once it answers a read", self.config.name)
 
     def _pushed(self, batch: SampleBatch) -> None:
         self.stats.pushed += 1
@@ -139,7 +143,6 @@ class DevicePoller:
             if delay > 0:
                 await asyncio.sleep(delay)
             if not await (self._probe() if not group.tags else self._read(group, deadline)):
-                self._emit_lost()
                 await self._reconnect()
                 heap = self._schedule(groups)
                 continue
@@ -169,6 +172,8 @@ class DevicePoller:
             self._went_down(exc if isinstance(exc, DeviceError) else DeviceError(self.config.name, "read timed out"))
             return False
         seconds = time.perf_counter() - started
+        if not self.stats.connected:
+            self._came_up()
         self.stats.record_read(seconds)
         if self._on_read_seconds is not None:
             self._on_read_seconds(seconds)
@@ -187,6 +192,8 @@ class DevicePoller:
         except (DeviceError, TimeoutError) as exc:
             self._went_down(exc if isinstance(exc, DeviceError) else DeviceError(self.config.name, "no answer"))
             return False
+        if not self.stats.connected:
+            self._came_up()
         return True
 
     def _emit_lost(self) -> None:
@@ -201,10 +208,13 @@ class DevicePoller:
             )
 
     async def _reconnect(self) -> None:
+        # the outage lasts until a read succeeds (see _came_up): a device that accepts connections but
+        # never answers keeps the backoff growing instead of counting as back after every connect
         await self.driver.close()
         while True:
-            delay = backoff_delay(self._attempt, self.config.backoff.initial, self.config.backoff.max, self._rng)
-            self._attempt += 1
+            s = self.stats
+            delay = backoff_delay(s.attempts, self.config.backoff.initial, self.config.backoff.max, self._rng)
+            s.attempts += 1
             await asyncio.sleep(delay)
             try:
                 await self._connect()
@@ -212,25 +222,26 @@ class DevicePoller:
                 self._went_down(exc)
                 await self.driver.close()
                 continue
-            self._came_up()
             return
 
     def _went_down(self, exc: DeviceError) -> None:
         self.stats.failures += 1
         if self.stats.connected or self.stats.down_since is None:
-            # first failure of an outage: one line at WARNING, the rest at DEBUG
+            # first failure of an outage: one line at WARNING, the rest at DEBUG; consumers told once
             log.warning("%s; retrying with backoff up to %gs", exc, self.config.backoff.max)
             self.stats.down_since = self._clock()
+            self.stats.connected = False
+            self._emit_lost()
         else:
-            log.debug("%s (still down, attempt %d)", exc, self._attempt)
-        self.stats.connected = False
+            log.debug("%s (still down, attempt %d)", exc, self.stats.attempts)
 
     def _came_up(self) -> None:
+        """The device answered after a (re)connect: the outage, if any, is over."""
         if self.stats.down_since is not None:
             down = self._clock() - self.stats.down_since
-            log.info("device %s: back after %.1fs and %d failed attempts", self.config.name, down, self._attempt)
+            log.info("device %s: back after %.1fs and %d failed attempts", self.config.name, down, self.stats.attempts)
         else:
             log.info("device %s: connected", self.config.name)
         self.stats.connected = True
         self.stats.down_since = None
-        self._attempt = 0
+        self.stats.attempts = 0

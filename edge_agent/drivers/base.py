@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import re
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Protocol, runtime_checkable
+from pathlib import Path
+from typing import Any, Protocol, Self, runtime_checkable
 
 import numpy as np
 from pydantic import Field, field_validator
@@ -71,6 +73,14 @@ class DeviceBase(StrictModel):
 
     def check(self) -> list[tuple[tuple[str | int, ...], str]]:
         """Cross-tag checks (overlaps and the like): (location under this device, message) pairs."""
+        return []
+
+    def relative_to(self, base: Path) -> Self:
+        """This device with the files it names (certificates, keys, secrets) resolved under `base`."""
+        return self
+
+    def check_files(self) -> list[tuple[tuple[str | int, ...], str]]:
+        """Problems with the files this device names, found at load time rather than on first connect."""
         return []
 
     def interval_of(self, tag: TagBase) -> float:
@@ -137,6 +147,16 @@ def register(plugin: DriverPlugin) -> DriverPlugin:
     return plugin
 
 
+@dataclass(frozen=True)
+class PartFailure:
+    """One request of a scan that failed on its own: what it asked for, its tags, why, and a hint."""
+
+    label: str
+    tags: Sequence[str]
+    why: str
+    hint: str = ""
+
+
 class PartFailures:
     """Requests of a device that fail on their own (an exception answer, a bad item): logged once, counted."""
 
@@ -145,6 +165,40 @@ class PartFailures:
         self.log = log
         self.count = 0
         self._failing: set[str] = set()
+        self._silent: set[str] = set()  # scans whose every request failed last time
+
+    def scan(self, scope: str, failed: Sequence[PartFailure], answered: Sequence[str]) -> None:
+        """One scan's outcome: per request as failed()/answered() do, or one device-level line when none answered.
+
+        A device that answers every request with an exception (a gateway whose serial device is dead)
+        is up but serves no data: one line for the device says so, instead of one per request.
+        """
+        if failed and not answered:
+            self.count += len(failed)
+            for f in failed:
+                self.log.debug("device %s: %s: %s", self.device, f.label, f.why)
+            if scope in self._silent:
+                return
+            self._silent.add(scope)
+            whys = Counter(f.why for f in failed)
+            detail = "; ".join(f"{n} request{'s' if n > 1 else ''} {why}" for why, n in whys.most_common(3))
+            ntags = len({t for f in failed for t in f.tags})
+            self.log.warning(
+                "device %s: no request of %s answered with data (%s); %d tag%s marked bad until it does",
+                self.device,
+                scope,
+                detail,
+                ntags,
+                "s" if ntags > 1 else "",
+            )
+            return
+        if scope in self._silent:
+            self._silent.discard(scope)
+            self.log.info("device %s: %s answers with data again", self.device, scope)
+        for f in failed:
+            self.failed(f.label, f.tags, f.why, f.hint)
+        for label in answered:
+            self.answered(label)
 
     def failed(self, label: str, tags: Sequence[str], why: str, hint: str = "") -> None:
         """Count a failure; WARNING with its tags the first time, DEBUG while it keeps failing."""

@@ -91,6 +91,11 @@ def kind_of(dtype: DataType) -> str:
     return "float" if dtype in (DataType.FLOAT32, DataType.FLOAT64) else "int"
 
 
+def shortest_float32(value: float) -> float:
+    """The shortest decimal that reads back as the same float32: 3.14159, not its float64 widening 3.141590118408203."""
+    return float(str(np.float32(value)))
+
+
 def width_of(dtype: DataType, length: int = 0) -> int:
     """Bytes a value occupies (strings: `length` characters, rounded up to whole registers)."""
     if dtype is DataType.STRING:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
+import dataclasses
 import logging
 import re
 import time
@@ -20,10 +20,19 @@ from pymodbus.exceptions import ModbusException, ModbusIOException
 from pymodbus.framer import FramerType
 from pymodbus.pdu.register_message import ReadHoldingRegistersResponse
 
-from edge_agent.drivers.base import DeviceBase, DriverPlugin, PartFailures, ScanGroup, TagBase, mark_bad, register
+from edge_agent.drivers.base import (
+    DeviceBase,
+    DriverPlugin,
+    PartFailure,
+    PartFailures,
+    ScanGroup,
+    TagBase,
+    mark_bad,
+    register,
+)
 from edge_agent.drivers.codecs import BlockDecoder, ByteOrder, DataType, kind_of, width_of
 from edge_agent.drivers.codecs import Field as CodecField
-from edge_agent.drivers.planner import Span, plan_reads
+from edge_agent.drivers.planner import Read, Span, plan_reads
 from edge_agent.errors import DeviceError, FieldError
 from edge_agent.fields import StrictModel
 from edge_agent.types import SampleBatch, Value
@@ -33,6 +42,19 @@ log = logging.getLogger(__name__)
 MAX_REGISTERS = 125  # Modbus spec cap for function codes 3 and 4
 MAX_BITS = 2000  # Modbus spec cap for function codes 1 and 2
 LAST_ADDRESS = 65535
+ILLEGAL_ADDRESS = 2
+# exception codes of the Modbus spec, named in logs so nobody needs the spec at hand
+_EXCEPTIONS = {
+    1: "illegal function",
+    2: "illegal data address",
+    3: "illegal data value",
+    4: "server device failure",
+    5: "acknowledge",
+    6: "server device busy",
+    8: "memory parity error",
+    10: "gateway path unavailable",
+    11: "gateway target device failed to respond",
+}
 
 
 class Table(StrEnum):
@@ -251,27 +273,27 @@ class ModbusDevice(DeviceBase):
             if tag.size > cap:
                 problems.append((("tags", i, "length"), f"{tag.size} registers do not fit one request (max {cap})"))
         for entries in by_table.values():
-            entries.sort(key=lambda e: e[1].address.index)
-            for (_, prev), (i, tag) in itertools.pairwise(entries):
-                prev_end = prev.address.index + prev.size - 1
-                if tag.address.index > prev_end:
-                    continue
-                same_reg_bits = (
-                    tag.address.bit is not None
-                    and prev.address.bit is not None
-                    and tag.address.index == prev.address.index
-                    and tag.address.bit != prev.address.bit
-                )
-                if not same_reg_bits:
-                    problems.append(
-                        (
-                            ("tags", i, "address"),
-                            (
-                                f"{tag.address} ({tag.name}) overlaps {prev.address} ({prev.name}, "
-                                f"{prev.size} register{'s' if prev.size > 1 else ''})"
-                            ),
-                        )
-                    )
+            # whole-register tags sort before the bits of their register, so each bit meets them as `cover`
+            entries.sort(key=lambda e: (e[1].address.index, -1 if e[1].address.bit is None else e[1].address.bit))
+            # the whole-register tag reaching furthest so far: a long tag (float64, string) can cover
+            # several later tags, not just its neighbour
+            cover: ModbusTag | None = None
+            bits: dict[tuple[int, int], ModbusTag] = {}
+            for i, tag in entries:
+                a = tag.address
+                other = None
+                if a.bit is not None and (a.index, a.bit) in bits:
+                    other = bits[(a.index, a.bit)]
+                elif cover is not None and a.index < cover.address.index + cover.size:
+                    other = cover
+                if other is not None:
+                    n = f"{other.size} register{'s' if other.size > 1 else ''}"
+                    message = f"{a} ({tag.name}) overlaps {other.address} ({other.name}, {n})"
+                    problems.append((("tags", i, "address"), message))
+                if a.bit is not None:
+                    bits.setdefault((a.index, a.bit), tag)
+                elif cover is None or a.index + tag.size > cover.address.index + cover.size:
+                    cover = tag
         return problems
 
 
@@ -303,7 +325,7 @@ class _RawInputResponse(_RawHoldingResponse):
     function_code = 4
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity hash: arrays inside
 class _Request:
     table: Table
     start: int
@@ -312,6 +334,24 @@ class _Request:
     buf_offset: int  # registers: where the answer goes in the group's byte buffer
     bit_offsets: npt.NDArray[np.intp] | None  # coils / discrete inputs
     label: str
+    spans: tuple[Span[int], ...]  # the tags it reads (item: column), to split it when the device refuses a gap
+
+    @staticmethod
+    def of(table: Table, r: Read[int], buf_offset: int) -> _Request:
+        """The request for one planned read whose answer goes at `buf_offset` of the group's buffer."""
+        cols = np.asarray([s.item for s in r.items], dtype=np.intp)
+        label = f"{table} {r.start}..{r.start + r.count - 1}"
+        if table.is_bits:
+            offs = np.asarray([s.start - r.start for s in r.items], dtype=np.intp)
+            return _Request(table, r.start, r.count, cols, 0, offs, label, r.items)
+        return _Request(table, r.start, r.count, cols, buf_offset, None, label, r.items)
+
+    def runs(self) -> tuple[_Request, ...]:
+        """Its runs of contiguous tags (the reads max_gap 0 would plan), each writing where it did; () if just one."""
+        reads = plan_reads(self.spans, max_count=self.count, max_gap=0)
+        if len(reads) < 2:
+            return ()
+        return tuple(_Request.of(self.table, r, self.buf_offset + 2 * (r.start - self.start)) for r in reads)
 
 
 @dataclass(frozen=True)
@@ -329,7 +369,9 @@ class ModbusDriver:
         self.config = config
         self.name = config.name
         self._client: AsyncModbusTcpClient | AsyncModbusSerialClient | None = None
+        self._dropped = False  # the device closed the connection under us (pymodbus only says "not connected")
         self._parts = PartFailures(self.name, log)
+        self._splits_logged = False
         self.groups: list[ScanGroup] = []
         self._plans: dict[ScanGroup, _GroupPlan] = {}
         by_interval: dict[float, list[ModbusTag]] = defaultdict(list)
@@ -363,13 +405,9 @@ class ModbusDriver:
                 merge=merge,
             )
             for r in reads:
-                cols = np.asarray([s.item for s in r.items], dtype=np.intp)
-                label = f"{table} {r.start}..{r.start + r.count - 1}"
+                requests.append(_Request.of(table, r, nbytes))
                 if bits:
-                    offs = np.asarray([s.start - r.start for s in r.items], dtype=np.intp)
-                    requests.append(_Request(table, r.start, r.count, cols, 0, offs, label))
                     continue
-                requests.append(_Request(table, r.start, r.count, cols, nbytes, None, label))
                 for s in r.items:
                     tag = tags[s.item]
                     fields.append(
@@ -401,7 +439,12 @@ class ModbusDriver:
         await self.close()
         cfg = self.config
         # pymodbus retries and reconnects are off: the poller owns backoff and failure accounting
-        common: dict[str, Any] = {"timeout": cfg.timeout, "retries": 0, "reconnect_delay": 0}
+        common: dict[str, Any] = {
+            "timeout": cfg.timeout,
+            "retries": 0,
+            "reconnect_delay": 0,
+            "trace_connect": self._link_changed,
+        }
         if cfg.transport is Transport.RTU:
             assert cfg.serial is not None
             s = cfg.serial
@@ -430,6 +473,12 @@ class ModbusDriver:
             client.close()
             raise DeviceError(self.name, f"cannot connect to {self._endpoint()}: connection refused or timed out")
         self._client = client
+        self._dropped = False
+
+    def _link_changed(self, up: bool) -> None:
+        # pymodbus calls this when the connection ends by itself; our own close() does not
+        if not up:
+            self._dropped = True
 
     async def close(self) -> None:
         """Close the connection."""
@@ -441,7 +490,7 @@ class ModbusDriver:
         """Send the group's planned requests one after another, then decode every register tag at once."""
         client = self._client
         if client is None or not client.connected:
-            raise DeviceError(self.name, "not connected")
+            raise DeviceError(self.name, "the device closed the connection" if self._dropped else "not connected")
         plan = self._plans[group]
         n = len(group.tags)
         ts = time.time()
@@ -450,6 +499,9 @@ class ModbusDriver:
         exact: dict[int, Value] = {}
         block = np.zeros(plan.nbytes, dtype=np.uint8)
         failed: list[_Request] = []
+        failures: list[PartFailure] = []
+        answered: list[str] = []
+        splits: list[tuple[_Request, tuple[_Request, ...]]] = []
         unit = self.config.unit
         calls = {
             Table.HOLDING: client.read_holding_registers,
@@ -458,7 +510,11 @@ class ModbusDriver:
             Table.DISCRETE: client.read_discrete_inputs,
         }
         task = asyncio.current_task()
-        for req in plan.requests:
+        pending = list(plan.requests)
+        i = 0
+        while i < len(pending):  # bounded: a request splits once, into runs that cannot split again
+            req = pending[i]
+            i += 1
             if task is not None and task.cancelling():
                 # Python 3.11's wait_for (inside pymodbus) can swallow a cancellation that meets a reply:
                 # honour it here, or a shutdown waits for a whole group, and the next, forever
@@ -466,9 +522,16 @@ class ModbusDriver:
             try:
                 rr = await calls[req.table](req.start, count=req.count, device_id=unit)
             except (ModbusException, OSError, TimeoutError) as exc:
-                raise DeviceError(self.name, f"{req.label}: {exc or type(exc).__name__}") from exc
+                raise DeviceError(self.name, f"{req.label}: {self._no_answer(exc)}") from exc
             if rr.isError():
-                self._request_failed(req, group, f"exception code {getattr(rr, 'exception_code', '?')}")
+                code = getattr(rr, "exception_code", None)
+                runs = req.runs() if code == ILLEGAL_ADDRESS else ()
+                if runs:
+                    # the gap it bridged is unmapped on this device: read the tags' own runs, now and from now on
+                    pending[i:i] = runs
+                    splits.append((req, runs))
+                    continue
+                failures.append(self._failure(req, group, f"answered {_exception_text(code)}"))
                 failed.append(req)
                 continue
             if req.bit_offsets is not None:
@@ -477,24 +540,60 @@ class ModbusDriver:
             else:
                 raw: bytes = getattr(rr, "raw", b"")
                 if len(raw) < 2 * req.count:
-                    self._request_failed(req, group, f"short answer: {len(raw) // 2} of {req.count} registers")
+                    why = f"short answer: {len(raw) // 2} of {req.count} registers"
+                    failures.append(self._failure(req, group, why))
                     failed.append(req)
                     continue
                 block[req.buf_offset : req.buf_offset + 2 * req.count] = np.frombuffer(raw, np.uint8, 2 * req.count)
-            self._parts.answered(req.label)
+            answered.append(req.label)
+        if splits:
+            self._replace_split(group, splits)
+        self._parts.scan(f"the {group.interval:g}s scan", failures, answered)
         plan.decoder.decode(block, values, quality, exact)
         for req in failed:
             mark_bad(values, quality, exact, req.cols)
         return SampleBatch(self.name, ts, group.tags, values, quality, exact, plan.kinds)
 
-    def _request_failed(self, req: _Request, group: ScanGroup, why: str) -> None:
-        hint = " (if the device leaves gaps unmapped, lower planner.max_gap)" if len(req.cols) > 1 else ""
-        self._parts.failed(req.label, [group.tags[c] for c in req.cols], f"answered {why}", hint)
+    def _no_answer(self, exc: BaseException) -> str:
+        """Why a request got no answer, in words: pymodbus's own text names its retries, not the cause."""
+        if isinstance(exc, ModbusIOException) and "No response" in str(exc):
+            text = f"no answer within {self.config.timeout:g}s"
+        else:
+            text = str(exc) or type(exc).__name__
+        return text + ("; the device closed the connection" if self._dropped else "")
+
+    def _failure(self, req: _Request, group: ScanGroup, why: str) -> PartFailure:
+        hint = " (if the device leaves gaps unmapped, lower planner.max_gap)" if req.runs() else ""
+        return PartFailure(req.label, [group.tags[c] for c in req.cols], why, hint)
+
+    def _replace_split(self, group: ScanGroup, splits: list[tuple[_Request, tuple[_Request, ...]]]) -> None:
+        """Put the runs of refused requests in the group's plan, in their place; the buffer layout is unchanged."""
+        plan = self._plans[group]
+        by_req = dict(splits)
+        requests = tuple(r for req in plan.requests for r in by_req.get(req, (req,)))
+        self._plans[group] = dataclasses.replace(plan, requests=requests)
+        what = "; ".join(f"{req.label} into {', '.join(r.label for r in runs)}" for req, runs in splits)
+        level = logging.DEBUG if self._splits_logged else logging.WARNING
+        self._splits_logged = True
+        log.log(
+            level,
+            "device %s: a read across unmapped addresses answered exception code 2 (illegal data address): "
+            "split %s (%d requests per cycle now; a planner.max_gap below the gaps avoids the first refusal)",
+            self.name,
+            what,
+            len(requests),
+        )
 
     @property
     def request_errors(self) -> int:
         """Requests that failed on their own (exception answers, short answers)."""
         return self._parts.count
+
+
+def _exception_text(code: int | None) -> str:
+    """`exception code 11 (gateway target device failed to respond)`."""
+    name = _EXCEPTIONS.get(code) if code is not None else None
+    return f"exception code {code if code is not None else '?'}" + (f" ({name})" if name else "")
 
 
 PLUGIN = register(DriverPlugin(key="modbus", config=ModbusDevice, factory=ModbusDriver))

@@ -53,6 +53,18 @@ async def test_read_json_decodes_every_tag(modbus_peer: ModbusPeer, tmp_path: Pa
     assert all(r["quality"] == "good" and r["device"] == "plc" and r["ts"].endswith("Z") for r in rows.values())
 
 
+async def test_read_json_prints_float32_as_written(modbus_peer: ModbusPeer, tmp_path: Path) -> None:
+    place(modbus_peer)
+    modbus_peer.holding[0:2] = struct.unpack(">HH", struct.pack(">f", 3.14159))
+    modbus_peer.holding[2:6] = struct.unpack(">HHHH", struct.pack(">d", 0.1))
+    cfg = write_config(tmp_path, modbus_peer.port, '      - {name: wide, address: "40003", type: float64}\n')
+    code, out, err = await run_cli("read", str(cfg), "--json")
+    assert code == 0, err
+    assert '"value": 3.14159,' in out  # not its float64 widening, 3.141590118408203
+    rows = {r["tag"]: r for r in map(json.loads, out.splitlines())}
+    assert rows["temp"]["value"] == 3.14159 and rows["wide"]["value"] == 0.1
+
+
 async def test_read_table_and_exit_1_on_bad_tag(modbus_peer: ModbusPeer, tmp_path: Path) -> None:
     place(modbus_peer)
     cfg = write_config(tmp_path, modbus_peer.port, '      - {name: missing, address: "40951"}\n')

@@ -16,6 +16,7 @@ import struct
 import sys
 from pathlib import Path
 
+import numpy as np
 from peers import free_port
 
 from edge_agent.simulate.modbus_server import ModbusPlantServer
@@ -40,7 +41,8 @@ async def mbpoll(port: int, table: str, ref: int, count: int) -> list[int]:
 
 
 def f32(hi: int, lo: int) -> float:
-    return float(struct.unpack(">f", struct.pack(">HH", hi, lo))[0])
+    """A float32 as `read --json` prints it: the shortest text that is the same float32."""
+    return float(str(np.float32(struct.unpack(">f", struct.pack(">HH", hi, lo))[0])))
 
 
 def i16(word: int) -> int:

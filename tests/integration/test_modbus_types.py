@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import struct
 
 import pytest
 from peers import ModbusPeer
+from pymodbus.client import AsyncModbusTcpClient
 
 from edge_agent.config import parse_config
 from edge_agent.drivers.modbus import ModbusDriver
@@ -179,3 +181,93 @@ async def test_rtu_framing_over_tcp() -> None:
     finally:
         await peer.stop()
     assert values["v"] == (12.25, Quality.GOOD)
+
+
+async def test_device_byte_order_applies_unless_a_tag_overrides_it(modbus_peer: ModbusPeer) -> None:
+    p = modbus_peer
+    p.place("holding", 0, wire_registers(">f", 12.25, "CDAB"))
+    p.place("holding", 2, wire_registers(">i", -123456789, "CDAB"))
+    p.place("holding", 4, wire_registers(">d", -6.5e-3, "CDAB"))
+    p.place("holding", 8, wire_registers(">H", 54321, "CDAB"))
+    p.place("holding", 9, wire_registers(">f", 12.25, "ABCD"))
+    p.place("holding", 11, wire_registers(">i", -123456789, "DCBA"))
+    p.place("holding", 13, wire_registers(">d", -6.5e-3, "BADC"))
+    text = config_for(
+        p.port,
+        [
+            '{name: f32, address: "40001", type: float32}',
+            '{name: i32, address: "40003", type: int32}',
+            '{name: f64, address: "40005", type: float64}',
+            '{name: u16, address: "40009", type: uint16}',
+            '{name: f32_abcd, address: "40010", type: float32, byte_order: ABCD}',
+            '{name: i32_dcba, address: "40012", type: int32, byte_order: DCBA}',
+            '{name: f64_badc, address: "40014", type: float64, byte_order: BADC}',
+        ],
+    ).replace("    timeout: 1s", "    byte_order: CDAB\n    timeout: 1s")
+    values = await read_all(text, requests=1)
+    assert values == {
+        "f32": (12.25, Quality.GOOD),
+        "i32": (-123456789, Quality.GOOD),
+        "f64": (-6.5e-3, Quality.GOOD),
+        "u16": (54321, Quality.GOOD),
+        "f32_abcd": (12.25, Quality.GOOD),
+        "i32_dcba": (-123456789, Quality.GOOD),
+        "f64_badc": (-6.5e-3, Quality.GOOD),
+    }
+
+
+async def test_merged_read_refused_across_a_hole_is_split(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    peer = ModbusPeer(holes=[(10, 20)])  # holding 10..19 unmapped, as between two blocks of a real PLC
+    peer.place("holding", 5, wire_registers(">f", 1.5, "ABCD"))
+    peer.holding[7] = 707
+    peer.holding[22] = 2222
+    peer.place("holding", 23, wire_registers(">f", -2.5, "ABCD"))
+    await peer.start()
+    try:
+        # the peer really refuses a read across its hole, and serves both sides of it
+        client = AsyncModbusTcpClient("127.0.0.1", port=peer.port, timeout=1, retries=0)
+        await client.connect()
+        try:
+            across = await client.read_holding_registers(5, count=20, device_id=1)
+            assert across.isError() and across.exception_code == 2
+            assert not (await client.read_holding_registers(5, count=3, device_id=1)).isError()
+            assert not (await client.read_holding_registers(22, count=3, device_id=1)).isError()
+        finally:
+            client.close()
+        cfg = parse_config(
+            config_for(
+                peer.port,
+                [
+                    '{name: a, address: "holding:5", type: float32}',
+                    '{name: b, address: "holding:7"}',
+                    '{name: c, address: "holding:22", type: int16}',
+                    '{name: d, address: "holding:23", type: float32}',
+                ],
+            )
+        )
+        assert cfg.devices[0].planner.max_gap == 16  # the default bridges the 14 registers between b and c
+        driver = ModbusDriver(cfg.devices[0])
+        assert driver.requests_per_cycle == {1.0: 1}
+        await driver.connect()
+        want = {
+            "a": (1.5, Quality.GOOD),
+            "b": (707, Quality.GOOD),
+            "c": (2222, Quality.GOOD),
+            "d": (-2.5, Quality.GOOD),
+        }
+        try:
+            for _ in range(2):  # the first read already gets every tag; later ones send the runs only
+                before = peer.requests
+                batch = await driver.read(driver.groups[0])
+                assert {s.tag: (s.value, s.quality) for s in batch.samples()} == want
+                assert peer.requests - before == 2  # (the refused request never reaches the peer's data)
+                assert driver.requests_per_cycle == {1.0: 2}
+        finally:
+            await driver.close()
+    finally:
+        await peer.stop()
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "edge_agent.drivers.modbus"]
+    assert len(lines) == 1 and lines[0][0] == logging.WARNING, lines
+    assert "split holding 5..24 into holding 5..7, holding 22..24 (2 requests per cycle now" in lines[0][1]
+    assert driver.request_errors == 0  # nothing was marked bad

@@ -10,7 +10,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edge_agent.drivers.codecs import NUMERIC, BlockDecoder, ByteOrder, DataType, Field, byte_permutation, encode
+from edge_agent.drivers.codecs import (
+    NUMERIC,
+    BlockDecoder,
+    ByteOrder,
+    DataType,
+    Field,
+    byte_permutation,
+    encode,
+    shortest_float32,
+)
 from edge_agent.drivers.modbus import Table, parse_address
 from edge_agent.types import Quality
 
@@ -147,3 +156,16 @@ def test_register_bit_suffix(bit: int) -> None:
     assert parse_address(f"40001.{bit}").bit == bit
     with pytest.raises(ValueError, match="bit"):
         parse_address(f"10001.{bit}")
+
+
+@given(st.floats(width=32, allow_nan=False, allow_infinity=False))
+def test_shortest_float32_reads_back_as_the_same_float32(x: float) -> None:
+    v = shortest_float32(x)
+    assert np.float32(v) == np.float32(x)
+    assert float(f"{v:.9g}") == v  # no float64 noise: 9 significant digits always identify a float32
+
+
+def test_shortest_float32_is_what_was_written() -> None:
+    widened = float(np.float32(3.14159))
+    assert widened == 3.141590118408203
+    assert shortest_float32(widened) == 3.14159 and repr(shortest_float32(widened)) == "3.14159"

@@ -69,6 +69,76 @@ def test_env_overrides_scalars_outside_lists() -> None:
     assert cfg.outbox.max_bytes == 64 * 1024**2
 
 
+@pytest.mark.parametrize("password", ["123456", "yes", "0x1F", "2024-01-01", "pa ss #x", "'q'", "null"])
+def test_env_overrides_of_text_fields_stay_text(password: str) -> None:
+    """A password of digits, a site named 42: text fields take the variable as it is, never read as YAML."""
+    env = {
+        "PORT": "1",
+        "EDGE_AGENT__MQTT__PASSWORD": password,
+        "EDGE_AGENT__MQTT__USERNAME": "true",
+        "EDGE_AGENT__AGENT__SITE": "42",
+        "EDGE_AGENT__MQTT__PROTOCOL": "5",
+        "EDGE_AGENT__MQTT__SCORES_QOS": "2",
+    }
+    cfg = parse_config(BASE, environ=env)
+    assert cfg.mqtt is not None and cfg.mqtt.password is not None
+    assert cfg.mqtt.password.get_secret_value() == password
+    assert cfg.mqtt.username == "true" and cfg.agent.site == "42"
+    assert cfg.mqtt.protocol == "5" and cfg.mqtt.scores_qos == 2
+
+
+def test_a_whole_value_reference_reads_as_the_file_would() -> None:
+    """`qos: ${QOS}` with QOS=1 is `qos: 1`; a text field keeps digits as text."""
+    text = """
+devices:
+  - name: plc
+    type: modbus
+    transport: rtu
+    serial: {port: /dev/ttyS0, stopbits: '${SB}'}
+    tags:
+      - {name: a, address: "40001"}
+mqtt: {qos: '${Q}', username: '${U}'}
+"""
+    cfg = parse_config(text, environ={"SB": "2", "Q": "0", "U": "0042"})
+    assert cfg.devices[0].serial is not None and cfg.devices[0].serial.stopbits == 2  # type: ignore[attr-defined]
+    assert cfg.mqtt is not None and cfg.mqtt.qos == 0 and cfg.mqtt.username == "0042"
+    with pytest.raises(ConfigError, match=r"mqtt.qos: 'x' is not allowed"):
+        parse_config(text, environ={"SB": "2", "Q": "x", "U": "u"})
+
+
+def test_checks_across_items_run_even_when_other_fields_are_invalid() -> None:
+    """One run reports a duplicate tag name and an overlap next to a bad duration elsewhere."""
+    text = BASE.replace(
+        '      - {name: a, address: "40001"}\n',
+        '      - {name: a, address: "40001", type: float32}\n'
+        '      - {name: a, address: "40010"}\n'
+        '      - {name: b, address: "40002"}\n',
+    )
+    text += "mqtt: {keepalive: soon}\nmodels: [{name: m, file: x.tflite, inputs: [a, nope]}]\n"
+    with pytest.raises(ConfigError) as err:
+        parse_config(text, environ={"PORT": "1"}, source="c.yaml")
+    lines = [str(i) for i in err.value.issues]
+    assert any("tags[1].name: tag name 'a' is already used" in ln for ln in lines), lines
+    assert any("tags[2]" in ln and "overlaps" in ln for ln in lines), lines
+    assert any("mqtt.keepalive" in ln for ln in lines), lines
+    assert any("models[0].inputs[1]: no tag named 'nope'" in ln for ln in lines), lines
+
+
+def test_mqtt_files_are_found_next_to_the_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edge_agent.config import load_config
+
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "pw").write_text("s3cr3t\n")
+    (tmp_path / "c.yaml").write_text(
+        BASE + "mqtt: {url: 'mqtts://b:8883', password_file: secrets/pw, tls: {ca: pki/ca.pem}}\n"
+    )
+    monkeypatch.chdir("/")
+    cfg = load_config(tmp_path / "c.yaml", environ={"PORT": "1"})
+    assert cfg.mqtt is not None and cfg.mqtt.password is not None and cfg.mqtt.tls is not None
+    assert cfg.mqtt.password.get_secret_value() == "s3cr3t"
+    assert cfg.mqtt.tls.ca == tmp_path / "pki" / "ca.pem"
+
+
 def test_env_override_errors_name_the_variable() -> None:
     with pytest.raises(ConfigError) as err:
         parse_config(

@@ -5,6 +5,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
+from edge_agent.config import parse_config
+from edge_agent.drivers.modbus import ModbusDriver
 from edge_agent.drivers.planner import Span, minimum_reads, plan_reads
 
 
@@ -66,3 +68,23 @@ def test_unlimited_gap_gives_the_minimum(layout: list[tuple[int, int]], cap: int
             if end - start <= cap:
                 best[i] = min(best[i], best[j] + 1)
     assert minimum_reads(spans_of(layout), max_count=cap) == best[-1]
+
+
+def test_a_merged_modbus_request_splits_into_its_contiguous_runs() -> None:
+    # what the driver does when a device refuses a merged read across unmapped addresses (exception 2)
+    text = (
+        "devices:\n  - {name: plc, type: modbus, host: 127.0.0.1, tags: [\n"
+        '      {name: a, address: "40006", type: float32}, {name: b, address: "40008"},\n'
+        '      {name: c, address: "40023", type: int16}, {name: d, address: "40024", type: float32},\n'
+        '      {name: k1, address: "00003"}, {name: k2, address: "00004"}, {name: k3, address: "00100"}]}\n'
+    )
+    driver = ModbusDriver(parse_config(text).devices[0])
+    holding, coils = driver._plans[driver.groups[0]].requests
+    assert (holding.start, holding.count, holding.buf_offset) == (5, 20, 0)
+    runs = holding.runs()
+    assert [(r.start, r.count, r.buf_offset, r.cols.tolist()) for r in runs] == [(5, 3, 0, [0, 1]), (22, 3, 34, [2, 3])]
+    assert [r.runs() for r in runs] == [(), ()]  # a run of contiguous tags does not split again
+    assert coils.bit_offsets is not None and coils.bit_offsets.tolist() == [0, 1, 97]
+    bit_runs = coils.runs()
+    assert [(r.start, r.count, r.cols.tolist()) for r in bit_runs] == [(2, 2, [4, 5]), (99, 1, [6])]
+    assert [r.bit_offsets.tolist() for r in bit_runs if r.bit_offsets is not None] == [[0, 1], [0]]

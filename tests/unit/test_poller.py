@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 
@@ -13,7 +14,7 @@ from edge_agent.config import parse_config
 from edge_agent.drivers.base import ScanGroup
 from edge_agent.errors import DeviceError
 from edge_agent.poller import DevicePoller, backoff_delay, next_tick
-from edge_agent.types import SampleBatch
+from edge_agent.types import Quality, SampleBatch
 
 CONFIG = """
 devices:
@@ -141,3 +142,46 @@ async def test_groups_with_different_intervals_each_keep_their_rate() -> None:
     await asyncio.gather(task, return_exceptions=True)
     # the 50 ms group is not held up behind the 10 s one
     assert 17 <= len(driver.read_times) <= 26
+
+
+class SilentDriver(FakeDriver):
+    """Accepts every connection, then never answers a read (a gateway whose serial device is dead)."""
+
+    async def read(self, group: ScanGroup) -> SampleBatch:
+        raise DeviceError(self.name, "no answer")
+
+
+async def test_connects_without_answers_are_one_outage_with_growing_backoff(caplog: pytest.LogCaptureFixture) -> None:
+    driver = SilentDriver()
+    batches: list[SampleBatch] = []
+    poller = DevicePoller(parse_config(CONFIG).devices[0], driver, batches.append, rng=random.Random(3))
+    task = asyncio.create_task(poller.run())
+    attempts = []
+    for _ in range(30):  # 0.6 s; the backoff (10 ms doubling, capped at 40 ms) reaches its cap
+        await asyncio.sleep(0.02)
+        attempts.append(poller.stats.attempts)
+        assert not poller.stats.connected  # accepting a connection is not being up
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert attempts == sorted(attempts) and attempts[-1] >= 4 and driver.connects >= 4
+    records = [r for r in caplog.records if r.name == "edge_agent.poller" and r.levelno >= logging.INFO]
+    assert [r.levelno for r in records] == [logging.WARNING], [r.getMessage() for r in records]
+    assert sum(b.quality[0] == Quality.COMMS_LOST for b in batches) == 1  # consumers told once
+
+
+@pytest.mark.parametrize("policy", ["retry", "ignore"])
+async def test_down_at_startup_emits_comms_lost(policy: str) -> None:
+    driver = FakeDriver()
+    driver.down = True
+    batches: list[SampleBatch] = []
+    cfg = parse_config(CONFIG.replace("    tags:", f"    on_startup_error: {policy}\n    tags:")).devices[0]
+    poller = DevicePoller(cfg, driver, batches.append)
+    task = asyncio.create_task(poller.run())
+    await asyncio.sleep(0.15)
+    assert [(b.tags, int(b.quality[0])) for b in batches] == [(("a",), Quality.COMMS_LOST)]
+    assert task.done() is (policy == "ignore")
+    driver.down = False
+    await asyncio.sleep(0.2)
+    assert bool(poller.stats.connected and batches[-1].quality[0] == Quality.GOOD) is (policy == "retry")
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)

@@ -36,7 +36,9 @@ async def test_plc_down_at_startup_comes_back_by_itself() -> None:
     task = asyncio.create_task(agent.run(stop))
     try:
         await asyncio.sleep(0.4)
-        assert value(agent, "plc.v") is None and agent.pollers[0].stats.failures >= 1
+        # down from the start: the tags are there, marked comms-lost, until the PLC answers
+        down = value(agent, "plc.v")
+        assert down is not None and down[1] is Quality.COMMS_LOST and agent.pollers[0].stats.failures >= 1
         await peer.start(port)
         await wait_for(lambda: value(agent, "plc.v") == (7.5, Quality.GOOD))
         assert value(agent, "plc.run") == (1.0, Quality.GOOD)
