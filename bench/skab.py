@@ -3,9 +3,10 @@
 For every CSV under DATA_DIR with an `anomaly` column, the agent replays the file exactly as
 `edge-agent replay FILE --model MODEL --calibrate-rows 400` does (buffers → windows → int8 model →
 detector; normalisation and threshold recalibrated on the file's first 400 rows, CLI defaults
-otherwise). The test part is every row from 400 on; the outlier metrics pool one confusion matrix
-over the test rows of all labelled files, the changepoint metrics are NAB scores, and both are
-printed beside the published SKAB results for the same files. CSVs without labels (anomaly-free)
+otherwise). The test part is every row from 400 on (from N on with --calibrate-rows N: never a row
+the threshold was calibrated on); the outlier metrics pool one confusion matrix over the test rows
+of all labelled files, the changepoint metrics are NAB scores, and both are printed beside the
+published SKAB results for the same files. CSVs without labels (anomaly-free)
 are normal data only: their false-alarm rate after the first 400 rows is printed on its own line,
 and again with the file cut into runs as long as the labelled ones (each calibrated on its own
 first 400 rows), the horizon a 400-row calibration is meant for.
@@ -217,7 +218,7 @@ def run(
             bundle, table.times, data, calibrate_rows=calibrate_rows, quantile=quantile, margin=margin, source=str(path)
         )
         rel = path.relative_to(data_dir)
-        test = slice(TRAIN_ROWS, None)
+        test = slice(calibrate_rows, None)  # the rows the threshold was not calibrated on
         pred = result.anomaly[test].astype(np.int8)
         if a_col is None:
             normal_files.append((str(rel), table.times, data, pred))
@@ -232,7 +233,7 @@ def run(
         labelled.append(FileResult(str(rel), group, table.times[test], anomaly, cp, pred))
     # normal-only files: false alarms after the first 400 rows, and (a fairer horizon for a model calibrated on
     # 400 rows) in consecutive runs as long as the labelled files, each calibrated on its own first 400 rows
-    span = int(np.median([len(r.times) for r in labelled])) + TRAIN_ROWS if labelled else 0
+    span = int(np.median([len(r.times) for r in labelled])) + calibrate_rows if labelled else 0
     normal: dict[str, dict[str, float]] = {}
     for name, times, data, pred in normal_files:
         m = {"rows": float(len(pred)), "fp": float(pred.sum()), "far": 100.0 * float(pred.mean())}
@@ -243,8 +244,8 @@ def run(
                 r = replay(
                     bundle, times[part], data[part], calibrate_rows=calibrate_rows, quantile=quantile, margin=margin
                 )
-                fp += int(r.anomaly[TRAIN_ROWS:].sum())
-                rows += span - TRAIN_ROWS
+                fp += int(r.anomaly[calibrate_rows:].sum())
+                rows += span - calibrate_rows
             m.update({"span": float(span), "runs": float(len(times) // span), "far_runs": 100.0 * fp / rows})
         normal[name] = m
     return labelled, normal, bundle.sha256
@@ -303,17 +304,20 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quiet:
         print(
             f"SKAB protocol on {data_dir}: {len(results)} labelled files, replay --calibrate-rows "
-            f"{args.calibrate_rows} (q{args.quantile} × {args.margin}), test rows ≥ {TRAIN_ROWS}, NAB window "
+            f"{args.calibrate_rows} (q{args.quantile} × {args.margin}), test rows ≥ {args.calibrate_rows}, NAB window "
             f"{NAB_WINDOW:g} s right of each changepoint; model {model.name} sha256 {sha[:12]}\n"
         )
         print(table(summary, model.stem))
         for name, m in normal.items():
             rows = f"{int(m['fp'])} alarm rows of {int(m['rows'])} test rows"
-            print(f"\nnormal-only {name}: FAR {m['far']:.2f} % after its first {TRAIN_ROWS} rows ({rows})", end="")
+            print(
+                f"\nnormal-only {name}: FAR {m['far']:.2f} % after its first {args.calibrate_rows} rows ({rows})",
+                end="",
+            )
             if "far_runs" in m:
                 print(
                     f"; FAR {m['far_runs']:.2f} % cut into {int(m['runs'])} runs of {int(m['span'])} rows "
-                    f"(the labelled files' length), each calibrated on its own first {TRAIN_ROWS}",
+                    f"(the labelled files' length), each calibrated on its own first {args.calibrate_rows}",
                     end="",
                 )
             print()

@@ -9,6 +9,7 @@ import datetime as dt
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -28,17 +29,48 @@ EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
 log = logging.getLogger("edge_agent")
 
 
+# a password in a protocol object's repr (asyncua's UserNameIdentityToken: Password=b'…') or a dict ('password': '…')
+_SECRET = re.compile(
+    r"""(?i)(\w*(?:password|passwd)\w*=|['"]\w*(?:password|passwd)\w*['"]\s*:\s*)"""
+    r"""(b?'(?:[^'\\]|\\.)*'|b?"(?:[^"\\]|\\.)*")"""
+)
+
+
+class RedactSecrets(logging.Filter):
+    """Blank out passwords in every record, whichever library logged it (the last guard; log levels are the first)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Rewrite the record's message when it shows a password; never drops a record."""
+        try:
+            text = record.getMessage()
+        except Exception:  # a broken format string: the formatter reports it, a filter must not raise
+            return True
+        clean = _SECRET.sub(r"\1'***'", text)
+        if clean != text:
+            record.msg, record.args = clean, None
+        return True
+
+
+_REDACT = RedactSecrets()
+
+
 def _setup_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper()),
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_REDACT)  # on the handlers: a logger's filter does not see its children's records
+    debug = level.upper() == "DEBUG"
     # pymodbus logs every connection error itself; the poller reports each outage once
-    logging.getLogger("pymodbus").setLevel(logging.DEBUG if level.upper() == "DEBUG" else logging.CRITICAL)
+    logging.getLogger("pymodbus").setLevel(logging.DEBUG if debug else logging.CRITICAL)
     # the protocol libraries log every session and socket at INFO; our own lines say what matters
     for name in ("asyncua", "snap7"):
-        logging.getLogger(name).setLevel(logging.DEBUG if level.upper() == "DEBUG" else logging.WARNING)
+        logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.WARNING)
+    # asyncua's client logs every request and answer whole at DEBUG, the session's user identity token
+    # (user name and password) included: never wanted, whatever the level
+    logging.getLogger("asyncua.client.ua_client").setLevel(logging.INFO if debug else logging.WARNING)
 
 
 def _load(path: str, *, with_models: bool = False) -> Config | None:
@@ -87,8 +119,10 @@ def cmd_check(args: argparse.Namespace) -> int:
             f"{len(g.tags)} tags every {g.interval:g}s in {plan.get(g.interval, '?')} requests" for g in driver.groups
         )
         print(f"  {dev.name} ({dev.type}): {per}")
-    for m in cfg.models:
-        print(f"  model {m.name}: {m.file}")
+    from edge_agent.scoring.monitor import load_models
+
+    for m in load_models(cfg):  # which file will score: the configured one, or a saved startup calibration of it
+        print(f"  model {m.section.name}: {m.describe()}")
     return EXIT_OK
 
 
@@ -111,6 +145,16 @@ def _fmt(value: Any) -> str:
         # counters and the like arrive as whole floats from the buffers: print them whole
         return str(int(value)) if value.is_integer() and abs(value) < 1e15 else f"{value:.6g}"
     return str(value)
+
+
+def _json_value(value: Any, tag: Any) -> Any:
+    """A value for JSON; a float32 tag (Modbus float32, S7 real) at float32 precision, not widened to float64."""
+    dtype = getattr(tag, "dtype", None)
+    if isinstance(value, float) and str(getattr(dtype, "type", dtype)) in ("float32", "real"):
+        from edge_agent.drivers.codecs import shortest_float32
+
+        return shortest_float32(value)
+    return value
 
 
 async def _read_device(dev: DeviceBase) -> tuple[list[Sample], str | None]:
@@ -159,7 +203,7 @@ def cmd_read(args: argparse.Namespace) -> int:
                     {
                         "device": s.device,
                         "tag": s.tag,
-                        "value": s.value,
+                        "value": _json_value(s.value, tag),
                         "quality": s.quality.label,
                         "ts": _iso(s.ts),
                         "unit": tag.unit,
@@ -416,7 +460,9 @@ def cmd_model_inspect(args: argparse.Namespace) -> int:
         f"  window     {m.window} samples every {m.sample_interval:g}s\n"
         f"  score      {m.score.kind}, smoothing {m.score.smoothing}\n"
         f"  threshold  {m.threshold.value:.6g} ({m.threshold.method}: q{m.threshold.quantile} × {m.threshold.margin}"
-        f", {m.threshold.rows} rows of {m.threshold.calibrated_on or '?'} at {m.threshold.calibrated_at or '?'})\n"
+        f", {m.threshold.rows} rows of {m.threshold.calibrated_on or '?'} at {m.threshold.calibrated_at or '?'}"
+        + (f", calibrated from sha256 {m.threshold.base_sha256[:12]}…" if m.threshold.base_sha256 else "")
+        + ")\n"
         f"  detector   exit ratio {m.detector.exit_ratio}, min duration {m.detector.min_duration:g}s\n"
         f"  created    {m.created}\n  inputs"
     )
@@ -440,11 +486,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     inputs = bundle.metadata.inputs
     if args.csv:
-        table = read_table(args.csv)
         try:
-            data = table.select(inputs)
+            data = read_table(args.csv).select(inputs)
         except ValueError as exc:
-            print(f"{args.csv}: {exc}", file=sys.stderr)
+            print(f"calibrate: {exc}", file=sys.stderr)
             return EXIT_CONFIG
         if args.rows:
             data = data[: args.rows]
@@ -460,9 +505,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     try:
         new = calibrate(bundle, data, quantile=args.quantile, margin=args.margin, source=source)
     except ValueError as exc:
-        print(f"calibrate: {exc}", file=sys.stderr)
+        print(f"calibrate: {args.csv or args.config}: {exc}", file=sys.stderr)
         return EXIT_FAIL
-    save_bundle(new, args.out)
+    try:
+        save_bundle(new, args.out)
+    except OSError as exc:
+        print(f"calibrate: {args.out}: cannot write it: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_CONFIG
     t = new.metadata.threshold
     print(f"{args.out}: threshold {t.value:.6g} (q{t.quantile} × {t.margin} of {len(data)} rows), sha256 {new.sha256}")
     return EXIT_OK
@@ -500,6 +549,41 @@ async def _collect_live(cfg: Config, inputs: list[str], interval: float, samples
     return w.values[good_rows].astype("float64")
 
 
+def _seconds(text: str) -> float:
+    """A duration argument: seconds, or 500ms, 5s, 2m as in a config file."""
+    from edge_agent.fields import parse_duration
+
+    try:
+        value = float(text) if text.replace(".", "", 1).isdigit() else parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
+def _threshold(text: str) -> float | None:
+    """A threshold argument: a positive number, or auto (the bundle's)."""
+    if text == "auto":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a threshold is a positive number (or auto)")
+    return value
+
+
+def _exit_ratio(text: str) -> float:
+    """An exit ratio argument: 0 < ratio ≤ 1, as models[].hysteresis.exit_ratio."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: an exit ratio is a number above 0 and at most 1")
+    return value
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     """Run a CSV through buffers, scoring and the detector; write scores and anomaly flags."""
     from edge_agent.scoring.bundle import ModelError, load_bundle
@@ -509,6 +593,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
         bundle = load_bundle(args.model)
         table = read_table(args.data)
         data = table.select(bundle.metadata.inputs)
+    except (ModelError, ValueError) as exc:
+        print(f"replay: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
         result = replay(
             bundle,
             table.times,
@@ -516,13 +604,20 @@ def cmd_replay(args: argparse.Namespace) -> int:
             calibrate_rows=args.calibrate_rows,
             quantile=args.quantile,
             margin=args.margin,
+            threshold=args.threshold,
+            exit_ratio=args.exit_ratio,
+            min_duration=args.min_duration,
             source=str(args.data),
         )
-    except (ModelError, ValueError, OSError) as exc:
-        print(f"replay: {exc}", file=sys.stderr)
+    except ValueError as exc:
+        print(f"replay: {args.data}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    if args.out:
-        write_result(result, args.out, table.time_column)
+    try:
+        if args.out:
+            write_result(result, args.out, table.time_column, table.stamps)
+    except OSError as exc:
+        print(f"replay: {args.out}: cannot write it: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_CONFIG
     if args.plot:
         from edge_agent.scoring.plot import plot_replay
 
@@ -546,14 +641,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     from edge_agent.scoring.replay import read_table
     from edge_agent.scoring.train import TrainOptions, train
 
-    tables = [read_table(p) for p in args.data]
-    inputs = (
-        args.inputs.split(",")
-        if args.inputs
-        else [c for c in tables[0].columns if c.lower() not in ("anomaly", "changepoint", "fault_active")]
-    )
     try:
+        tables = [read_table(p) for p in args.data]
+        inputs = (
+            args.inputs.split(",")
+            if args.inputs
+            else [c for c in tables[0].columns if c.lower() not in ("anomaly", "changepoint", "fault_active")]
+        )
         series = [t.select(inputs) for t in tables]
+    except ValueError as exc:
+        print(f"train: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
         series = [s[: args.rows] if args.rows else s for s in series]
         options = TrainOptions(
             name=args.name,
@@ -578,7 +677,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     except (ModelError, ValueError) as exc:
         print(f"train: {exc}", file=sys.stderr)
         return EXIT_FAIL
-    save_bundle(bundle, args.out)
+    try:
+        save_bundle(bundle, args.out)
+    except OSError as exc:
+        print(f"train: {args.out}: cannot write it: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_CONFIG
     print(
         f"{args.out}: {options.dtype} {bundle.metadata.training['architecture']}, threshold "
         f"{bundle.metadata.threshold.value:.6g}, sha256 {bundle.sha256}"
@@ -833,7 +936,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rp.add_argument("--quantile", type=float, default=0.99)
     rp.add_argument("--margin", type=float, default=1.5)
-    rp.add_argument("--out", help="CSV with one row per input row: timestamp, score, threshold, anomaly")
+    # the overrides a config's models[] entry can make, so a replay matches a configured model
+    rp.add_argument(
+        "--threshold", type=_threshold, metavar="X|auto", help="as models[].threshold (default auto: the bundle's)"
+    )
+    rp.add_argument(
+        "--exit-ratio", type=_exit_ratio, metavar="R", help="as models[].hysteresis.exit_ratio (default: the bundle's)"
+    )
+    rp.add_argument(
+        "--min-duration", type=_seconds, metavar="SECONDS", help="as models[].hysteresis.min_duration (5s, 500ms)"
+    )
+    rp.add_argument(
+        "--out",
+        help="CSV, one row per input row: its timestamp as written, score (what the detector compares: smoothed), "
+        "threshold, anomaly, raw_score, status (warmup|insufficient|scored)",
+    )
     rp.add_argument("--plot", help="PNG of the tags, the score against its threshold and the anomaly spans")
     rp.set_defaults(func=cmd_replay)
 

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from importlib import resources
 from typing import Any
 
+from edge_agent.scoring.detector import severity_of
 from edge_agent.types import AnomalyEvent, Quality, SampleBatch, Score
 
 EVENT_SCHEMA = "edge-agent/anomaly-event/v1"
@@ -107,12 +108,13 @@ def status_payload(
 def score_payload(
     score: Score, *, agent: str, site: str, version: str | None = None, sha256: str | None = None
 ) -> dict[str, Any]:
-    """`{prefix}/scores/{model}`: the latest score of a model against its threshold."""
+    """`{prefix}/scores/{model}`: the latest score of a model against its threshold, and what it would rate."""
     model: dict[str, Any] = {"name": score.model}
     if version is not None:
         model["version"] = version
     if sha256 is not None:
         model["sha256"] = sha256
+    ratio = score.score / score.threshold if score.score is not None and score.threshold > 0 else None
     return {
         "schema": SCORE_SCHEMA,
         "agent": agent,
@@ -121,6 +123,9 @@ def score_payload(
         "ts": iso(score.t_end),
         "score": _num(score.score),
         "threshold": _num(score.threshold),
+        "ratio": _num(ratio),
+        # an event's severity is fixed by its peak; this is the current score's, so a rise is visible as it happens
+        "severity": severity_of(ratio).value if ratio is not None and ratio > 1 else None,
         "good_fraction": _num(score.good_fraction),
         "contributions": [{"tag": k, "share": _num(v)} for k, v in score.contributions.items()],
         "historical": False,

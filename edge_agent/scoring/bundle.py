@@ -59,6 +59,7 @@ class ThresholdSpec(_Meta):
     calibrated_on: str = ""
     rows: int = 0
     calibrated_at: str = ""
+    base_sha256: str = Field("", description="sha256 of the bundle this one was calibrated from ('' if unknown)")
 
 
 class BundleMetadata(_Meta):

@@ -92,6 +92,7 @@ def calibrate(
         calibrated_on=source,
         rows=len(data),
         calibrated_at=now_iso(),
+        base_sha256=bundle.sha256,  # lets startup calibration tell a saved copy of this bundle from a stale one
     )
     final = bundle.metadata.model_copy(update={"normalisation": norm, "threshold": threshold})
     return bundle_from_bytes(embed_metadata(bundle.data, final))

@@ -63,7 +63,7 @@ class WindowScorer:
 
 
 def severity_of(ratio: float) -> Severity:
-    """Severity from the peak score as a multiple of the threshold."""
+    """Severity of a score as a multiple of the threshold (events: the peak so far; scores payload: the current)."""
     if ratio < 1.5:
         return Severity.MINOR
     if ratio < 3.0:
@@ -109,6 +109,7 @@ class Detector:
     _recent: deque[float] = field(default_factory=deque)
     _active: _Active | None = None
     insufficient: bool = False
+    last_score: float = math.nan  # the smoothed score last compared with the threshold (NaN: not scored)
 
     @property
     def active(self) -> bool:
@@ -134,9 +135,10 @@ class Detector:
         """Feed one window's score; returns the events it causes (none, a start, or an end)."""
         if math.isnan(score):
             self.insufficient = True
+            self.last_score = math.nan
             return []
         self.insufficient = False
-        s = self.smoothed(score)
+        s = self.last_score = self.smoothed(score)
         shares = (
             contributions
             if isinstance(contributions, Mapping)

@@ -29,7 +29,37 @@ class LoadedModel:
     """A config's model section with its bundle, checked against the configured tags."""
 
     section: ModelSection
-    bundle: Bundle
+    bundle: Bundle  # what scores: the configured bundle, or its startup calibration saved earlier
+    calibrate: bool = False  # startup calibration still has to run (on the configured bundle)
+    stale: str = ""  # why calibrate.save_to was not reused ('' when it was, or when there is none yet)
+
+    def describe(self) -> str:
+        """Which file scores and why: `check` prints it, the agent logs it."""
+        c, file = self.section.calibrate, self.section.file
+        if c.mode is not CalibrateMode.STARTUP:
+            return str(file)
+        if not self.calibrate:
+            return f"{c.save_to} (the startup calibration of {file} saved earlier)"
+        text = f"{file}, calibrated at startup" + (f" and saved to {c.save_to}" if c.save_to else "")
+        return text + (f"; not reusing the saved file: {self.stale}" if self.stale else "")
+
+
+def _saved_calibration(section: ModelSection, base: Bundle) -> tuple[Bundle | None, str]:
+    """The bundle at calibrate.save_to if it is a calibration of `base`; otherwise None and why not ('' if absent)."""
+    saved = section.calibrate.save_to
+    if saved is None or not saved.exists():
+        return None, ""
+    try:
+        copy = load_bundle(saved)
+    except ModelError as exc:
+        return None, str(exc)
+    # a file left by an older model (an upgrade) or by another model must not silently replace the configured one
+    made_from = copy.metadata.threshold.base_sha256
+    if made_from == base.sha256:
+        return copy, ""
+    if not made_from:
+        return None, f"{saved} does not record which bundle it was calibrated from"
+    return None, f"{saved} was calibrated from sha256 {made_from[:12]}…, not from {section.file} ({base.sha256[:12]}…)"
 
 
 def load_models(cfg: Config) -> list[LoadedModel]:
@@ -43,10 +73,13 @@ def load_models(cfg: Config) -> list[LoadedModel]:
         issues.append(ConfigIssue(base.source, base.path, message))
 
     for i, section in enumerate(cfg.models):
-        saved = section.calibrate.save_to
-        path = saved if section.calibrate.mode is CalibrateMode.STARTUP and saved and saved.exists() else section.file
         try:
-            bundle = load_bundle(path)
+            bundle = load_bundle(section.file)
+            needs, stale = section.calibrate.mode is CalibrateMode.STARTUP, ""
+            if needs:
+                saved, stale = _saved_calibration(section, bundle)
+                if saved is not None:
+                    bundle, needs = saved, False
             WindowScorer(bundle)  # the runtime must be able to load it, now rather than at the first window
         except ModelError as exc:
             issue(("models", i, "file"), str(exc))
@@ -59,7 +92,7 @@ def load_models(cfg: Config) -> list[LoadedModel]:
             issue(("models", i, "inputs"), f"the bundle's inputs are {meta.inputs}, in that order")
         if section.sample_interval is not None and not math.isclose(section.sample_interval, meta.sample_interval):
             issue(("models", i, "sample_interval"), f"the bundle was made for {meta.sample_interval:g}s")
-        loaded.append(LoadedModel(section, bundle))
+        loaded.append(LoadedModel(section, bundle, needs, stale))
     if issues:
         raise ConfigError(issues)
     return loaded
@@ -105,9 +138,11 @@ class ModelMonitor:
         self.score_seconds = 0.0
         self._on_score_seconds = on_score_seconds
         self._on_score = on_score
-        self.calibrating = model.section.calibrate.mode is CalibrateMode.STARTUP and not (
-            model.section.calibrate.save_to and model.section.calibrate.save_to.exists()
-        )
+        self.calibrating = model.calibrate
+        if model.stale:
+            log.warning("model %s: recalibrating: %s", self.name, model.stale)
+        elif model.section.calibrate.mode is CalibrateMode.STARTUP and not model.calibrate:
+            log.info("model %s: using %s", self.name, model.describe())
 
     def _install(self, bundle: Bundle) -> None:
         meta, s = bundle.metadata, self.section
@@ -157,8 +192,14 @@ class ModelMonitor:
         self.score_seconds += seconds
         if self._on_score_seconds is not None:
             self._on_score_seconds(seconds)
-        score = float(scores[0])
+        raw = float(scores[0])
         was_insufficient = self.detector.insufficient
+        values = {t: (None if not w.good[-1, j] else float(w.values[-1, j])) for j, t in enumerate(self.inputs)}
+        events = self.detector.update(
+            t_end=t_end, window_start=float(w.times[0]), score=raw, contributions=contrib[0], values=values
+        )
+        # what is reported is what the detector compared with the threshold: the smoothed score
+        score = self.detector.last_score
         if math.isnan(score):
             self.windows_insufficient += 1
             if not was_insufficient:
@@ -173,7 +214,6 @@ class ModelMonitor:
             self.last_score = score
             if was_insufficient:
                 log.info("model %s: enough data again; scoring", self.name)
-        values = {t: (None if not w.good[-1, j] else float(w.values[-1, j])) for j, t in enumerate(self.inputs)}
         if self._on_score is not None:
             self._on_score(
                 Score(
@@ -185,9 +225,7 @@ class ModelMonitor:
                     good_fraction=w.good_fraction,
                 )
             )
-        for event in self.detector.update(
-            t_end=t_end, window_start=float(w.times[0]), score=score, contributions=contrib[0], values=values
-        ):
+        for event in events:
             self.emit(event)
 
     def _latest(self) -> dict[str, float | None]:

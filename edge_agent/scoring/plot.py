@@ -35,7 +35,12 @@ def plot_replay(
         top.plot(x, (data[:, j] - norm.mean[j]) / norm.scale[j], lw=0.8, label=name)
     top.set_ylabel("normalised value")
     top.legend(fontsize=7, ncol=4, loc="upper left")
-    bottom.plot(x, result.score, lw=0.9, color="black", label="score")
+    smoothing = result.bundle.metadata.score.smoothing
+    if smoothing > 1:
+        bottom.plot(x, result.raw_score, lw=0.6, color="0.6", label="window score")
+    # the line against the threshold is what the detector compares: the smoothed score
+    label = f"score (mean of {smoothing} windows)" if smoothing > 1 else "score"
+    bottom.plot(x, result.score, lw=0.9, color="black", label=label)
     bottom.axhline(result.threshold, color="red", ls="--", lw=1, label="threshold")
     bottom.set_yscale("log")
     bottom.set_ylabel("score")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.scoring.bundle import load_bundle
+from edge_agent.scoring.bundle import ScoreSpec, embed_metadata, load_bundle
 
 ROOT = Path(__file__).parents[2]
 MODEL = ROOT / "models" / "pump-skid-ae.tflite"
@@ -73,7 +73,9 @@ def test_replay_flags_the_fault_and_writes_one_row_per_input(plant_csv: tuple[Pa
     assert r.returncode == 0, r.stderr
     rows = out.read_text().splitlines()
     src = faulty.read_text().splitlines()
-    assert len(rows) == len(src) and rows[0] == "datetime,score,threshold,anomaly"
+    assert len(rows) == len(src) and rows[0] == "datetime,score,threshold,anomaly,raw_score,status"
+    assert [x.split(",")[0] for x in rows] == [x.split(",")[0] for x in src]  # joins back on the timestamp text
+    assert {x.split(",")[5] for x in rows[1:16]} == {"warmup"} and rows[16].endswith(",scored")
     flags = [int(x.split(",")[3]) for x in rows[1:]]
     truth = [int(x.split(",")[-1]) for x in src[1:]]
     assert flags[:15] == [0] * 15  # before the first full window
@@ -92,3 +94,121 @@ def test_calibrate_from_csv_writes_a_new_bundle(plant_csv: tuple[Path, Path], tm
     assert new.sha256 != load_bundle(MODEL).sha256
     assert new.metadata.threshold.rows == 600 and "normal.csv" in new.metadata.threshold.calibrated_on
     assert new.metadata.inputs == load_bundle(MODEL).metadata.inputs
+
+
+def test_calibrated_bundle_records_its_base(tmp_path: Path, plant_csv: tuple[Path, Path]) -> None:
+    normal, _ = plant_csv
+    out = tmp_path / "mine.tflite"
+    assert cli("calibrate", "--model", str(MODEL), "--csv", str(normal), "--out", str(out)).returncode == 0
+    assert load_bundle(out).metadata.threshold.base_sha256 == load_bundle(MODEL).sha256
+    text = cli("model", "inspect", str(out)).stdout
+    assert f"calibrated from sha256 {load_bundle(MODEL).sha256[:12]}" in text
+
+
+def test_check_says_which_file_will_score(tmp_path: Path, plant_csv: tuple[Path, Path]) -> None:
+    normal, _ = plant_csv
+    saved = tmp_path / "calibrated.tflite"
+    config = tmp_path / "sim.yaml"
+    example = (ROOT / "examples" / "simulator.yaml").read_text()
+    config.write_text(
+        example.replace("../models/", f"{ROOT}/models/").replace(
+            "    hysteresis: {exit_ratio: 0.8, min_duration: 5s}",
+            f"    calibrate: {{mode: startup, samples: 100, save_to: {saved}}}",
+        )
+    )
+    r = cli("check", str(config))
+    assert r.returncode == 0, r.stderr
+    assert f"model pump-skid: {MODEL}, calibrated at startup and saved to {saved}" in r.stdout
+    assert cli("calibrate", "--model", str(MODEL), "--csv", str(normal), "--out", str(saved)).returncode == 0
+    r = cli("check", str(config))
+    assert f"model pump-skid: {saved} (the startup calibration of {MODEL} saved earlier)" in r.stdout
+    # a save_to written from another bundle (here: the SKAB model's own file) is not used in its place
+    saved.write_bytes((ROOT / "models" / "skab" / "skab-pump-ae.tflite").read_bytes())
+    r = cli("check", str(config))
+    assert r.returncode == 0, r.stderr
+    assert f"model pump-skid: {MODEL}, calibrated at startup" in r.stdout
+    assert "not reusing the saved file" in r.stdout and "does not record which bundle" in r.stdout
+
+
+def test_replay_takes_a_configs_overrides(plant_csv: tuple[Path, Path], tmp_path: Path) -> None:
+    _, faulty = plant_csv
+    out = tmp_path / "out.csv"
+
+    def anomaly_rows(*extra: str) -> tuple[int, set[str]]:
+        r = cli("replay", str(faulty), "--model", str(MODEL), "--calibrate-rows", "500", "--out", str(out), *extra)
+        assert r.returncode == 0, r.stderr
+        rows = [x.split(",") for x in out.read_text().splitlines()[1:]]
+        return sum(int(x[3]) for x in rows), {x[2] for x in rows}
+
+    base, _ = anomaly_rows()
+    held, _ = anomaly_rows("--min-duration", "2m", "--exit-ratio", "0.5")
+    never, thresholds = anomaly_rows("--threshold", "1e6")
+    assert 0 < base < held and never == 0 and thresholds == {"1e+06"}
+    r = cli("replay", str(faulty), "--model", str(MODEL), "--exit-ratio", "1.5")
+    assert r.returncode == 2 and "an exit ratio is a number above 0 and at most 1" in r.stderr
+
+
+def test_missing_files_are_one_line_errors(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.csv"
+    for args in (
+        ("calibrate", "--model", str(MODEL), "--csv", str(missing), "--out", str(tmp_path / "x.tflite")),
+        ("train", str(missing), "--out", str(tmp_path / "x.tflite"), "--name", "x"),
+        ("replay", str(missing), "--model", str(MODEL)),
+    ):
+        r = cli(*args)
+        assert r.returncode == 2, (args, r.stderr)
+        assert r.stderr.strip().splitlines() == [f"{args[0]}: {missing}: cannot read it: No such file or directory"]
+
+
+HEADER = "datetime,pump.suction_pressure,pump.discharge_pressure,pump.flow,pump.motor_current,pump.vibration_rms,"
+HEADER += "pump.bearing_temp,pump.fluid_temp,pump.valve_position"
+ROW = ",1.5,6.0,40.3,30.1,2.5,55.0,24.9,100.0"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "empty file (a CSV needs a header row and data rows)"),
+        (HEADER + "\n", "only a header row, no data"),
+        ("time_of_day" + HEADER[8:] + "\n10:14" + ROW + "\n", ":2: '10:14' in column 'time_of_day' is not a timestamp"),
+        (HEADER + "\n2020-03-09 10:14:33" + ROW.replace("40.3", "n/a") + "\n", ":2: column 'pump.flow': 'n/a' is not"),
+        (HEADER.replace(",pump.flow", ",flow") + "\n2020-03-09 10:14:33" + ROW + "\n", ": no column 'pump.flow'"),
+        (
+            HEADER + "\n2020-03-09 10:14:33" + ROW + "\n2020-03-09 10:14:32" + ROW + "\n",
+            ": timestamps must increase, but data row 2 is not later than data row 1",
+        ),
+        (HEADER + "\n2020-03-09 10:14:33" + ROW + "\n", ": cannot calibrate on the first 400 rows of 1"),
+    ],
+)
+def test_replay_of_a_bad_csv_is_a_one_line_error(tmp_path: Path, text: str, message: str) -> None:
+    data = tmp_path / "bad.csv"
+    data.write_text(text)
+    r = cli("replay", str(data), "--model", str(MODEL), "--calibrate-rows", "400")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith(f"replay: {data}") and message in line, line
+
+
+def test_replay_output_that_cannot_be_written_is_an_error(plant_csv: tuple[Path, Path], tmp_path: Path) -> None:
+    _, faulty = plant_csv
+    out = tmp_path / "no" / "such" / "dir" / "out.csv"
+    r = cli("replay", str(faulty), "--model", str(MODEL), "--out", str(out))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == f"replay: {out}: cannot write it: No such file or directory"
+
+
+def test_replay_out_csv_shows_the_score_the_detector_compares(plant_csv: tuple[Path, Path], tmp_path: Path) -> None:
+    _, faulty = plant_csv
+    shipped = load_bundle(MODEL)
+    smooth = tmp_path / "smooth.tflite"
+    meta = shipped.metadata.model_copy(update={"score": ScoreSpec(smoothing=8)})
+    smooth.write_bytes(embed_metadata(shipped.data, meta))
+    out = tmp_path / "out.csv"
+    r = cli("replay", str(faulty), "--model", str(smooth), "--calibrate-rows", "500", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    rows = [x.split(",") for x in out.read_text().splitlines()[1:]]
+    scored = [(float(x[1]), float(x[2]), int(x[3]), float(x[4])) for x in rows if x[5] == "scored"]
+    assert any(a for _, _, a, _ in scored)
+    # with smoothing 8 a row's raw score can be above the threshold while the flag says normal, its score cannot
+    assert not [x for x in scored if x[0] > x[1] and x[2] == 0]
+    assert any(abs(s - raw) > 1e-3 * s for s, _, _, raw in scored)

@@ -16,6 +16,8 @@ from peers import free_port
 
 from edge_agent.agent import Agent
 from edge_agent.config import load_config
+from edge_agent.scoring.bundle import load_bundle
+from edge_agent.scoring.monitor import load_models
 from edge_agent.simulate import SimulatorOptions, parse_fault_spec, run_simulator
 from edge_agent.types import AnomalyEvent, EventType
 
@@ -108,6 +110,10 @@ async def test_startup_calibration_adapts_the_model(tmp_path: Path) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await sim
     assert saved.exists() and monitor.threshold != shipped
+    # the saved file names the bundle it was calibrated from, so a restart reuses it only for that bundle
+    assert load_bundle(saved).metadata.threshold.base_sha256 == load_bundle(cfg.models[0].file).sha256
+    (again,) = load_models(cfg)
+    assert not again.calibrate and again.bundle.sha256 == load_bundle(saved).sha256
     meta = monitor.bundle.metadata
     assert meta.threshold.rows >= 36 and "startup" in meta.threshold.calibrated_on
     assert monitor.windows_scored >= 3 and monitor.last_score is not None

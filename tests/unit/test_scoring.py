@@ -3,17 +3,33 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 from pathlib import Path
 
+import jsonschema
 import numpy as np
 import pytest
 
-from edge_agent.scoring.bundle import ModelError, bundle_from_bytes, embed_metadata, load_bundle, read_metadata
-from edge_agent.scoring.calibrate import calibrate, score_series, sliding_windows
+from edge_agent.buffers import Buffers
+from edge_agent.config import Config, ModelSection, load_config
+from edge_agent.publish.payloads import load_schema, score_payload
+from edge_agent.scoring.bundle import (
+    Bundle,
+    ModelError,
+    ScoreSpec,
+    bundle_from_bytes,
+    embed_metadata,
+    load_bundle,
+    read_metadata,
+    save_bundle,
+)
+from edge_agent.scoring.calibrate import calibrate, rolling_mean, score_series, sliding_windows
 from edge_agent.scoring.detector import Detector, WindowScorer, series_flags
+from edge_agent.scoring.monitor import LoadedModel, ModelMonitor, load_models
 from edge_agent.scoring.replay import read_table, replay, write_result
 from edge_agent.scoring.runtime import ModelRuntime
-from edge_agent.types import EventType, Severity
+from edge_agent.types import AnomalyEvent, EventType, Score, Severity
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 INT8, F32 = FIXTURES / "pump-i8.tflite", FIXTURES / "pump-f32.tflite"
@@ -165,6 +181,15 @@ def test_calibration_is_reproducible_and_recorded() -> None:
     assert np.mean(scores > a.metadata.threshold.value) < 0.01  # the normal data stays below the threshold
 
 
+def write_csv(path: Path, names: list[str], data: np.ndarray, stamp: str = "2026-01-01 00:{m:02d}:{s:06.3f}") -> None:
+    """A `;` CSV with naive local-looking timestamps every 0.2 s, as a historian export writes them."""
+    with open(path, "w") as f:
+        f.write("datetime;" + ";".join(names) + "\n")
+        for i, row in enumerate(data):
+            t = i * 0.2
+            f.write(stamp.format(m=int(t // 60), s=t % 60) + ";" + ";".join(f"{v:.6g}" for v in row) + "\n")
+
+
 def test_replay_output_shape_and_csv(tmp_path: Path) -> None:
     bundle = load_bundle(INT8)
     meta = bundle.metadata
@@ -172,12 +197,7 @@ def test_replay_output_shape_and_csv(tmp_path: Path) -> None:
     data = normal_data(INT8, rows)
     data[200:260, 1] += 10 * meta.normalisation.scale[1]
     csv_path = tmp_path / "in.csv"
-    with open(csv_path, "w") as f:
-        f.write("datetime;" + ";".join(meta.inputs) + "\n")
-        for i in range(rows):
-            f.write(
-                f"2026-01-01 00:{i // 300:02d}:{(i * 0.2) % 60:06.3f};" + ";".join(f"{v:.6g}" for v in data[i]) + "\n"
-            )
+    write_csv(csv_path, meta.inputs, data)
     table = read_table(csv_path)
     assert table.time_column == "datetime" and table.values.shape == (rows, len(meta.inputs))
     result = replay(bundle, table.times, table.select(meta.inputs), calibrate_rows=150)
@@ -185,7 +205,205 @@ def test_replay_output_shape_and_csv(tmp_path: Path) -> None:
     assert result.anomaly[: meta.window - 1].sum() == 0
     assert result.anomaly[205:255].all() and not result.anomaly[:200].any()
     out = tmp_path / "out.csv"
-    write_result(result, out)
+    write_result(result, out, table.time_column, table.stamps)
     lines = out.read_text().splitlines()
-    assert lines[0] == "datetime,score,threshold,anomaly" and len(lines) == rows + 1
+    assert lines[0] == "datetime,score,threshold,anomaly,raw_score,status" and len(lines) == rows + 1
+    # each row's timestamp is the input's text, unchanged (no time zone invented), so OUT.csv joins back
+    inputs = csv_path.read_text().splitlines()
+    assert [x.split(",")[0] for x in lines[1:]] == [x.split(";")[0] for x in inputs[1:]]
+    assert lines[1].startswith("2026-01-01 00:00:00.000,,")
     assert json.dumps(result.bundle.metadata.threshold.model_dump())  # calibrated threshold is recorded
+
+
+def test_replay_status_tells_warmup_from_insufficient_data(tmp_path: Path) -> None:
+    bundle = load_bundle(INT8)
+    window = bundle.metadata.window
+    data = normal_data(INT8, 120)
+    data[60:80] = np.nan  # a gap in the recording: windows over it have too little good data
+    times = 1.0e9 + 0.2 * np.arange(len(data))
+    result = replay(bundle, times, data)
+    assert set(result.status[: window - 1]) == {"warmup"} and np.isnan(result.score[: window - 1]).all()
+    gap = result.status == "insufficient"
+    assert gap[60:80].all() and gap.sum() < 20 + window and np.isnan(result.score[gap]).all()
+    assert np.isfinite(result.score[result.status == "scored"]).all()
+    out = tmp_path / "out.csv"
+    write_result(result, out)  # no input text: epoch seconds are written as ISO 8601 UTC
+    row = out.read_text().splitlines()[70].split(",")
+    assert row[0] == "2001-09-09T01:46:53.800Z" and row[1] == "" and row[-1] == "insufficient"
+
+
+def smoothed_copy(path: Path, smoothing: int) -> Bundle:
+    bundle = load_bundle(path)
+    meta = bundle.metadata.model_copy(update={"score": ScoreSpec(smoothing=smoothing)})
+    return bundle_from_bytes(embed_metadata(bundle.data, meta))
+
+
+def test_replay_reports_the_smoothed_score_the_detector_compares() -> None:
+    bundle = smoothed_copy(INT8, 40)
+    meta = bundle.metadata
+    data = normal_data(INT8, 300)
+    data[150, 2] += 10 * meta.normalisation.scale[2]  # one bad sample: a short burst of high window scores
+    times = 0.2 * np.arange(len(data))
+    result = replay(bundle, times, data)
+    scored = result.status == "scored"
+    np.testing.assert_allclose(result.score[scored], rolling_mean(result.raw_score[scored], 40))
+    # the burst is above the threshold window by window, but not on average over 40 windows: no anomaly, and
+    # no row whose reported score is above the threshold while the flag says normal
+    assert (result.raw_score[scored] > result.threshold).any() and not result.anomaly.any()
+    assert not ((result.score > result.threshold) & (result.anomaly == 0)).any()
+
+
+def test_replay_applies_a_configs_overrides() -> None:
+    bundle = load_bundle(INT8)
+    data = normal_data(INT8, 200)
+    data[100:110, 1] += 10 * bundle.metadata.normalisation.scale[1]
+    times = 0.2 * np.arange(len(data))
+    default = replay(bundle, times, data, min_duration=0)
+    held = replay(bundle, times, data, min_duration=10)
+    assert default.anomaly.any() and held.anomaly.sum() >= 10 / 0.2 > default.anomaly.sum()
+    high = replay(bundle, times, data, threshold=1e6)
+    assert high.threshold == 1e6 and not high.anomaly.any()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "empty file"),
+        ("datetime,a\n", "only a header row"),
+        ("datetime,a\n2026-01-01 00:00:00,1\nyesterday,2\n", ":3: 'yesterday' in column 'datetime' is not a timestamp"),
+        ("a,b\nx,2\n", "'x' in column 'a' is not a timestamp"),  # no time column: the first one is not one either
+    ],
+)
+def test_read_table_errors_name_the_file_and_the_problem(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "in.csv"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=f"^{path}.*{re.escape(message)}") as err:
+        read_table(path)
+    assert "\n" not in str(err.value)
+
+
+def test_read_table_refuses_text_only_in_columns_a_model_reads(tmp_path: Path) -> None:
+    path = tmp_path / "in.csv"
+    path.write_text("\ufeffts;a;state\n1;1,5;RUNNING\n2;;RUNNING\n3;2.5;STOPPED\n")  # BOM, decimal commas
+    table = read_table(path)
+    assert table.time_column == "ts" and table.columns == ("a", "state")
+    with pytest.raises(ValueError, match=f"^{path}:2: column 'a': '1,5' is not a number"):
+        table.select(["a"])
+    with pytest.raises(ValueError, match="no column 'b'; it has a, state"):
+        table.select(["b"])
+    path.write_text("ts;a;state\n1;1.5;RUNNING\n2;;RUNNING\n")
+    assert np.isnan(read_table(path).select(["a"])[1, 0])  # an empty cell is missing data, not an error
+
+
+def test_replay_refuses_timestamps_that_go_back() -> None:
+    bundle = load_bundle(INT8)
+    with pytest.raises(ValueError, match="data row 3 is not later than data row 2"):
+        replay(bundle, np.array([0.0, 1.0, 1.0, 2.0]), normal_data(INT8, 4))
+    with pytest.raises(ValueError, match="cannot calibrate on the first 50 rows of 4"):
+        replay(bundle, np.arange(4.0), normal_data(INT8, 4), calibrate_rows=50)
+
+
+class _Raw:
+    """A scorer stand-in whose window scores are given: the monitor's wiring is under test, not the model."""
+
+    def __init__(self, scores: list[float], n_inputs: int) -> None:
+        self.scores, self.n = iter(scores), n_inputs
+
+    def score(self, values: np.ndarray, good: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return np.array([next(self.scores)]), np.full((1, self.n), 1.0 / self.n)
+
+
+def test_monitor_publishes_the_smoothed_score_with_its_severity(tmp_path: Path) -> None:
+    bundle = smoothed_copy(INT8, 3)
+    path = tmp_path / "smooth.tflite"
+    save_bundle(bundle, path)
+    section = ModelSection(name="pump", file=path)
+    buffers = Buffers(retention=60.0, max_samples=1000)
+    buffers.register(tuple(bundle.metadata.inputs), 0.2)
+    published: list[Score] = []
+    events: list[AnomalyEvent] = []
+    monitor = ModelMonitor(
+        LoadedModel(section, bundle), buffers, events.append, agent="a", site="s", on_score=published.append
+    )
+    thr = monitor.threshold
+    raw = [0.5 * thr, 0.5 * thr, 3.5 * thr, float("nan"), 0.5 * thr]
+    monitor.scorer = _Raw(raw, len(monitor.inputs))  # type: ignore[assignment]
+    for k in range(len(raw)):
+        monitor.step(100.0 + 0.2 * k)
+    got = [p.score for p in published]
+    # the mean of the last 3 scored windows (an unscored one is skipped, as the detector skips it)
+    assert got[:3] == pytest.approx([0.5 * thr, 0.5 * thr, 1.5 * thr]) and got[3] is None
+    assert got[4] == pytest.approx(1.5 * thr) and monitor.last_score == pytest.approx(1.5 * thr)
+    assert [e.type for e in events] == [EventType.START] and events[0].score == pytest.approx(1.5 * thr)
+    doc = score_payload(published[2], agent="a", site="s")
+    jsonschema.validate(doc, load_schema("score"))
+    assert doc["ratio"] == pytest.approx(1.5) and doc["severity"] == "major"
+    low = score_payload(published[0], agent="a", site="s")
+    assert low["severity"] is None and low["ratio"] == pytest.approx(0.5)
+    missing = score_payload(published[3], agent="a", site="s")
+    jsonschema.validate(missing, load_schema("score"))
+    assert missing["ratio"] is None and missing["severity"] is None
+    assert list(doc)[-1] == "historical"  # mark_historical swaps the tail bytes
+
+
+# ---------------------------------------------------------------- startup calibration and save_to
+
+TAGS = "\n".join(
+    f"      - {{name: {t}, address: '{40001 + 2 * i}', type: float32}}"
+    for i, t in enumerate(load_bundle(INT8).metadata.inputs)
+)
+
+
+def startup_config(tmp_path: Path, saved: Path) -> Config:
+    path = tmp_path / "agent.yaml"
+    path.write_text(
+        "devices:\n  - name: plc\n    type: modbus\n    host: 127.0.0.1\n    tags:\n"
+        + TAGS
+        + f"\nmodels:\n  - name: pump\n    file: {INT8}\n"
+        + f"    calibrate: {{mode: startup, samples: 100, save_to: {saved}}}\n"
+    )
+    return load_config(path)
+
+
+def test_save_to_is_reused_only_when_calibrated_from_the_configured_bundle(tmp_path: Path) -> None:
+    saved = tmp_path / "calibrated.tflite"
+    cfg = startup_config(tmp_path, saved)
+    (first,) = load_models(cfg)
+    assert first.calibrate and first.bundle.sha256 == load_bundle(INT8).sha256 and not first.stale
+    assert first.describe() == f"{INT8}, calibrated at startup and saved to {saved}"
+
+    mine = calibrate(load_bundle(INT8), normal_data(INT8, 200), source="test")
+    assert mine.metadata.threshold.base_sha256 == load_bundle(INT8).sha256
+    save_bundle(mine, saved)
+    (again,) = load_models(cfg)
+    assert not again.calibrate and again.bundle.sha256 == mine.sha256
+    assert again.describe() == f"{saved} (the startup calibration of {INT8} saved earlier)"
+
+
+@pytest.mark.parametrize(
+    ("left_behind", "why"),
+    [
+        ("other", "was calibrated from sha256 "),  # another model's (or an older version's) calibration
+        ("old", "does not record which bundle it was calibrated from"),  # written before base_sha256 existed
+        ("junk", "not a TFLite model"),
+    ],
+)
+def test_a_stale_save_to_is_recalibrated_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, left_behind: str, why: str
+) -> None:
+    saved = tmp_path / "calibrated.tflite"
+    if left_behind == "other":
+        save_bundle(calibrate(load_bundle(F32), normal_data(F32, 200), source="test"), saved)
+    elif left_behind == "old":
+        saved.write_bytes(INT8.read_bytes())  # loads (base_sha256 defaults to ''), but says nothing of its origin
+        assert load_bundle(saved).metadata.threshold.base_sha256 == ""
+    else:
+        saved.write_bytes(b"garbage")
+    (model,) = load_models(startup_config(tmp_path, saved))
+    assert model.calibrate and model.bundle.sha256 == load_bundle(INT8).sha256
+    assert why in model.stale and why in model.describe() and "calibrated at startup" in model.describe()
+    buffers = Buffers(retention=60.0, max_samples=1000)
+    with caplog.at_level(logging.WARNING, logger="edge_agent.scoring.monitor"):
+        monitor = ModelMonitor(model, buffers, lambda e: None, agent="a", site="s")
+    assert monitor.calibrating and monitor.bundle.sha256 == load_bundle(INT8).sha256
+    assert any("recalibrating" in r.getMessage() and why in r.getMessage() for r in caplog.records)
