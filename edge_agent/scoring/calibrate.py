@@ -73,6 +73,15 @@ def normal_scores(bundle: Bundle, data: F64, *, min_scale_ratio: float = MIN_SCA
     return norm, rolling_mean(scores, meta.score.smoothing)
 
 
+def threshold_of(scores: F64, quantile: float, margin: float) -> float:
+    """quantile × margin of normal scores, to 6 significant digits.
+
+    The last digits of a score follow the order of numpy's sums, which a faster scoring step may
+    change; six digits are more than a threshold means, and keep a rebuilt bundle byte-identical.
+    """
+    return max(float(f"{float(np.quantile(scores, quantile)) * margin:.6g}"), 1e-9)
+
+
 def calibrate(
     bundle: Bundle,
     data: F64,
@@ -84,7 +93,7 @@ def calibrate(
 ) -> Bundle:
     """A new bundle whose normalisation and threshold come from `data` (rows × inputs of normal operation)."""
     norm, scores = normal_scores(bundle, data, min_scale_ratio=min_scale_ratio)
-    value = max(float(np.quantile(scores, quantile)) * margin, 1e-9)
+    value = threshold_of(scores, quantile, margin)
     threshold = ThresholdSpec(
         value=value,
         quantile=quantile,

@@ -34,7 +34,7 @@ from edge_agent.scoring.bundle import (
     embed_metadata,
     now_iso,
 )
-from edge_agent.scoring.calibrate import calibrate, fit_normalisation, normal_scores, sliding_windows
+from edge_agent.scoring.calibrate import calibrate, fit_normalisation, normal_scores, sliding_windows, threshold_of
 
 F64 = npt.NDArray[np.float64]
 Normalise = Literal["global", "per-run"]
@@ -116,7 +116,7 @@ def training_windows(series: list[F64], options: TrainOptions) -> npt.NDArray[np
 def _per_run_threshold(bundle: Bundle, series: list[F64], options: TrainOptions, source: str) -> Bundle:
     """Threshold from every run scored under its own normalisation (as calibration on each machine will)."""
     scores = [normal_scores(bundle, run)[1] for run in runs_of(series, options) if len(run) >= options.window + 10]
-    value = max(float(np.quantile(np.concatenate(scores), options.quantile)) * options.margin, 1e-9)
+    value = threshold_of(np.concatenate(scores), options.quantile, options.margin)
     rows = sum(len(s) for s in series)
     threshold = ThresholdSpec(
         value=value,
