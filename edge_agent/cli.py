@@ -504,6 +504,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         source = f"live {args.config} ({len(data)} samples)"
     try:
         new = calibrate(bundle, data, quantile=args.quantile, margin=args.margin, source=source)
+    except ModelError as exc:
+        print(f"calibrate: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except ValueError as exc:
         print(f"calibrate: {args.csv or args.config}: {exc}", file=sys.stderr)
         return EXIT_FAIL
@@ -609,7 +612,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
             min_duration=args.min_duration,
             source=str(args.data),
         )
-    except ValueError as exc:
+    except (ModelError, ValueError) as exc:  # the runtime finds some model problems only when it loads it
         print(f"replay: {args.data}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     try:

@@ -445,11 +445,14 @@ def _annotation_at(tree: Any, path: Sequence[str | int]) -> Any:
     """The type annotation of the field at `path` in the raw tree (a device's by its type), or None if unknown."""
     current: Any = Config
     node: Any = tree
-    for part in path:
+    for depth, part in enumerate(path):
         if isinstance(part, int):
             node = node[part] if isinstance(node, list) and part < len(node) else None
-            if isinstance(node, dict) and node.get("type") in REGISTRY:  # one device of the union
-                current = REGISTRY[node["type"]].config
+            if depth == 1 and path[0] == "devices":  # one device of the union: its type says which model
+                kind = node.get("type") if isinstance(node, dict) else None
+                if not isinstance(kind, str) or kind not in REGISTRY:
+                    return None
+                current = REGISTRY[kind].config
             continue
         node = node.get(part) if isinstance(node, dict) else None
         if isinstance(current, type) and issubclass(current, BaseModel) and part in current.model_fields:
@@ -685,7 +688,15 @@ def _in_file_order(issues: list[ConfigIssue]) -> list[ConfigIssue]:
 
 def _relative_to(cfg: Config, base: Path) -> Config:
     """Files named relative to the config file are found next to it, wherever the agent runs from."""
-    models = [m if m.file.is_absolute() else m.model_copy(update={"file": base / m.file}) for m in cfg.models]
+    models = [
+        m.model_copy(
+            update={
+                "file": _under(base, m.file),
+                "calibrate": m.calibrate.model_copy(update={"save_to": _under(base, m.calibrate.save_to)}),
+            }
+        )
+        for m in cfg.models
+    ]
     # a driver whose devices name files (OPC UA certificates, keys, password files) resolves them itself
     devices = [d.relative_to(base) for d in cfg.devices]
     mqtt = cfg.mqtt

@@ -67,20 +67,20 @@ def _time_or_nan(text: str) -> float:
     return t.timestamp()
 
 
-def _numbers(cells: npt.NDArray[np.str_], lines: list[int]) -> tuple[F64, tuple[int, str] | None]:
+def _numbers(cells: Sequence[str], lines: list[int]) -> tuple[F64, tuple[int, str] | None]:
     """A column of text as floats (empty cells NaN) and the first cell that is not a number, if any."""
-    blank = np.char.strip(cells) == ""
+    texts = [c if c.strip() else "nan" for c in cells]
     try:
-        return np.where(blank, "nan", cells).astype(np.float64), None
+        return np.array(texts, dtype=np.float64), None
     except ValueError:
         pass
-    out = np.full(len(cells), np.nan)
+    out = np.full(len(texts), np.nan)
     first: tuple[int, str] | None = None
-    for k in np.flatnonzero(~blank):  # the slow path only for a column that has text in it
+    for k, text in enumerate(texts):  # the slow path only for a column that has text in it
         try:
-            out[k] = float(cells[k])
+            out[k] = float(text)
         except ValueError:
-            first = first or (lines[k], str(cells[k]))
+            first = first or (lines[k], text)
     return out, first
 
 
@@ -108,10 +108,12 @@ def read_table(path: str | Path) -> Table:
         raise ValueError(f"{path}: only a header row, no data")
     lines = [n for n, _ in records[1:]]
     width = len(header)
-    cells = np.array([r[:width] + [""] * (width - len(r)) for _, r in records[1:]], dtype=np.str_).reshape(-1, width)
+    # columns of Python strings: one numpy text array would make every cell as wide as the widest
+    # (a free-text note column of 5k characters would cost 20 kB per cell)
+    columns = list(zip(*(r[:width] + [""] * (width - len(r)) for _, r in records[1:]), strict=True))
     lower = [h.lower() for h in header]
     tcol = next((lower.index(n) for n in TIME_COLUMNS if n in lower), 0)
-    stamps = cells[:, tcol].tolist()
+    stamps = list(columns[tcol])
     times = np.asarray([_time_or_nan(text) for text in stamps], dtype=np.float64)
     unreadable = np.flatnonzero(~np.isfinite(times))
     if unreadable.size:
@@ -125,7 +127,7 @@ def read_table(path: str | Path) -> Table:
     values = np.empty((len(stamps), len(keep)))
     not_numbers = {}
     for j, i in enumerate(keep):
-        values[:, j], bad = _numbers(cells[:, i], lines)
+        values[:, j], bad = _numbers(columns[i], lines)
         if bad is not None:
             not_numbers[header[i]] = bad
     return Table(times, tuple(header[i] for i in keep), values, header[tcol], tuple(stamps), str(path), not_numbers)

@@ -47,14 +47,14 @@ def _deref(data: bytes, pos: int) -> int:
     return pos + _u32(data, pos)
 
 
-def _vector(data: bytes, table: int, index: int) -> tuple[int, int]:
-    """(position of the first element, length) of a vector field; (0, 0) when absent."""
+def _vector(data: bytes, table: int, index: int, size: int = 1) -> tuple[int, int]:
+    """(position of the first element, length) of a vector field of `size`-byte elements; (0, 0) when absent."""
     pos = _field(data, table, index)
     if not pos:
         return 0, 0
     vec = _deref(data, pos)
     n = _u32(data, vec)
-    if vec + 4 + n > len(data):
+    if vec + 4 + n * size > len(data):
         raise FlatbufferError(f"vector of {n} at {vec} runs past the end of the file")
     return vec + 4, n
 
@@ -73,8 +73,8 @@ def find_metadata(data: bytes, name: str) -> MetadataBuffer | None:
     """The buffer holding metadata `name`, or None when the model has no such entry."""
     try:
         root = _u32(data, 0)
-        entries, n_entries = _vector(data, root, MODEL_METADATA)
-        buffers, n_buffers = _vector(data, root, MODEL_BUFFERS)
+        entries, n_entries = _vector(data, root, MODEL_METADATA, 4)  # vectors of offsets to tables
+        buffers, n_buffers = _vector(data, root, MODEL_BUFFERS, 4)
         wanted = name.encode()
         for i in range(n_entries):
             entry = _deref(data, entries + 4 * i)

@@ -212,3 +212,61 @@ def test_replay_out_csv_shows_the_score_the_detector_compares(plant_csv: tuple[P
     # with smoothing 8 a row's raw score can be above the threshold while the flag says normal, its score cannot
     assert not [x for x in scored if x[0] > x[1] and x[2] == 0]
     assert any(abs(s - raw) > 1e-3 * s for s, _, _, raw in scored)
+
+
+def test_a_model_the_runtime_refuses_is_a_one_line_error(plant_csv: tuple[Path, Path], tmp_path: Path) -> None:
+    """Metadata that disagrees with the tensors is found when the runtime loads the model: still no traceback."""
+    from edge_agent.scoring.bundle import embed_metadata, load_bundle
+
+    base = load_bundle(MODEL)
+    meta = base.metadata
+    three = meta.model_copy(
+        update={
+            "inputs": meta.inputs[:3],
+            "normalisation": meta.normalisation.model_copy(
+                update={"mean": meta.normalisation.mean[:3], "scale": meta.normalisation.scale[:3]}
+            ),
+        }
+    )
+    bad = tmp_path / "bad.tflite"
+    bad.write_bytes(embed_metadata(base.data, three))
+    normal, _ = plant_csv
+    for args in (
+        ("replay", str(normal), "--model", str(bad)),
+        ("calibrate", "--model", str(bad), "--csv", str(normal), "--out", str(tmp_path / "x.tflite")),
+    ):
+        r = cli(*args)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (args, r.stderr)
+        assert "do not match the metadata's window × inputs" in r.stderr.strip().splitlines()[-1]
+
+
+def test_calibration_save_to_is_next_to_the_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edge_agent.config import load_config
+
+    config = tmp_path / "sim.yaml"
+    example = (ROOT / "examples" / "simulator.yaml").read_text()
+    config.write_text(
+        example.replace("../models/", f"{ROOT}/models/").replace(
+            "    hysteresis: {exit_ratio: 0.8, min_duration: 5s}",
+            "    calibrate: {mode: startup, samples: 100, save_to: calibrated.tflite}",
+        )
+    )
+    monkeypatch.chdir("/")
+    assert load_config(config).models[0].calibrate.save_to == tmp_path / "calibrated.tflite"
+
+
+def test_a_wide_text_column_costs_no_more_than_its_text(tmp_path: Path) -> None:
+    """A free-text column must not widen every cell of the table (one numpy text array did: ~20 kB a cell)."""
+    import tracemalloc
+
+    from edge_agent.scoring.replay import read_table
+
+    data = tmp_path / "notes.csv"
+    rows = [f"2020-03-09 10:{i // 60:02d}:{i % 60:02d}{ROW},{'x' * 2000 if i == 7 else ''}" for i in range(2000)]
+    data.write_text(HEADER + ",note\n" + "\n".join(rows) + "\n")
+    tracemalloc.start()
+    table = read_table(data)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert table.select(["pump.flow"])[:, 0].tolist() == [40.3] * 2000
+    assert peak < 16 * 2**20, peak  # the old path held 2000 rows × 10 cells × 8 kB = 160 MB

@@ -197,3 +197,18 @@ def test_leading_zero_addresses_stay_text() -> None:
     cfg = parse_config(BASE.replace('"40001"', "00012"), environ={"PORT": "1"})
     tag = cfg.devices[0].tags[0]
     assert str(tag.address) == "00012" and tag.address.index == 11
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        '{name: plc, type: [modbus], host: "${H}", tags: [{name: a, address: "40001"}]}',
+        '{name: plc, type: {x: 1}, port: "${P}", tags: [{name: a, address: "40001"}]}',
+        '{name: plc, type: modbus, host: h, tags: [{name: a, address: "40001", type: [x], scale: "${S:-2}"}]}',
+        '{name: plc, type: modbus, host: h, tags: [{name: a, address: "40001", type: s7, scale: "${S:-2}"}]}',
+    ],
+)
+def test_malformed_types_next_to_env_references_are_reported_not_raised(device: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(f"devices:\n  - {device}\n", environ={"H": "h", "P": "502"}, source="c.yaml")
+    assert all(str(i).startswith("c.yaml:") for i in err.value.issues), err.value.issues
