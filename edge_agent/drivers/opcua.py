@@ -761,6 +761,18 @@ class _Sub:
     ranged: set[int] = field(default_factory=set)  # columns monitored with an IndexRange
 
 
+@dataclass
+class _Round:
+    """The k-th change of each tag in one publish: one batch for the buffers."""
+
+    cols: list[int] = field(default_factory=list)
+    vals: list[float] = field(default_factory=list)
+    quals: list[int] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)
+    kinds: list[str] = field(default_factory=list)
+    exact: dict[int, Value] = field(default_factory=dict)
+
+
 class OpcUaDriver:
     """Reads one OPC UA server over one session: batched Reads, or subscriptions with data-change filters."""
 
@@ -1264,46 +1276,32 @@ class OpcUaDriver:
         return callback
 
     def _deliver(self, sub: _Sub, items: Iterable[Change]) -> None:
-        """Turn one publish's data changes into batches: one batch per round of distinct tags."""
+        """Turn one publish's data changes into batches: round k holds the k-th change of each tag."""
         group = sub.group
         tags = self._tags[group]
         now = time.time()
         stamp = self.config.timestamps
-        cols: list[int] = []
-        seen: set[int] = set()
-        vals: list[float] = []
-        quals: list[int] = []
-        times: list[float] = []
-        kinds: list[str] = []
-        exact: dict[int, Value] = {}
+        # servers list a tag's queued changes together (queue_size > 1); one batch per change would
+        # cost a buffer write each, so changes are dealt into rounds, and each tag's order is kept
+        rounds: list[_Round] = []
+        depth: dict[int, int] = {}
         problems: list[tuple[int, str]] = []
         good: list[int] = []
-
-        def flush() -> None:
-            if not cols:
-                return
-            self._emit(group, cols, vals, quals, times, kinds, exact, now)
-            cols.clear()
-            seen.clear()
-            vals.clear()
-            quals.clear()
-            times.clear()
-            kinds.clear()
-            exact.clear()
-
         for col, status, vt, v, is_array, src, srv in items:
             if col >= len(tags):
                 continue
-            if col in seen:
-                flush()  # a second change of the same tag (queue_size > 1) goes into the next batch, in order
+            k = depth.get(col, 0)
+            depth[col] = k + 1
+            if k == len(rounds):
+                rounds.append(_Round())
+            r = rounds[k]
             t = now
             if stamp is Timestamps.SOURCE:
                 t = src or srv or now
             elif stamp is Timestamps.SERVER:
                 t = srv or now
-            seen.add(col)
-            cols.append(col)
-            times.append(t)
+            r.cols.append(col)
+            r.times.append(t)
             value, q, kind = math.nan, Quality.BAD, "float"
             if status >> 30:
                 q = Quality.UNCERTAIN if status >> 30 == 1 else Quality.BAD
@@ -1316,15 +1314,16 @@ class OpcUaDriver:
                     value, x, kind = _convert(vt, v)
                     q = Quality.GOOD
                     if x is not None:
-                        exact[len(cols) - 1] = x
+                        r.exact[len(r.cols) - 1] = x
                 except _Unusable as exc:
                     problems.append((col, str(exc)))
-            vals.append(value)
-            quals.append(q)
-            kinds.append(kind)
+            r.vals.append(value)
+            r.quals.append(q)
+            r.kinds.append(kind)
             if q == Quality.GOOD:
                 good.append(col)
-        flush()
+        for r in rounds:
+            self._emit(group, r.cols, r.vals, r.quals, r.times, r.kinds, r.exact, now)
         if problems or self._bad:
             self._report(tags, problems, good)
 
