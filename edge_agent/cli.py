@@ -23,6 +23,7 @@ from edge_agent.agent import Agent
 from edge_agent.config import Config, load_config
 from edge_agent.drivers import REGISTRY, DeviceBase
 from edge_agent.errors import ConfigError, DeviceError, DeviceStartupError
+from edge_agent.scoring.monitor import LoadedModel, load_models
 from edge_agent.types import AnomalyEvent, Quality, Sample, SampleBatch
 
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
@@ -73,20 +74,22 @@ def _setup_logging(level: str) -> None:
     logging.getLogger("asyncua.client.ua_client").setLevel(logging.INFO if debug else logging.WARNING)
 
 
-def _load(path: str, *, with_models: bool = False) -> Config | None:
+def _load(path: str) -> Config | None:
+    """The config, or None after printing every problem in it."""
+    return _load_with_models(path, models=False)[0]
+
+
+def _load_with_models(path: str, *, models: bool = True) -> tuple[Config | None, list[LoadedModel]]:
+    """The config and its model bundles loaded once (each builds an interpreter), or None after printing why."""
     try:
         cfg = load_config(path)
-        if with_models:
-            from edge_agent.scoring.monitor import load_models
-
-            load_models(cfg)
-        return cfg
+        return cfg, load_models(cfg) if models else []
     except ConfigError as exc:
         for issue in exc.issues:
             print(issue, file=sys.stderr)
         n = len(exc.issues)
         print(f"{path}: {n} error{'s' if n != 1 else ''}, nothing started", file=sys.stderr)
-        return None
+        return None, []
 
 
 # ---------------------------------------------------------------- check
@@ -94,7 +97,7 @@ def _load(path: str, *, with_models: bool = False) -> Config | None:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Validate a config file and its model bundles without touching the network."""
-    cfg = _load(args.config, with_models=True)
+    cfg, models = _load_with_models(args.config)
     if cfg is None:
         return EXIT_CONFIG
     n_tags = sum(len(d.tags) for d in cfg.devices)
@@ -119,9 +122,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             f"{len(g.tags)} tags every {g.interval:g}s in {plan.get(g.interval, '?')} requests" for g in driver.groups
         )
         print(f"  {dev.name} ({dev.type}): {per}")
-    from edge_agent.scoring.monitor import load_models
-
-    for m in load_models(cfg):  # which file will score: the configured one, or a saved startup calibration of it
+    for m in models:  # which file will score: the configured one, or a saved startup calibration of it
         print(f"  model {m.section.name}: {m.describe()}")
     return EXIT_OK
 
@@ -232,16 +233,9 @@ def _print_table(rows: Sequence[Sample], meta: dict[tuple[str, str], Any], out: 
 def cmd_run(args: argparse.Namespace) -> int:
     """Poll and score continuously until SIGINT/SIGTERM; anomaly events go to stdout as JSON lines."""
     from edge_agent.publish.payloads import event_payload
-    from edge_agent.scoring.monitor import load_models
 
-    cfg = _load(args.config)
+    cfg, models = _load_with_models(args.config)
     if cfg is None:
-        return EXIT_CONFIG
-    try:
-        models = load_models(cfg)
-    except ConfigError as exc:
-        for issue in exc.issues:
-            print(issue, file=sys.stderr)
         return EXIT_CONFIG
 
     def print_event(event: AnomalyEvent) -> None:

@@ -70,6 +70,7 @@ class ModbusPeer:
         self.coils = [False] * size
         self.discrete = [False] * size
         self.requests = 0
+        self.refuse: ExcCodes | None = None  # answer every request with this exception (a gateway's dead device)
         self.port = 0
         self._server: ModbusTcpServer | None = None
 
@@ -89,6 +90,8 @@ class ModbusPeer:
         set_values: list[int] | list[bool] | None,
     ) -> ExcCodes | None:
         self.requests += 1
+        if self.refuse is not None:
+            return self.refuse
         table = _TABLE_OF_FC.get(fc)
         if table in ("holding", "input"):
             src = getattr(self, table)

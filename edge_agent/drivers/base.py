@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -86,6 +86,28 @@ class DeviceBase(StrictModel):
     def interval_of(self, tag: TagBase) -> float:
         """The poll interval that applies to a tag."""
         return tag.poll_interval if tag.poll_interval is not None else self.poll_interval
+
+
+def overlaps(extents: Iterable[tuple[int, int, int | None, int]]) -> list[tuple[int, int]]:
+    """(tag, earlier tag it overlaps) for (tag, first unit, bit or None, units) extents of one address space.
+
+    Whole-unit tags sort before the bits of their first unit, so each bit meets them; the whole-unit
+    tag reaching furthest so far is kept, so a long tag (float64, string) is found over every tag it
+    covers, not only its neighbour. Two bits of one unit overlap only when they are the same bit.
+    """
+    found: list[tuple[int, int]] = []
+    cover: tuple[int, int] | None = None  # (tag, one past its last unit)
+    bits: dict[tuple[int, int], int] = {}
+    for tag, start, bit, size in sorted(extents, key=lambda e: (e[1], -1 if e[2] is None else e[2])):
+        if bit is not None and (start, bit) in bits:
+            found.append((tag, bits[(start, bit)]))
+        elif cover is not None and start < cover[1]:
+            found.append((tag, cover[0]))
+        if bit is not None:
+            bits.setdefault((start, bit), tag)
+        elif cover is None or start + size > cover[1]:
+            cover = (tag, start + size)
+    return found
 
 
 @dataclass(frozen=True, eq=False)  # identity hash: groups key per-group state cheaply

@@ -28,6 +28,7 @@ from edge_agent.drivers.base import (
     ScanGroup,
     TagBase,
     mark_bad,
+    overlaps,
     register,
 )
 from edge_agent.drivers.codecs import BlockDecoder, ByteOrder, DataType, kind_of, width_of
@@ -273,27 +274,13 @@ class ModbusDevice(DeviceBase):
             if tag.size > cap:
                 problems.append((("tags", i, "length"), f"{tag.size} registers do not fit one request (max {cap})"))
         for entries in by_table.values():
-            # whole-register tags sort before the bits of their register, so each bit meets them as `cover`
-            entries.sort(key=lambda e: (e[1].address.index, -1 if e[1].address.bit is None else e[1].address.bit))
-            # the whole-register tag reaching furthest so far: a long tag (float64, string) can cover
-            # several later tags, not just its neighbour
-            cover: ModbusTag | None = None
-            bits: dict[tuple[int, int], ModbusTag] = {}
-            for i, tag in entries:
-                a = tag.address
-                other = None
-                if a.bit is not None and (a.index, a.bit) in bits:
-                    other = bits[(a.index, a.bit)]
-                elif cover is not None and a.index < cover.address.index + cover.size:
-                    other = cover
-                if other is not None:
-                    n = f"{other.size} register{'s' if other.size > 1 else ''}"
-                    message = f"{a} ({tag.name}) overlaps {other.address} ({other.name}, {n})"
-                    problems.append((("tags", i, "address"), message))
-                if a.bit is not None:
-                    bits.setdefault((a.index, a.bit), tag)
-                elif cover is None or a.index + tag.size > cover.address.index + cover.size:
-                    cover = tag
+            extents = ((i, t.address.index, t.address.bit, t.size) for i, t in entries)
+            for i, j in overlaps(extents):
+                tag, other = self.tags[i], self.tags[j]
+                n = f"{other.size} register{'s' if other.size > 1 else ''}"
+                problems.append(
+                    (("tags", i, "address"), f"{tag.address} ({tag.name}) overlaps {other.address} ({other.name}, {n})")
+                )
         return problems
 
 

@@ -29,7 +29,16 @@ from snap7.error import S7Error, S7ProtocolError, S7TimeoutError
 from snap7.s7protocol import get_return_code_description
 from snap7.type import Parameter
 
-from edge_agent.drivers.base import DeviceBase, DriverPlugin, PartFailures, ScanGroup, TagBase, mark_bad, register
+from edge_agent.drivers.base import (
+    DeviceBase,
+    DriverPlugin,
+    PartFailures,
+    ScanGroup,
+    TagBase,
+    mark_bad,
+    overlaps,
+    register,
+)
 from edge_agent.drivers.codecs import BlockDecoder, ByteDecoder, ByteField, ByteOrder, DataType
 from edge_agent.drivers.codecs import Field as CodecField
 from edge_agent.drivers.planner import Span, plan_reads
@@ -469,29 +478,16 @@ class S7Device(DeviceBase):
         for i, tag in enumerate(self.tags):
             by_block[(tag.address.area, tag.address.db)].append((i, tag))
         for entries in by_block.values():
-            # whole-byte tags sort before the bits of their first byte, so each bit meets them as `cover`
-            entries.sort(key=lambda e: (e[1].address.byte, -1 if e[1].address.bit is None else e[1].address.bit))
-            cover: S7Tag | None = None  # the whole-byte tag reaching furthest so far
-            bits: dict[tuple[int, int], S7Tag] = {}
-            for i, tag in entries:
-                a = tag.address
-                other = None
-                if a.bit is not None and (a.byte, a.bit) in bits:
-                    other = bits[(a.byte, a.bit)]
-                elif cover is not None and a.byte < cover.address.byte + cover.size:
-                    other = cover
-                if other is not None:
-                    n = 1 if other.address.bit is not None else other.size
-                    problems.append(
-                        (
-                            ("tags", i, "address"),
-                            f"{a} ({tag.name}) overlaps {other.address} ({other.name}, {n} byte{'s' if n > 1 else ''})",
-                        )
+            for i, j in overlaps((i, t.address.byte, t.address.bit, t.size) for i, t in entries):
+                tag, other = self.tags[i], self.tags[j]
+                n = 1 if other.address.bit is not None else other.size
+                size = f"{n} byte{'s' if n > 1 else ''}"
+                problems.append(
+                    (
+                        ("tags", i, "address"),
+                        f"{tag.address} ({tag.name}) overlaps {other.address} ({other.name}, {size})",
                     )
-                if a.bit is not None:
-                    bits.setdefault((a.byte, a.bit), tag)
-                elif cover is None or a.byte + tag.size > cover.address.byte + cover.size:
-                    cover = tag
+                )
         return problems
 
 

@@ -200,18 +200,23 @@ async def test_untrusted_server_is_refused_and_its_certificate_saved(ua_peer: Ua
     assert (await read_value(text))[1] is Quality.GOOD
 
 
-async def test_server_that_does_not_trust_the_agent(ua_peer: UaPeer, pki: Pki) -> None:
+async def refused_by_the_server(ua_peer: UaPeer, pki: Pki, status: int) -> str:
+    """The agent's connect error when the server's certificate check answers `status`."""
     assert ua_peer.server is not None
 
     async def refuse(cert: x509.Certificate, app: ua.ApplicationDescription) -> None:
-        raise ServiceError(ua.StatusCodes.BadCertificateUntrusted)
+        raise ServiceError(status)
 
     iserver = ua_peer.server.iserver
     iserver.certificate_validator = refuse
     try:
-        message = await connect_error(device_yaml(ua_peer.url, TAGS, extra=security(pki, "SignAndEncrypt")))
+        return await connect_error(device_yaml(ua_peer.url, TAGS, extra=security(pki, "SignAndEncrypt")))
     finally:
         iserver.certificate_validator = None
+
+
+async def test_server_that_does_not_trust_the_agent(ua_peer: UaPeer, pki: Pki) -> None:
+    message = await refused_by_the_server(ua_peer, pki, ua.StatusCodes.BadCertificateUntrusted)
     assert f"the server refused this agent's certificate {pki.client_cert}" in message
     assert "trust it on the server" in message
 
@@ -253,17 +258,7 @@ async def test_application_uri_must_be_the_certificates(ua_peer: UaPeer, pki: Pk
 
 
 async def test_server_that_finds_the_uri_wrong_gets_the_uri_hint(ua_peer: UaPeer, pki: Pki) -> None:
-    assert ua_peer.server is not None
-
-    async def refuse(cert: x509.Certificate, app: ua.ApplicationDescription) -> None:
-        raise ServiceError(ua.StatusCodes.BadCertificateUriInvalid)
-
-    iserver = ua_peer.server.iserver
-    iserver.certificate_validator = refuse
-    try:
-        message = await connect_error(device_yaml(ua_peer.url, TAGS, extra=security(pki, "SignAndEncrypt")))
-    finally:
-        iserver.certificate_validator = None
+    message = await refused_by_the_server(ua_peer, pki, ua.StatusCodes.BadCertificateUriInvalid)
     assert message == (
         f"device ua: the server refused this agent's certificate {pki.client_cert} (BadCertificateUriInvalid): it "
         "finds the application URI in it wrong (some servers want the host name in it too): make a pair with "
