@@ -26,7 +26,8 @@ from harness import free_port, machine_line, measure_agent, start_server, stop_s
 
 from edge_agent.agent import Agent
 from edge_agent.config import parse_config
-from edge_agent.drivers.modbus import MAX_REGISTERS, ModbusDriver
+from edge_agent.drivers.modbus.config import MAX_REGISTERS
+from edge_agent.drivers.modbus.driver import ModbusDriver
 from edge_agent.drivers.planner import Span, minimum_reads
 
 REGISTERS = 60000

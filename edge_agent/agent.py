@@ -106,10 +106,10 @@ class Agent:
         ]
         self.pollers: list[DevicePoller] = []
         for dev in config.devices:
-            driver = REGISTRY[dev.type].factory(dev)
+            driver = REGISTRY[dev.type].build(dev)
             for group in driver.groups:
                 self.buffers.register(group.tags, group.interval)
-            for group in getattr(driver, "subscriptions", []):
+            for group in driver.subscriptions:
                 self.buffers.register(group.tags, group.interval, hold=True)
             self.pollers.append(
                 DevicePoller(

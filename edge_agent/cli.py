@@ -21,7 +21,7 @@ from typing import Any, TextIO
 from edge_agent import __version__
 from edge_agent.agent import Agent
 from edge_agent.config import Config, load_config
-from edge_agent.drivers import REGISTRY, DeviceBase
+from edge_agent.drivers import REGISTRY, DeviceBase, DriverUnavailable
 from edge_agent.errors import ConfigError, DeviceError, DeviceStartupError
 from edge_agent.scoring.monitor import LoadedModel, load_models
 from edge_agent.types import AnomalyEvent, Quality, Sample, SampleBatch
@@ -106,22 +106,12 @@ def cmd_check(args: argparse.Namespace) -> int:
         f"{n_tags} tags, {len(cfg.models)} models"
     )
     for dev in cfg.devices:
-        driver = REGISTRY[dev.type].factory(dev)
-        plan = getattr(driver, "requests_per_cycle", {})
-        subscribed = getattr(driver, "subscriptions", [])
-        if subscribed:
-            n_sub = sum(len(g.tags) for g in subscribed)
-            print(
-                f"  {dev.name} ({dev.type}): {n_sub} tags subscribed (sampling "
-                + ", ".join(f"{g.interval:g}s" for g in subscribed)
-                + ")"
-            )
-            if not driver.groups:
-                continue
-        per = ", ".join(
-            f"{len(g.tags)} tags every {g.interval:g}s in {plan.get(g.interval, '?')} requests" for g in driver.groups
-        )
-        print(f"  {dev.name} ({dev.type}): {per}")
+        try:
+            driver = REGISTRY[dev.type].build(dev)
+        except DriverUnavailable as exc:
+            print(f"  {dev.name} ({dev.type}): {exc}")
+            continue
+        print(f"  {dev.name} ({dev.type}): {', '.join(driver.plan())}")
     for m in models:  # which file will score: the configured one, or a saved startup calibration of it
         print(f"  model {m.section.name}: {m.describe()}")
     return EXIT_OK
@@ -134,11 +124,6 @@ def _iso(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _address(tag: Any) -> str:
-    """Where a tag lives on its device, whatever the protocol (Modbus/S7 address, OPC UA node)."""
-    return str(getattr(tag, "address", None) or getattr(tag, "node", None) or "")
-
-
 def _fmt(value: Any) -> str:
     if value is None:
         return "-"
@@ -148,22 +133,12 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _json_value(value: Any, tag: Any) -> Any:
-    """A value for JSON; a float32 tag (Modbus float32, S7 real) at float32 precision, not widened to float64."""
-    dtype = getattr(tag, "dtype", None)
-    if isinstance(value, float) and str(getattr(dtype, "type", dtype)) in ("float32", "real"):
-        from edge_agent.drivers.codecs import shortest_float32
-
-        return shortest_float32(value)
-    return value
-
-
 async def _read_device(dev: DeviceBase) -> tuple[list[Sample], str | None]:
-    driver = REGISTRY[dev.type].factory(dev)
+    driver = REGISTRY[dev.type].build(dev)
     samples: list[Sample] = []
     try:
         await driver.connect()
-        for group in [*driver.groups, *getattr(driver, "subscriptions", [])]:
+        for group in [*driver.groups, *driver.subscriptions]:
             async with asyncio.timeout(dev.timeout * (1 + len(group.tags) // 50) + 1.0):
                 samples.extend((await driver.read(group)).samples())
         return samples, None
@@ -204,11 +179,11 @@ def cmd_read(args: argparse.Namespace) -> int:
                     {
                         "device": s.device,
                         "tag": s.tag,
-                        "value": _json_value(s.value, tag),
+                        "value": tag.json_value(s.value),
                         "quality": s.quality.label,
                         "ts": _iso(s.ts),
                         "unit": tag.unit,
-                        "address": _address(tag),
+                        "address": tag.where(),
                     }
                 )
             )
@@ -221,7 +196,7 @@ def _print_table(rows: Sequence[Sample], meta: dict[tuple[str, str], Any], out: 
     table = [("DEVICE", "TAG", "VALUE", "UNIT", "QUALITY", "ADDRESS")]
     for s in rows:
         tag, _ = meta[(s.device, s.tag)]
-        table.append((s.device, s.tag, _fmt(s.value), tag.unit or "", s.quality.label, _address(tag)))
+        table.append((s.device, s.tag, _fmt(s.value), tag.unit or "", s.quality.label, tag.where()))
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
     for r in table:
         out.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edge_agent.drivers.base import DeviceBase, Driver, OnStartupError, ScanGroup, SubscribingDriver
+from edge_agent.drivers.base import DeviceBase, Driver, OnStartupError, ScanGroup
 from edge_agent.errors import DeviceError, DeviceStartupError
 from edge_agent.types import Quality, SampleBatch
 
@@ -110,12 +110,11 @@ class DevicePoller:
 
     @property
     def _subscriptions(self) -> list[ScanGroup]:
-        return self.driver.subscriptions if isinstance(self.driver, SubscribingDriver) else []
+        return self.driver.subscriptions
 
     async def _connect(self) -> None:
         await self.driver.connect()
         if self._subscriptions:
-            assert isinstance(self.driver, SubscribingDriver)
             await self.driver.subscribe(self._pushed)
             # creating the subscription took answers from the device, not just an accepted connection
             self._came_up()
@@ -185,7 +184,6 @@ class DevicePoller:
         return True
 
     async def _probe(self) -> bool:
-        assert isinstance(self.driver, SubscribingDriver)
         try:
             async with asyncio.timeout(self.config.timeout + 1.0):
                 await self.driver.check()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import re
 from collections import Counter
@@ -9,13 +10,16 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Protocol, Self, runtime_checkable
+from typing import Any, Protocol, Self, TypeVar
 
 import numpy as np
 from pydantic import Field, field_validator
 
+from edge_agent.errors import EdgeAgentError
 from edge_agent.fields import Duration, StrictModel
 from edge_agent.types import Quality, SampleBatch
+
+T = TypeVar("T")
 
 TAG_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-/]*$")
 
@@ -51,6 +55,14 @@ class TagBase(StrictModel):
         if not TAG_NAME.match(v):
             raise ValueError(f"{v!r} is not a valid tag name: start with a letter or _, then letters, digits, . _ - /")
         return v
+
+    def where(self) -> str:
+        """Where the tag lives on its device, in the notation the engineer wrote (40001, DB10.DBD4, a node id)."""
+        return ""
+
+    def json_value(self, value: Any) -> Any:
+        """A read value as JSON should show it (a float32 tag overrides this to print as written)."""
+        return value
 
 
 class DeviceBase(StrictModel):
@@ -118,15 +130,25 @@ class ScanGroup:
     tags: tuple[str, ...]
 
 
+def group_by_interval(device: DeviceBase, tags: Iterable[T]) -> list[tuple[float, list[T]]]:
+    """Tags grouped by the poll interval that applies to each, shortest interval first, file order kept."""
+    by_interval: dict[float, list[T]] = {}
+    for tag in tags:
+        by_interval.setdefault(device.interval_of(tag), []).append(tag)  # type: ignore[arg-type]
+    return sorted(by_interval.items())
+
+
 class Driver(Protocol):
     """The runtime side of a device: connect, read a scan group, close. No I/O in the constructor.
 
-    Drivers whose device pushes changes (OPC UA subscriptions) also list `subscriptions` and
-    implement `subscribe` and `check` (see SubscribingDriver); the poller detects them.
+    Every driver lists `groups` (polled on their interval) and `subscriptions` (tags the device sends by
+    itself on change; empty for polling drivers). A driver with subscriptions implements `subscribe`
+    and `check`; `plan()` says in the engineer's notation what each cycle asks of the device.
     """
 
     name: str
     groups: list[ScanGroup]  # polled: the poller calls read() on each group's schedule
+    subscriptions: list[ScanGroup]  # pushed by the device; `interval` is the sampling interval
 
     async def connect(self) -> None:
         """Open the connection; raise DeviceError when the device cannot be reached."""
@@ -137,27 +159,87 @@ class Driver(Protocol):
     async def close(self) -> None:
         """Close the connection; safe to call twice."""
 
-
-@runtime_checkable
-class SubscribingDriver(Protocol):
-    """A driver whose device sends changes by itself."""
-
-    subscriptions: list[ScanGroup]  # tags delivered on change; `interval` is the sampling interval
-
     async def subscribe(self, sink: Callable[[SampleBatch], None]) -> None:
         """After connect: set up monitored items that call `sink` with each batch of changes."""
 
     async def check(self) -> None:
         """Raise DeviceError when the connection or its subscriptions are dead (called every timeout)."""
 
+    def plan(self) -> list[str]:
+        """One line per scan group or subscription: what a cycle reads, in the engineer's notation."""
+
+
+class DriverBase:
+    """Defaults for a polling driver: no subscriptions, and a plan of tag counts per interval."""
+
+    name: str
+    groups: list[ScanGroup]
+    subscriptions: list[ScanGroup]
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.groups = []
+        self.subscriptions = []
+
+    async def subscribe(self, sink: Callable[[SampleBatch], None]) -> None:
+        """Polling drivers have nothing to subscribe to."""
+        raise NotImplementedError(f"{type(self).__name__} polls; it has no subscriptions")
+
+    async def check(self) -> None:
+        """Polling drivers find a dead connection when they read."""
+
+    def plan(self) -> list[str]:
+        """Tag counts per interval (drivers with a read planner say more)."""
+        return [f"{len(g.tags)} tags every {g.interval:g}s" for g in self.groups]
+
+
+class DriverUnavailable(EdgeAgentError):
+    """A device's driver cannot be loaded: its protocol library is not installed."""
+
 
 @dataclass(frozen=True)
 class DriverPlugin:
-    """A driver's registration: its config model and how to build its runtime from it."""
+    """A driver's registration: its type key, its config model, and where its runtime lives.
+
+    The config model imports no protocol library, so loading and checking a config costs nothing
+    for protocols it does not use; `runtime` ("module:Class") is imported when a device is built.
+    """
 
     key: str
     config: type[DeviceBase]
-    factory: Callable[[Any], Driver]
+    runtime: str  # "package.module:Class", imported on the first build()
+    extra: str  # the pip extra that installs the protocol library: edge-agent[<extra>]
+    library: str  # the protocol library's import name, named in the error when it is missing
+    simulator: str | None = None  # "package.module:Class" serving the simulated plant over this protocol
+
+    def runtime_class(self) -> Callable[[Any], Driver]:
+        """The driver class, imported now; DriverUnavailable when its protocol library is missing."""
+        return _import(self.runtime, self)
+
+    def build(self, device: DeviceBase) -> Driver:
+        """A driver for one configured device (no I/O); DriverUnavailable names the device and the extra."""
+        try:
+            cls = self.runtime_class()
+        except DriverUnavailable as exc:
+            raise DriverUnavailable(f"device {device.name}: {exc}") from exc.__cause__
+        return cls(device)
+
+    def simulator_class(self) -> Any | None:
+        """The simulator server class for this protocol, if the driver ships one."""
+        return None if self.simulator is None else _import(self.simulator, self)
+
+
+def _import(target: str, plugin: DriverPlugin) -> Any:
+    module, _, attr = target.partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.split(".")[0] == "edge_agent":
+            raise
+        raise DriverUnavailable(
+            f"type {plugin.key} needs the Python package {exc.name!r}, which is not installed: "
+            f"pip install 'edge-agent[{plugin.extra}]'"
+        ) from exc
 
 
 REGISTRY: dict[str, DriverPlugin] = {}

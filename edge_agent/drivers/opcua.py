@@ -47,7 +47,7 @@ from cryptography.hazmat.primitives import serialization
 from pydantic import Field, PlainSerializer, PlainValidator, SecretStr, field_validator, model_validator
 
 from edge_agent import opcua_certs
-from edge_agent.drivers.base import DeviceBase, DriverPlugin, ScanGroup, TagBase, register
+from edge_agent.drivers.base import DeviceBase, DriverBase, DriverPlugin, ScanGroup, TagBase
 from edge_agent.errors import DeviceError, FieldError
 from edge_agent.fields import StrictModel
 from edge_agent.types import Quality, SampleBatch, Value
@@ -290,6 +290,10 @@ class OpcUaTag(TagBase):
     index: int | None = Field(None, ge=0, le=2**31 - 1, description="element of an array value (0-based)")
     deadband: Deadband | None = Field(None, description="subscribe mode: changes smaller than this are not sent")
     queue_size: int = Field(1, ge=1, le=10000, description="subscribe mode: changes the server keeps between publishes")
+
+    def where(self) -> str:
+        """The node id as written."""
+        return str(self.node)
 
 
 _ENDPOINT_RE = re.compile(r"^opc\.tcp://(\[[0-9A-Fa-f:.]+\]|[^\s/:@\[\]]+)(?::(\d{1,5}))?(/\S*)?$")
@@ -773,14 +777,12 @@ class _Round:
     exact: dict[int, Value] = field(default_factory=dict)
 
 
-class OpcUaDriver:
+class OpcUaDriver(DriverBase):
     """Reads one OPC UA server over one session: batched Reads, or subscriptions with data-change filters."""
 
     def __init__(self, config: OpcUaDevice) -> None:
+        super().__init__(config.name)
         self.config = config
-        self.name = config.name
-        self.groups: list[ScanGroup] = []
-        self.subscriptions: list[ScanGroup] = []
         self._tags: dict[ScanGroup, list[OpcUaTag]] = {}
         by_interval: dict[float, list[OpcUaTag]] = {}
         for tag in config.tags:
@@ -819,6 +821,13 @@ class OpcUaDriver:
                 cap = self._max_per_read or len(g.tags)
                 out[g.interval] = math.ceil(len(g.tags) / cap)
         return out
+
+    def plan(self) -> list[str]:
+        """Subscribed tags per sampling interval, or Read requests per polled group."""
+        lines = [f"{len(g.tags)} tags subscribed (sampling {g.interval:g}s)" for g in self.subscriptions]
+        per = self.requests_per_cycle
+        lines += [f"{len(g.tags)} tags every {g.interval:g}s in {per[g.interval]} requests" for g in self.groups]
+        return lines
 
     def _plan(self, group: ScanGroup) -> _Plan:
         tags = self._tags[group]
@@ -1541,4 +1550,11 @@ async def _teardown(client: Client, wait: float) -> None:
     uac.disconnect_socket()
 
 
-PLUGIN = register(DriverPlugin(key="opcua", config=OpcUaDevice, factory=OpcUaDriver))
+PLUGIN = DriverPlugin(
+    key="opcua",
+    config=OpcUaDevice,
+    runtime="edge_agent.drivers.opcua:OpcUaDriver",
+    extra="opcua",
+    library="asyncua",
+    simulator="edge_agent.simulate.opcua_server:OpcUaPlantServer",
+)

@@ -31,15 +31,15 @@ from snap7.type import Parameter
 
 from edge_agent.drivers.base import (
     DeviceBase,
+    DriverBase,
     DriverPlugin,
     PartFailures,
     ScanGroup,
     TagBase,
     mark_bad,
     overlaps,
-    register,
 )
-from edge_agent.drivers.codecs import BlockDecoder, ByteDecoder, ByteField, ByteOrder, DataType
+from edge_agent.drivers.codecs import BlockDecoder, ByteDecoder, ByteField, ByteOrder, DataType, shortest_float32
 from edge_agent.drivers.codecs import Field as CodecField
 from edge_agent.drivers.planner import Span, plan_reads
 from edge_agent.errors import DeviceError, FieldError
@@ -338,6 +338,16 @@ class S7Tag(TagBase):
     type: TypeSpec | None = Field(None, description=f"{_TYPE_NAMES}; default bool for bit addresses")
     scale: float = Field(1.0, description="value = raw × scale + offset")
     offset: float = 0.0
+
+    def where(self) -> str:
+        """The address as written (DB10.DBD4, MW100, I0.1)."""
+        return str(self.address)
+
+    def json_value(self, value: Any) -> Any:
+        """REAL values printed as written (3.14159, not 3.141590118408203)."""
+        if isinstance(value, float) and self.dtype.type is S7Type.REAL:
+            return shortest_float32(value)
+        return value
 
     @property
     def dtype(self) -> S7DataType:
@@ -707,13 +717,12 @@ class _Result:
 # ---------------------------------------------------------------- runtime
 
 
-class S7Driver:
+class S7Driver(DriverBase):
     """Reads an S7 PLC: one connection, one request at a time on its own worker thread, planned reads."""
 
     def __init__(self, config: S7Device) -> None:
+        super().__init__(config.name)
         self.config = config
-        self.name = config.name
-        self.groups: list[ScanGroup] = []
         self.pdu = config.pdu_size  # the PDU the current plans are made for
         self._client: snap7.Client | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -734,6 +743,11 @@ class S7Driver:
     def requests_per_cycle(self) -> dict[float, int]:
         """Requests each scan group sends per cycle."""
         return {g.interval: len(self._plans[g].requests) for g in self.groups}
+
+    def plan(self) -> list[str]:
+        """Tags and requests per scan group."""
+        per = self.requests_per_cycle
+        return [f"{len(g.tags)} tags every {g.interval:g}s in {per[g.interval]} requests" for g in self.groups]
 
     @property
     def items_per_cycle(self) -> dict[float, int]:
@@ -910,4 +924,11 @@ def _quiet_snap7() -> None:
 
 _quiet_snap7()
 
-PLUGIN = register(DriverPlugin(key="s7", config=S7Device, factory=S7Driver))
+PLUGIN = DriverPlugin(
+    key="s7",
+    config=S7Device,
+    runtime="edge_agent.drivers.s7:S7Driver",
+    extra="s7",
+    library="snap7",
+    simulator="edge_agent.simulate.s7_server:S7PlantServer",
+)

@@ -10,7 +10,7 @@ from peers import ModbusPeer
 from pymodbus.client import AsyncModbusTcpClient
 
 from edge_agent.config import parse_config
-from edge_agent.drivers.modbus import ModbusDriver
+from edge_agent.drivers.modbus.driver import ModbusDriver
 from edge_agent.types import Quality
 
 # Wire order of a value's big-endian bytes, written out by hand (independent of the agent's codec).

@@ -13,7 +13,7 @@ from pymodbus.constants import ExcCodes
 
 from edge_agent.agent import Agent
 from edge_agent.config import parse_config
-from edge_agent.drivers.modbus import ModbusDriver
+from edge_agent.drivers.modbus.driver import ModbusDriver
 from edge_agent.errors import DeviceStartupError
 from edge_agent.poller import DevicePoller
 from edge_agent.types import Quality, SampleBatch

@@ -20,7 +20,7 @@ from edge_agent.drivers.codecs import (
     encode,
     shortest_float32,
 )
-from edge_agent.drivers.modbus import Table, parse_address
+from edge_agent.drivers.modbus.config import Table, parse_address
 from edge_agent.types import Quality
 
 INT_RANGES = {

@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from edge_agent.config import parse_config
-from edge_agent.drivers.modbus import ModbusDriver
+from edge_agent.drivers.modbus.driver import ModbusDriver
 from edge_agent.drivers.planner import Span, minimum_reads, plan_reads
 
 

@@ -33,6 +33,7 @@ class FakeDriver:
     def __init__(self, delay: float = 0.0) -> None:
         self.name = "fake"
         self.groups = [ScanGroup(0.05, ("a",))]
+        self.subscriptions: list[ScanGroup] = []
         self.delay = delay
         self.down = False
         self.connects = 0
