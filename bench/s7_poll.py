@@ -26,7 +26,8 @@ from harness import free_port, machine_line, measure_agent, start_server, stop_s
 
 from edge_agent.agent import Agent
 from edge_agent.config import parse_config
-from edge_agent.drivers.s7 import S7Driver, payload_limit
+from edge_agent.drivers.s7.driver import S7Driver
+from edge_agent.drivers.s7.planner import payload_limit
 
 DB_SIZE = 16384
 TAGS_PER_DB = 1000

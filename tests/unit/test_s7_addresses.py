@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from edge_agent.drivers.codecs import ByteDecoder, ByteField
-from edge_agent.drivers.s7 import (
+from edge_agent.drivers.s7.config import (
     LAST_BYTE,
     MAX_STRING,
     Area,
@@ -23,15 +23,11 @@ from edge_agent.drivers.s7 import (
     S7Tag,
     S7Type,
     Width,
-    item_cost,
-    items_limit,
-    pack_items,
     parse_address,
     parse_tsap,
     parse_type,
-    payload_limit,
-    plan_group,
 )
+from edge_agent.drivers.s7.planner import item_cost, items_limit, pack_items, payload_limit, plan_group
 
 
 @st.composite

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from edge_agent.config import parse_config
-from edge_agent.drivers.s7 import S7Driver
+from edge_agent.drivers.s7.driver import S7Driver
 from edge_agent.errors import DeviceError
 
 pytestmark = pytest.mark.integration

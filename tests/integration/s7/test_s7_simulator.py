@@ -11,7 +11,7 @@ import pytest
 
 from edge_agent.cli import main
 from edge_agent.config import load_config, parse_config
-from edge_agent.drivers.s7 import S7Driver
+from edge_agent.drivers.s7.driver import S7Driver
 from edge_agent.simulate.plant import SIGNALS, Plant
 from edge_agent.simulate.s7_server import S7PlantServer
 from edge_agent.types import Quality

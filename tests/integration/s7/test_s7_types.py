@@ -15,7 +15,7 @@ import pytest
 from s7peer import S7Peer
 
 from edge_agent.config import parse_config
-from edge_agent.drivers.s7 import S7Driver
+from edge_agent.drivers.s7.driver import S7Driver
 from edge_agent.errors import DeviceError
 from edge_agent.types import Quality
 
