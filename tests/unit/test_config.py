@@ -11,7 +11,7 @@ from edge_agent.config import parse_config
 from edge_agent.errors import ConfigError
 from edge_agent.fields import parse_duration, parse_size
 
-CASES = sorted(p for p in (Path(__file__).parent.parent / "testcases").iterdir() if (p / "config.yaml").exists())
+CASES = sorted(p.parent for p in (Path(__file__).parent.parent).glob("**/testcases/*/config.yaml"))
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import struct
 
+import pytest
 from peers import latest_value as value
 from peers import wait_for
 from s7peer import S7Peer, free_port
@@ -12,6 +13,8 @@ from s7peer import S7Peer, free_port
 from edge_agent.agent import Agent
 from edge_agent.config import parse_config
 from edge_agent.types import Quality
+
+pytestmark = pytest.mark.integration
 
 
 def config(port: int) -> str:
