@@ -11,7 +11,9 @@ from edge_agent.config import parse_config
 from edge_agent.errors import ConfigError
 from edge_agent.fields import parse_duration, parse_size
 
-CASES = sorted(p for p in (Path(__file__).parent.parent / "testcases").iterdir() if (p / "config.yaml").exists())
+CASES = sorted(
+    c.parent for d in ("", "drivers/*/") for c in Path(__file__).parents[1].glob(f"{d}testcases/*/config.yaml")
+)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
