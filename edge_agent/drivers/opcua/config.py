@@ -333,12 +333,12 @@ class OpcUaDevice(DeviceBase):
 
     def check_files(self) -> list[tuple[tuple[str | int, ...], str]]:
         """Certificates, keys, the trust folder and the password file that cannot be used, read now, not at connect."""
-        from edge_agent.drivers.opcua import certs  # cryptography, only for devices that name certificates
-
         problems: list[tuple[tuple[str | int, ...], str]] = []
         for section, owner in (("security", self.security), ("auth", self.auth)):
             if owner.certificate is None or owner.private_key is None:
                 continue
+            from edge_agent.drivers.opcua import certs  # cryptography: only for devices that name certificates
+
             cert, why = _try_load(certs.load_certificate, owner.certificate, "a certificate (PEM or DER)")
             if why is not None:
                 problems.append(((section, "certificate"), why))
