@@ -29,7 +29,7 @@ from harness import free_port, machine_line, measure_agent, start_server, stop_s
 
 from edge_agent.agent import Agent
 from edge_agent.config import parse_config
-from edge_agent.drivers.opcua import OpcUaDriver
+from edge_agent.drivers.opcua.driver import OpcUaDriver
 
 NAMESPACE = "urn:edge-agent:bench"
 # what a plant's tag list looks like: mostly analog values, some counters and states

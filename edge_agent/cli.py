@@ -663,7 +663,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_opcua_gen_cert(args: argparse.Namespace) -> int:
     """Make a self-signed client certificate whose application URI matches what the agent sends."""
-    from edge_agent.opcua_certs import generate_certificate
+    from edge_agent.drivers.opcua.certs import generate_certificate
 
     try:
         info = generate_certificate(

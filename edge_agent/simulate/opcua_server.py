@@ -30,8 +30,8 @@ from typing import cast
 from asyncua import Server, ua
 from asyncua.common.node import Node
 
-from edge_agent.opcua_certs import CertPurpose, generate_certificate, thumbprint
-from edge_agent.opcua_certs import load_certificate as _load_cert
+from edge_agent.drivers.opcua.certs import CertPurpose, generate_certificate, thumbprint
+from edge_agent.drivers.opcua.certs import load_certificate as _load_cert
 
 from .plant import SIGNALS, PlantPort, PlantState
 

@@ -15,7 +15,7 @@ from peers import free_port
 
 from edge_agent.agent import Agent
 from edge_agent.config import load_config, parse_config
-from edge_agent.drivers.opcua import OpcUaDriver
+from edge_agent.drivers.opcua.driver import OpcUaDriver
 from edge_agent.simulate.opcua_server import NAMESPACE_URI, OpcUaPlantServer
 from edge_agent.simulate.plant import Plant
 from edge_agent.types import Quality

@@ -14,7 +14,7 @@ from opcua_peer import NS, Pki, UaPeer, device_yaml, wait_for
 
 from edge_agent.agent import Agent
 from edge_agent.config import parse_config
-from edge_agent.drivers.opcua import OpcUaDriver
+from edge_agent.drivers.opcua.driver import OpcUaDriver
 from edge_agent.errors import DeviceError
 from edge_agent.types import Quality, SampleBatch
 

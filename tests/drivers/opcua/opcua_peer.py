@@ -23,7 +23,7 @@ from asyncua.crypto.permission_rules import User, UserRole
 from cryptography.hazmat.primitives.serialization import Encoding
 from peers import free_port
 
-from edge_agent.opcua_certs import CertPurpose, generate_certificate, load_certificate
+from edge_agent.drivers.opcua.certs import CertPurpose, generate_certificate, load_certificate
 
 logging.getLogger("asyncua").setLevel(logging.CRITICAL)
 

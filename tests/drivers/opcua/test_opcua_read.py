@@ -11,7 +11,7 @@ from asyncua.common.utils import ServiceError
 from opcua_peer import BIG, GUID, NS, OPAQUE, WHEN, UaPeer, device_yaml
 
 from edge_agent.config import parse_config
-from edge_agent.drivers.opcua import OpcUaDriver
+from edge_agent.drivers.opcua.driver import OpcUaDriver
 from edge_agent.types import Quality, SampleBatch
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]

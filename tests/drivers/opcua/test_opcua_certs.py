@@ -11,9 +11,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from edge_agent.config import load_config, parse_config
-from edge_agent.drivers.opcua import Mode, OpcUaDevice, OpcUaDriver, Timestamps
-from edge_agent.errors import ConfigError
-from edge_agent.opcua_certs import (
+from edge_agent.drivers.opcua.certs import (
     CertPurpose,
     TrustFolder,
     application_uri_of,
@@ -21,6 +19,9 @@ from edge_agent.opcua_certs import (
     load_certificate,
     load_private_key,
 )
+from edge_agent.drivers.opcua.config import Mode, OpcUaDevice, Timestamps
+from edge_agent.drivers.opcua.driver import OpcUaDriver
+from edge_agent.errors import ConfigError
 
 
 def test_generated_pair_matches_what_the_client_announces(tmp_path: Path) -> None:

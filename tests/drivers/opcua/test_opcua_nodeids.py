@@ -13,18 +13,16 @@ from asyncua.ua.ua_binary import nodeid_to_binary, struct_to_binary
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_agent.drivers.opcua import (
+from edge_agent.drivers.opcua.codecs import (
     DataChanges,
-    NodeRef,
     _change,
     _from_datavalue,
     _pick,
     _Unusable,
     decode_publish_response,
     decode_read_response,
-    format_node_id,
-    parse_node_id,
 )
+from edge_agent.drivers.opcua.config import NodeRef, format_node_id, parse_node_id
 
 URIS = st.from_regex(r"(urn|http)(:|://)[A-Za-z0-9.;%/:#-]{1,40}", fullmatch=True)
 STRING_IDS = st.text(min_size=1, max_size=60).filter(lambda s: "\x00" not in s)

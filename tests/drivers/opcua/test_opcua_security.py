@@ -19,7 +19,8 @@ from opcua_peer import NS, PASSWORD, USER, Pki, UaPeer, device_yaml
 from edge_agent.cli import RedactSecrets
 from edge_agent.cli import _setup_logging as setup_logging
 from edge_agent.config import load_config, parse_config
-from edge_agent.drivers.opcua import OpcUaDevice, OpcUaDriver
+from edge_agent.drivers.opcua.config import OpcUaDevice
+from edge_agent.drivers.opcua.driver import OpcUaDriver
 from edge_agent.errors import ConfigError, DeviceError
 from edge_agent.types import Quality
 
