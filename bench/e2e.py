@@ -3,7 +3,7 @@
 Real pieces, each in its own process except the agent: the simulator's Modbus server
 (`edge_agent.simulate.modbus_server.ModbusPlantServer`) serving a plant snapshot this bench sets through
 a pipe, so the instant a register changes is known; the real `Agent` (poller, buffers, ModelMonitor with
-the shipped int8 model, detector, MqttPublisher with its SQLite outbox) in this process, from a config
+the shipped int8 model, detector, the outbox stage and the MQTT sink) in this process, from a config
 derived from examples/simulator-modbus.yaml; a mosquitto subprocess on a free 127.0.0.1 port; a paho QoS 1
 subscriber in another process. Every timestamp is `time.time()` on the same machine.
 
@@ -403,12 +403,11 @@ async def run(args: argparse.Namespace) -> tuple[Setup, list[Trial], Probe, int]
             path = directory / "config.yaml"
             path.write_text(config_text(directory, modbus_port, mqtt_port, args, setup.exit_ratio))
             agent = Agent(load_config(path), on_batch=probe.on_batch, on_event=probe.on_event)
-            assert agent.publisher is not None
-            probe.instrument(agent.publisher.outbox)
+            assert agent.outbox is not None and agent.sink is not None
+            probe.instrument(agent.outbox.outbox)  # the SQLite store under the outbox stage: timed put and take
             agent_task = asyncio.create_task(agent.run(stop), name="agent")
-            monitor = agent.monitors[0]
             async with asyncio.timeout(WARM_UP_TIMEOUT):  # a full window of good data, and the broker
-                while not (monitor.windows_scored > 0 and agent.publisher.connected):
+                while not (agent.stats().models[0].windows_scored > 0 and agent.sink.connected):
                     if agent_task.done():
                         agent_task.result()
                         raise RuntimeError("the agent stopped during warm-up")

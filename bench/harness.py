@@ -75,10 +75,10 @@ async def measure_agent(
     if after_settle is not None:
         after_settle(agent)
     good0, cpu0, wall0 = good, time.process_time(), time.perf_counter()
-    over0 = sum(p.stats.overruns for p in agent.pollers)
+    over0 = sum(d.overruns for d in agent.stats().devices)
     await asyncio.sleep(duration)
     good1, cpu1, wall1 = good, time.process_time(), time.perf_counter()
-    overruns = sum(p.stats.overruns for p in agent.pollers) - over0
+    overruns = sum(d.overruns for d in agent.stats().devices) - over0
     stop.set()
     await task
     values = good1 - good0

@@ -1,7 +1,7 @@
 """Benchmark: durable enqueue rate into the outbox, and replay rate to mosquitto after an outage.
 
 - enqueue: events/s made durable (committed, fsynced for sync: full) — raw `Outbox.put` at several batch
-  sizes (one fsync per put), and the whole producer path `MqttPublisher.publish_event` (payload encoding,
+  sizes (one fsync per put), and the whole producer path `OutboxWriter.put_event` (payload encoding,
   the writer task's group commit) with each sync setting;
 - replay: an outbox holding N events (an outage), mosquitto comes up, events/s acknowledged by mosquitto
   (PUBACK, rows deleted) until the outbox is empty; with no subscriber and with a QoS 1 subscriber process.
@@ -33,8 +33,10 @@ from harness import cpu_model, mosquitto_path, start_mosquitto
 
 from edge_agent.config import MqttSection, OutboxSection
 from edge_agent.outbox import Entry, Outbox
+from edge_agent.outbox.writer import OutboxWriter
+from edge_agent.publish import deliver
 from edge_agent.publish.mqtt import MqttPublisher
-from edge_agent.publish.payloads import encode, event_payload
+from edge_agent.records import encode, event_payload
 from edge_agent.scoring.detector import new_event_id
 from edge_agent.types import AnomalyEvent, EventType, Severity
 
@@ -103,26 +105,29 @@ def mqtt(url: str, window: int = 256) -> MqttSection:
 
 
 async def bench_publish(directory: Path, events: list[AnomalyEvent], sync: str) -> float:
-    """Events/s through publish_event until all are committed (broker down: pure enqueue).
+    """Events/s through put_event until all are committed (broker down: pure enqueue).
 
     The producer yields every 100 events and waits for the writer when 5,000 are queued in memory, as a
     busy agent would (the queue is bounded; a producer that never yields starves the writer thread).
     """
     section = OutboxSection.model_validate({"path": directory / f"pub-{sync}.db", "sync": sync})
-    pub = MqttPublisher(mqtt("mqtt://127.0.0.1:1"), section, agent_id="bench")
-    await pub.open()
-    task = asyncio.create_task(pub.run())
+    config = mqtt("mqtt://127.0.0.1:1")
+    writer = OutboxWriter(section, config, agent_id="bench")
+    pub = MqttPublisher(config, writer, agent_id="bench")
+    await writer.open()
+    task = asyncio.create_task(deliver(writer, pub))
     start = time.perf_counter()
     for i in range(0, len(events), 100):
         for e in events[i : i + 100]:
-            pub.publish_event(e)
-        if pub.stats.pending > 5000:
-            await pub.flush()
+            writer.put_event(e)
+        if writer.pending > 5000:
+            await writer.flush()
         else:
             await asyncio.sleep(0)
-    await pub.flush()
+    await writer.flush()
     rate = len(events) / (time.perf_counter() - start)
-    assert sum(pub.outbox.counters.values()) == 0, pub.outbox.counters
+    dropped = writer.stats().outbox
+    assert dropped is not None and sum(dropped.dropped.values()) == 0, dropped
     pub.stop()
     await task
     return rate
@@ -150,10 +155,12 @@ async def bench_replay(directory: Path, payloads: list[bytes], window: int, subs
     try:
         if subscriber:
             sub = await asyncio.to_thread(spawn_subscriber, port, len(payloads))
-        pub = MqttPublisher(mqtt(f"mqtt://127.0.0.1:{port}", window), OutboxSection(path=path), agent_id="bench")
-        await pub.open()
+        config = mqtt(f"mqtt://127.0.0.1:{port}", window)
+        writer = OutboxWriter(OutboxSection(path=path), config, agent_id="bench")
+        pub = MqttPublisher(config, writer, agent_id="bench")
+        await writer.open()
         start = time.perf_counter()
-        task = asyncio.create_task(pub.run())
+        task = asyncio.create_task(deliver(writer, pub))
         await pub.wait_drained()
         rate = len(payloads) / (time.perf_counter() - start)
         pub.stop()
@@ -243,7 +250,7 @@ async def main() -> None:
         for sync in ("full", "batched"):
             rate = await bench_publish(directory, events, sync)
             label = "fsync per commit, group commit" if sync == "full" else "commit every 200 ms"
-            rows.append((f"publish_event → outbox ({n:,} events)", f"{sync} ({label})", f"{rate:,.0f}"))
+            rows.append((f"put_event → outbox ({n:,} events)", f"{sync} ({label})", f"{rate:,.0f}"))
         for window, subscriber in ((256, False), (256, True), (32, False)):
             rate = await bench_replay(directory, payloads, window, subscriber)
             who = "a QoS 1 subscriber process" if subscriber else "no subscriber"

@@ -1,34 +1,42 @@
-"""Wires the stages from a config and runs them under one TaskGroup until asked to stop."""
+"""Wires the stages from a config and runs them under one TaskGroup until asked to stop.
+
+Read top to bottom, this file is where a tag value goes:
+drivers → pollers → buffers → scoring (monitors) → outbox → publish (the MQTT sink) → broker.
+Each stage owns its state; the agent hands data forward through callbacks, and reads each stage's
+frozen `stats()` for metrics and health. It never reaches into a stage's attributes.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
-from typing import TypeVar
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from edge_agent import __version__
 from edge_agent.buffers import Buffers
 from edge_agent.config import Config
 from edge_agent.drivers import REGISTRY
 from edge_agent.errors import DeviceStartupError
-from edge_agent.observe import Check, HealthServer, Metrics, agent_metrics, publisher_metrics
-from edge_agent.poller import DevicePoller
+from edge_agent.observe import (
+    Check,
+    HealthServer,
+    Metrics,
+    device_metrics,
+    model_metrics,
+    outbox_metrics,
+    publisher_metrics,
+)
+from edge_agent.outbox.writer import OutboxWriter, WriterStats
+from edge_agent.poller import DevicePoller, PollerStats
+from edge_agent.publish import deliver
 from edge_agent.publish.mqtt import MqttPublisher
-from edge_agent.scoring.monitor import LoadedModel, ModelMonitor, load_models, retention_needed
-from edge_agent.types import AnomalyEvent, SampleBatch, Score
-
-T = TypeVar("T")
-
-
-def _both(first: Callable[[T], None], second: Callable[[T], None]) -> Callable[[T], None]:
-    def call(item: T) -> None:
-        first(item)
-        second(item)
-
-    return call
-
+from edge_agent.publish.stats import PublisherStats
+from edge_agent.scoring.lifecycle import EventSequence, close_left_open
+from edge_agent.scoring.monitor import LoadedModel, ModelMonitor, MonitorStats, load_models, retention_needed
+from edge_agent.types import AnomalyEvent, Quality, SampleBatch, Score, Window
 
 log = logging.getLogger(__name__)
 
@@ -40,27 +48,18 @@ class _Stop(Exception):
     """Raised inside the TaskGroup to cancel every task on shutdown."""
 
 
-class EventSequence:
-    """The per-agent event sequence; restarts continue after the outbox's highest number."""
+@dataclass(frozen=True, slots=True)
+class AgentStats:
+    """A snapshot of every stage: what observe, health and the CLI read."""
 
-    def __init__(self) -> None:
-        self._next = 1
-
-    def __iter__(self) -> EventSequence:
-        return self
-
-    def __next__(self) -> int:
-        n = self._next
-        self._next += 1
-        return n
-
-    def start_after(self, last: int) -> None:
-        """Continue after `last` (set before the first event of this run)."""
-        self._next = max(self._next, last + 1)
+    devices: tuple[PollerStats, ...]
+    models: tuple[MonitorStats, ...]
+    outbox: WriterStats | None  # None without MQTT
+    publisher: PublisherStats | None
 
 
 class Agent:
-    """Devices → pollers → buffers (scoring and publishing join in later stages)."""
+    """Devices → pollers → buffers → scoring → outbox → publish, under one TaskGroup."""
 
     def __init__(
         self,
@@ -72,30 +71,32 @@ class Agent:
     ) -> None:
         self.config = config
         self.metrics = Metrics()
+        self._extra_batch, self._extra_event = on_batch, on_event
         models = load_models(config) if models is None else models
+
+        # drivers and pollers: one poller per device, each handing its batches to _on_batch
+        self.pollers: list[DevicePoller] = []
+        drivers = [REGISTRY[dev.type].build(dev) for dev in config.devices]
+        for dev, driver in zip(config.devices, drivers, strict=True):
+            read_seconds = self.metrics.poll_seconds.labels(dev.name).observe
+            self.pollers.append(DevicePoller(dev, driver, self._on_batch, on_read_seconds=read_seconds))
+
+        # buffers: one ring per tag, long enough for every model's window (pushed tags hold their last value)
         retention = max(config.buffers.retention, retention_needed(models))
         self.buffers = Buffers(retention=retention, max_samples=max(config.buffers.max_samples_per_tag, 16))
-        self._on_batch = on_batch
-        self.sequence = EventSequence()
-        # with MQTT configured, events and telemetry go through the durable outbox to the broker
-        self.publisher: MqttPublisher | None = None
-        if config.mqtt is not None:
-            self.publisher = MqttPublisher(
-                config.mqtt, config.outbox, agent_id=config.agent.id, site=config.agent.site, version=__version__
-            )
-            events = self.publisher.publish_event
-            on_event = _both(events, on_event) if on_event is not None else events
-            on_batch = (
-                _both(self.publisher.publish_telemetry, on_batch)
-                if on_batch is not None
-                else (self.publisher.publish_telemetry)
-            )
-            self._on_batch = on_batch
+        for driver in drivers:
+            for group in driver.groups:
+                self.buffers.register(group.tags, group.interval)
+            for group in driver.subscriptions:
+                self.buffers.register(group.tags, group.interval, hold=True)
+
+        # scoring: one monitor per model reads windows from the buffers; its events go to _on_event
+        self.sequence = EventSequence()  # continued after the outbox's last number at startup (run)
         self.monitors = [
             ModelMonitor(
                 m,
                 self.buffers,
-                on_event or (lambda e: None),
+                self._on_event,
                 agent=config.agent.id,
                 site=config.agent.site,
                 counter=self.sequence,
@@ -104,42 +105,81 @@ class Agent:
             )
             for m in models
         ]
-        self.pollers: list[DevicePoller] = []
-        for dev in config.devices:
-            driver = REGISTRY[dev.type].build(dev)
-            for group in driver.groups:
-                self.buffers.register(group.tags, group.interval)
-            for group in driver.subscriptions:
-                self.buffers.register(group.tags, group.interval, hold=True)
-            self.pollers.append(
-                DevicePoller(
-                    dev, driver, self._sink, on_read_seconds=self.metrics.poll_seconds.labels(dev.name).observe
-                )
-            )
-        self.metrics.add(lambda: agent_metrics(self))
-        # readiness: the config loaded (we exist) and at least one device answers; publishing adds its own
-        self.ready_checks: list[Check] = [self._a_device_is_up]
-        if self.publisher is not None:
-            publisher = self.publisher
-            self.ready_checks.append(
-                lambda: (publisher.connected or publisher.outbox.is_open, "no broker and no outbox")
-            )
-            self.metrics.add(lambda: publisher_metrics(publisher))
 
-    def _sink(self, batch: SampleBatch) -> None:
+        # outbox and publish (with MQTT configured): every event, score and telemetry message is made
+        # durable in the outbox first; the MQTT sink takes it from there and deletes it on the broker's ack
+        self.outbox: OutboxWriter | None = None
+        self.sink: MqttPublisher | None = None
+        if config.mqtt is not None:
+            self.outbox = OutboxWriter(config.outbox, config.mqtt, agent_id=config.agent.id, site=config.agent.site)
+            self.sink = MqttPublisher(
+                config.mqtt, self.outbox, agent_id=config.agent.id, site=config.agent.site, version=__version__
+            )
+
+        # observe: metrics read every stage's stats() at scrape time; ready = a device answers (and,
+        # with MQTT, the broker or at least the outbox takes our messages)
+        self.metrics.add(lambda: device_metrics(p.stats() for p in self.pollers))
+        self.metrics.add(lambda: model_metrics(m.stats() for m in self.monitors))
+        self.ready_checks: list[Check] = [self._a_device_is_up]
+        if self.outbox is not None and self.sink is not None:
+            outbox, sink = self.outbox, self.sink
+            self.metrics.add(lambda: publisher_metrics(sink.stats()))
+            self.metrics.add(lambda: outbox_metrics(outbox.stats()))
+            self.ready_checks.append(lambda: (sink.connected or outbox.is_open, "no broker and no outbox"))
+
+    # ------------------------------------------------------------ where data goes between stages
+
+    def _on_batch(self, batch: SampleBatch) -> None:
+        """A poller's batch: into the buffers, then telemetry (when configured) and any extra consumer."""
         self.buffers.write(batch)
-        if self._on_batch is not None:
-            self._on_batch(batch)
+        if self.outbox is not None:
+            self.outbox.put_telemetry(batch)
+        if self._extra_batch is not None:
+            self._extra_batch(batch)
+
+    def _on_event(self, event: AnomalyEvent) -> None:
+        """An anomaly event: into the outbox (when MQTT is configured) and to any extra consumer."""
+        if self.outbox is not None:
+            self.outbox.put_event(event)
+        if self._extra_event is not None:
+            self._extra_event(event)
 
     def _score_sink(self, model: LoadedModel) -> Callable[[Score], None] | None:
-        if self.publisher is None or self.config.mqtt is None or self.config.mqtt.scores_interval is None:
+        mqtt = self.config.mqtt
+        if mqtt is None or mqtt.scores_interval is None:
             return None
-        publish, meta = self.publisher.publish_score, model.bundle.metadata
-        return lambda score: publish(score, version=meta.version, sha256=model.bundle.sha256)
+        version, sha256 = model.bundle.metadata.version, model.bundle.sha256
+
+        def put(score: Score) -> None:
+            if self.outbox is not None:
+                self.outbox.put_score(score, version=version, sha256=sha256)
+
+        return put
+
+    # ------------------------------------------------------------ what others read
+
+    def stats(self) -> AgentStats:
+        """Every stage's snapshot (no I/O)."""
+        return AgentStats(
+            devices=tuple(p.stats() for p in self.pollers),
+            models=tuple(m.stats() for m in self.monitors),
+            outbox=self.outbox.stats() if self.outbox is not None else None,
+            publisher=self.sink.stats() if self.sink is not None else None,
+        )
+
+    def latest(self, tag: str) -> tuple[float, float, Quality] | None:
+        """A tag's latest (time, value, quality) in the buffers, or None before its first sample."""
+        return self.buffers.latest(tag)
+
+    def window(self, tags: Sequence[str], *, t_end: float, interval: float, n_samples: int) -> Window:
+        """Tags resampled from the buffers onto a grid ending at `t_end` (live calibration reads this)."""
+        return self.buffers.window(tags, t_end=t_end, interval=interval, n_samples=n_samples)
 
     def _a_device_is_up(self) -> tuple[bool, str]:
-        up = [p.config.name for p in self.pollers if p.stats.connected]
+        up = [p.device for p in (p.stats() for p in self.pollers) if p.connected]
         return bool(up), "no device answers" if not up else ""
+
+    # ------------------------------------------------------------ running
 
     async def run(self, stop: asyncio.Event) -> None:
         """Poll every device until `stop` is set; raises DeviceStartupError for `on_startup_error: error`."""
@@ -148,28 +188,38 @@ class Agent:
             health = HealthServer(self.metrics, self.ready_checks)
             await health.start(self.config.observe.listen)
         try:
-            if self.publisher is None:
+            if self.outbox is None or self.sink is None:
                 await self._run_stages(stop)
                 return
-            publisher = self.publisher
-            await publisher.open()  # OutboxError: locked by another agent, or not writable
-            self.sequence.start_after(publisher.last_seq)
-            await publisher.close_open_anomalies(self.sequence)  # a previous run's open anomalies get their end
-            async with asyncio.TaskGroup() as outer:
-                outer.create_task(publisher.run(), name="mqtt")
-                try:
-                    # stages first: on stop the monitors close open anomalies, then the publisher flushes
-                    await self._run_stages(stop)
-                finally:
-                    # give the broker a moment to take what is left (the shutdown ends above all); whatever
-                    # it does not acknowledge in time stays in the outbox for the next start
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(DRAIN_ON_STOP if publisher.connected else 0.5):
-                            await publisher.wait_drained()
-                    publisher.stop()
+            await self._run_with_outbox(self.outbox, self.sink, stop)
         finally:
             if health is not None:
                 await health.stop()
+
+    async def _run_with_outbox(self, outbox: OutboxWriter, sink: MqttPublisher, stop: asyncio.Event) -> None:
+        # what earlier runs left (OutboxError: locked by another agent, or not writable): the event
+        # sequence continues after the last number written, and anomalies left open get their end
+        start = await outbox.open()
+        try:
+            self.sequence.start_after(start.last_seq)
+            for end in close_left_open(start.open_anomalies, self.sequence, t=time.time()):
+                outbox.put_event(end)
+            await outbox.flush()
+        except BaseException:
+            await outbox.close()
+            raise
+        async with asyncio.TaskGroup() as outer:
+            outer.create_task(deliver(outbox, sink), name="mqtt")
+            try:
+                # stages first: on stop the monitors close open anomalies, then the outbox and sink flush
+                await self._run_stages(stop)
+            finally:
+                # give the broker a moment to take what is left (the shutdown ends above all); whatever
+                # it does not acknowledge in time stays in the outbox for the next start
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(DRAIN_ON_STOP if sink.connected else 0.5):
+                        await sink.wait_drained()
+                sink.stop()
 
     async def _run_stages(self, stop: asyncio.Event) -> None:
         try:

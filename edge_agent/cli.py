@@ -207,7 +207,7 @@ def _print_table(rows: Sequence[Sample], meta: dict[tuple[str, str], Any], out: 
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Poll and score continuously until SIGINT/SIGTERM; anomaly events go to stdout as JSON lines."""
-    from edge_agent.publish.payloads import event_payload
+    from edge_agent.records import event_payload
 
     cfg, models = _load_with_models(args.config)
     if cfg is None:
@@ -272,7 +272,7 @@ async def _run_agent(agent: Agent, args: argparse.Namespace) -> None:
     if args.duration:
         loop.call_later(args.duration, stop.set)
     n_tags = sum(len(d.tags) for d in agent.config.devices)
-    log.info("edge-agent %s: polling %d devices, %d tags", __version__, len(agent.pollers), n_tags)
+    log.info("edge-agent %s: polling %d devices, %d tags", __version__, len(agent.config.devices), n_tags)
     async with asyncio.TaskGroup() as tg:
         tg.create_task(agent.run(stop), name="agent")
         if args.output == "summary":
@@ -281,39 +281,36 @@ async def _run_agent(agent: Agent, args: argparse.Namespace) -> None:
 
 async def _report(agent: Agent, stop: asyncio.Event, interval: float) -> None:
     """Print one line per device every `interval` seconds: rates, errors and a few values."""
-    last = {p.config.name: (0, 0) for p in agent.pollers}
+    last = {d.name: (0, 0) for d in agent.config.devices}
+    tags = {d.name: d.tags for d in agent.config.devices}
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), interval)
-        for p in agent.pollers:
-            s = p.stats
-            reads0, pushed0 = last[p.config.name]
+        stats = agent.stats()
+        for s in stats.devices:
+            reads0, pushed0 = last[s.device]
             rate = (s.reads - reads0) / interval
             pushed = f" pushed/s={(s.pushed - pushed0) / interval:.1f}" if s.pushed else ""
-            last[p.config.name] = (s.reads, s.pushed)
+            last[s.device] = (s.reads, s.pushed)
             state = "up" if s.connected else "DOWN"
             vals = []
-            for tag in p.config.tags[:6]:
-                latest = agent.buffers.latest(tag.name)
+            for tag in tags[s.device][:6]:
+                latest = agent.latest(tag.name)
                 if latest is not None:
                     _, v, q = latest
                     vals.append(f"{tag.name}={_fmt(v) if q is Quality.GOOD else q.label}")
-            more = f" …+{len(p.config.tags) - 6}" if len(p.config.tags) > 6 else ""
+            n = len(tags[s.device])
+            more = f" …+{n - 6}" if n > 6 else ""
             print(
-                f"{p.config.name} {state} reads/s={rate:.1f}{pushed} failures={s.failures} overruns={s.overruns} "
+                f"{s.device} {state} reads/s={rate:.1f}{pushed} failures={s.failures} overruns={s.overruns} "
                 f"| {' '.join(vals)}{more}",
                 flush=True,
             )
-        for m in agent.monitors:
-            if m.calibrating:
-                state = "calibrating"
-            elif m.detector.insufficient:
-                state = "insufficient data"
-            else:
-                state = "ANOMALY" if m.detector.active else "normal"
+        for m in stats.models:
+            state = {"insufficient": "insufficient data", "anomaly": "ANOMALY"}.get(m.state, m.state)
             score = "-" if m.last_score is None else f"{m.last_score:.3g}"
             print(
-                f"model {m.name} {state} score={score} threshold={m.threshold:.3g} windows={m.windows_scored}",
+                f"model {m.model} {state} score={score} threshold={m.threshold:.3g} windows={m.windows_scored}",
                 flush=True,
             )
 
@@ -510,7 +507,7 @@ async def _collect_live(cfg: Config, inputs: list[str], interval: float, samples
     try:
         await asyncio.sleep(span)
         t_end = (time.time() // interval) * interval
-        w = agent.buffers.window(inputs, t_end=t_end, interval=interval, n_samples=samples)
+        w = agent.window(inputs, t_end=t_end, interval=interval, n_samples=samples)
     finally:
         stop.set()
         await task

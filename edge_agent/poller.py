@@ -10,10 +10,11 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
+from edge_agent.backoff import backoff_delay
 from edge_agent.drivers.base import DeviceBase, Driver, OnStartupError, ScanGroup
 from edge_agent.errors import DeviceError, DeviceStartupError
 from edge_agent.types import Quality, SampleBatch
@@ -25,9 +26,25 @@ STAMP_SLACK = 0.05
 Sink = Callable[[SampleBatch], None]
 
 
+@dataclass(frozen=True, slots=True)
+class PollerStats:
+    """A snapshot of one device's poller: its counters and whether it is up."""
+
+    device: str
+    reads: int
+    pushed: int
+    failures: int
+    overruns: int
+    connected: bool
+    down_since: float | None
+    attempts: int
+    last_read_s: float
+    read_seconds: float
+
+
 @dataclass
-class DeviceStats:
-    """Counters for one device; read by the CLI reporter and, later, by metrics."""
+class DeviceCounters:
+    """Counters for one device, updated in place by its poller; others read `DevicePoller.stats()`."""
 
     reads: int = 0  # scan-group reads completed
     pushed: int = 0  # batches the device sent by itself (subscriptions)
@@ -38,27 +55,17 @@ class DeviceStats:
     attempts: int = 0  # reconnect attempts in the current outage (drives the backoff)
     last_read_s: float = 0.0  # duration of the last scan-group read
     read_seconds: float = 0.0  # total time spent in reads
-    latencies: list[float] = field(default_factory=list)  # recent read durations, bounded
 
     def record_read(self, seconds: float) -> None:
         """Count one successful read."""
         self.reads += 1
         self.last_read_s = seconds
         self.read_seconds += seconds
-        if len(self.latencies) >= 1024:
-            del self.latencies[:512]
-        self.latencies.append(seconds)
 
 
 def next_tick(now: float, interval: float) -> int:
     """The number k of the first deadline k × interval (on the epoch clock) strictly after `now`."""
     return math.floor(now / interval) + 1
-
-
-def backoff_delay(attempt: int, initial: float, cap: float, rng: random.Random) -> float:
-    """Capped exponential delay with jitter: uniform in [d/2, d] where d = min(cap, initial·2^attempt)."""
-    d = min(cap, initial * (2 ** min(attempt, 30)))
-    return rng.uniform(d / 2, d)
 
 
 class DevicePoller:
@@ -77,10 +84,26 @@ class DevicePoller:
         self.config = config
         self.driver = driver
         self.sink = sink
-        self.stats = DeviceStats()
+        self._counts = DeviceCounters()
         self._on_read_seconds = on_read_seconds
         self._clock = clock
         self._rng = rng or random.Random()
+
+    def stats(self) -> PollerStats:
+        """A snapshot of the counters (no I/O)."""
+        c = self._counts
+        return PollerStats(
+            device=self.config.name,
+            reads=c.reads,
+            pushed=c.pushed,
+            failures=c.failures,
+            overruns=c.overruns,
+            connected=c.connected,
+            down_since=c.down_since,
+            attempts=c.attempts,
+            last_read_s=c.last_read_s,
+            read_seconds=c.read_seconds,
+        )
 
     async def run(self) -> None:
         """Connect, then poll until cancelled. Raises DeviceStartupError under `on_startup_error: error`."""
@@ -101,7 +124,7 @@ class DevicePoller:
                 raise DeviceStartupError(self.config.name, reason) from exc
             if policy is OnStartupError.IGNORE:
                 log.error("%s; left out until restart (on_startup_error: ignore)", exc)
-                self.stats.failures += 1
+                self._counts.failures += 1
                 self._emit_lost()  # consumers see the tags as unreachable, not merely absent
                 return False
             self._went_down(exc)
@@ -122,7 +145,7 @@ class DevicePoller:
             log.debug("device %s: connected; up once it answers a read", self.config.name)
 
     def _pushed(self, batch: SampleBatch) -> None:
-        self.stats.pushed += 1
+        self._counts.pushed += 1
         self.sink(batch)
 
     async def _poll_forever(self) -> None:
@@ -149,7 +172,7 @@ class DevicePoller:
             nxt = k + 1
             if nxt * group.interval <= now:
                 missed = math.floor(now / group.interval) - k
-                self.stats.overruns += missed
+                self._counts.overruns += missed
                 nxt = k + missed + 1
             heapq.heapreplace(heap, (nxt * group.interval, nxt, i))
 
@@ -171,9 +194,9 @@ class DevicePoller:
             self._went_down(exc if isinstance(exc, DeviceError) else DeviceError(self.config.name, "read timed out"))
             return False
         seconds = time.perf_counter() - started
-        if not self.stats.connected:
+        if not self._counts.connected:
             self._came_up()
-        self.stats.record_read(seconds)
+        self._counts.record_read(seconds)
         if self._on_read_seconds is not None:
             self._on_read_seconds(seconds)
         if batch.times is None and 0.0 <= batch.ts - deadline <= min(STAMP_SLACK, group.interval / 4):
@@ -190,7 +213,7 @@ class DevicePoller:
         except (DeviceError, TimeoutError) as exc:
             self._went_down(exc if isinstance(exc, DeviceError) else DeviceError(self.config.name, "no answer"))
             return False
-        if not self.stats.connected:
+        if not self._counts.connected:
             self._came_up()
         return True
 
@@ -210,7 +233,7 @@ class DevicePoller:
         # never answers keeps the backoff growing instead of counting as back after every connect
         await self.driver.close()
         while True:
-            s = self.stats
+            s = self._counts
             delay = backoff_delay(s.attempts, self.config.backoff.initial, self.config.backoff.max, self._rng)
             s.attempts += 1
             await asyncio.sleep(delay)
@@ -223,23 +246,25 @@ class DevicePoller:
             return
 
     def _went_down(self, exc: DeviceError) -> None:
-        self.stats.failures += 1
-        if self.stats.connected or self.stats.down_since is None:
+        self._counts.failures += 1
+        if self._counts.connected or self._counts.down_since is None:
             # first failure of an outage: one line at WARNING, the rest at DEBUG; consumers told once
             log.warning("%s; retrying with backoff up to %gs", exc, self.config.backoff.max)
-            self.stats.down_since = self._clock()
-            self.stats.connected = False
+            self._counts.down_since = self._clock()
+            self._counts.connected = False
             self._emit_lost()
         else:
-            log.debug("%s (still down, attempt %d)", exc, self.stats.attempts)
+            log.debug("%s (still down, attempt %d)", exc, self._counts.attempts)
 
     def _came_up(self) -> None:
         """The device answered after a (re)connect: the outage, if any, is over."""
-        if self.stats.down_since is not None:
-            down = self._clock() - self.stats.down_since
-            log.info("device %s: back after %.1fs and %d failed attempts", self.config.name, down, self.stats.attempts)
+        if self._counts.down_since is not None:
+            down = self._clock() - self._counts.down_since
+            log.info(
+                "device %s: back after %.1fs and %d failed attempts", self.config.name, down, self._counts.attempts
+            )
         else:
             log.info("device %s: connected", self.config.name)
-        self.stats.connected = True
-        self.stats.down_since = None
-        self.stats.attempts = 0
+        self._counts.connected = True
+        self._counts.down_since = None
+        self._counts.attempts = 0

@@ -157,3 +157,21 @@ class AnomalyEvent:
     peak_score: float
     reason: str = ""  # for an end: "recovered" or "shutdown"
     historical: bool = False
+
+
+def severity_of(ratio: float) -> Severity:
+    """Severity of a score as a multiple of the threshold (events: the peak so far; scores payload: the current)."""
+    if ratio < 1.5:
+        return Severity.MINOR
+    if ratio < 3.0:
+        return Severity.MAJOR
+    return Severity.CRITICAL
+
+
+@dataclass(frozen=True, slots=True)
+class OpenAnomaly:
+    """An anomaly whose start was written and whose end was not (at most one per model)."""
+
+    model: str
+    anomaly_id: str
+    record: bytes  # the start event's record, as stored

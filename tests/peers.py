@@ -149,5 +149,5 @@ async def wait_for(pred: Callable[[], bool], timeout: float = 5.0, step: float =
 
 def latest_value(agent: Agent, tag: str) -> tuple[float, Quality] | None:
     """A tag's newest (value, quality) in the agent's buffers, or None before its first sample."""
-    latest = agent.buffers.latest(tag)
+    latest = agent.latest(tag)
     return None if latest is None else (latest[1], latest[2])

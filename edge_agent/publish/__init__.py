@@ -1,35 +1,82 @@
-"""Publishing: versioned payloads and their JSON Schemas, the MQTT publisher, operator commands on the outbox."""
+"""The publish stage: sinks that take rows from the outbox, hand them to a broker and acknowledge them back.
 
-from edge_agent.outbox import Outbox, OutboxError, OutboxStats, export, outbox_stats
-from edge_agent.publish.mqtt import (
-    DrainResult,
-    MqttPublisher,
-    MqttSetupError,
-    PublisherStats,
-    drain,
-    new_counter,
-    restart_end,
-    tls_problems,
-)
-from edge_agent.publish.payloads import event_payload, load_schema, score_payload, status_payload, telemetry_payload
+A sink is one module with a class that follows `Sink` and an entry in SINKS (its key is the name used
+in config); its client library is imported only when a sink of that kind is built. The JSON MQTT sink
+(`mqtt`) publishes the agent's records as they are; Sparkplug B is the next one.
+"""
 
-__all__ = [
-    "DrainResult",
-    "MqttPublisher",
-    "MqttSetupError",
-    "Outbox",
-    "OutboxError",
-    "OutboxStats",
-    "PublisherStats",
-    "drain",
-    "event_payload",
-    "export",
-    "load_schema",
-    "new_counter",
-    "outbox_stats",
-    "restart_end",
-    "score_payload",
-    "status_payload",
-    "telemetry_payload",
-    "tls_problems",
-]
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from edge_agent.outbox.writer import OutboxWriter
+
+
+class Sink(Protocol):
+    """What the agent needs of a sink: run until stopped, say whether it is connected, report stats."""
+
+    @property
+    def connected(self) -> bool:
+        """The broker accepted the connection and it has not been lost since."""
+
+    async def run(self) -> None:
+        """Take rows from the outbox and publish them until stop(); acknowledged rows are deleted."""
+
+    def stop(self) -> None:
+        """Ask run() to finish."""
+
+    async def wait_drained(self) -> None:
+        """Wait until everything written so far is acknowledged (bound it with asyncio.timeout)."""
+
+    def stats(self) -> Any:
+        """A frozen snapshot of the sink's state and counters."""
+
+
+SINKS: dict[str, str] = {"json": "edge_agent.publish.mqtt:MqttPublisher"}
+
+
+# operator commands and errors the CLI uses, imported only when asked for (paho is not needed for --help)
+_LAZY = {
+    "MqttSetupError": "edge_agent.publish.client",
+    "tls_problems": "edge_agent.publish.client",
+    "drain": "edge_agent.publish.tools",
+    "DrainResult": "edge_agent.publish.tools",
+    "OutboxError": "edge_agent.outbox",
+    "export": "edge_agent.outbox",
+    "outbox_stats": "edge_agent.outbox",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+async def deliver(outbox: OutboxWriter, sink: Sink) -> None:
+    """Run the outbox's writer beside a sink until the sink stops (or this is cancelled); then close the outbox.
+
+    The outbox must be open. Closing it writes what producers queued meanwhile, so nothing submitted is lost.
+    """
+    writer = asyncio.create_task(outbox.run(), name="outbox")
+    try:
+        await sink.run()
+    finally:
+        writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await writer
+        await outbox.close()
+
+
+def sink_class(key: str) -> type[Any]:
+    """The sink class registered under `key`, imported now."""
+    module, _, attr = SINKS[key].partition(":")
+    cls: type[Any] = getattr(importlib.import_module(module), attr)
+    return cls
+
+
+__all__ = ["SINKS", "Sink", "deliver", "sink_class"]

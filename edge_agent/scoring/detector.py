@@ -15,7 +15,7 @@ import numpy.typing as npt
 
 from edge_agent.scoring.bundle import Bundle
 from edge_agent.scoring.runtime import ModelRuntime
-from edge_agent.types import AnomalyEvent, EventType, Severity
+from edge_agent.types import AnomalyEvent, EventType, severity_of
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
@@ -60,15 +60,6 @@ class WindowScorer:
         total[total <= 0] = 1.0
         per_tag /= total[:, None]
         return scores, per_tag
-
-
-def severity_of(ratio: float) -> Severity:
-    """Severity of a score as a multiple of the threshold (events: the peak so far; scores payload: the current)."""
-    if ratio < 1.5:
-        return Severity.MINOR
-    if ratio < 3.0:
-        return Severity.MAJOR
-    return Severity.CRITICAL
 
 
 def new_event_id(t: float, seq: int) -> str:

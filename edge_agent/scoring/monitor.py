@@ -110,6 +110,20 @@ def retention_needed(models: list[LoadedModel]) -> float:
     return need
 
 
+@dataclass(frozen=True, slots=True)
+class MonitorStats:
+    """A snapshot of one model's monitor: its state, latest score and counters."""
+
+    model: str
+    state: str  # calibrating | insufficient | normal | anomaly
+    active: bool  # an anomaly is open
+    last_score: float | None
+    threshold: float
+    windows_scored: int
+    windows_insufficient: int
+    bundle_sha256: str
+
+
 class ModelMonitor:
     """Scores one model's windows on its grid and turns scores into events."""
 
@@ -143,6 +157,26 @@ class ModelMonitor:
             log.warning("model %s: recalibrating: %s", self.name, model.stale)
         elif model.section.calibrate.mode is CalibrateMode.STARTUP and not model.calibrate:
             log.info("model %s: using %s", self.name, model.describe())
+
+    def stats(self) -> MonitorStats:
+        """A snapshot (no I/O)."""
+        active = self.detector.active
+        if self.calibrating:
+            state = "calibrating"
+        elif self.detector.insufficient:
+            state = "insufficient"
+        else:
+            state = "anomaly" if active else "normal"
+        return MonitorStats(
+            model=self.name,
+            state=state,
+            active=active,
+            last_score=self.last_score,
+            threshold=self.threshold,
+            windows_scored=self.windows_scored,
+            windows_insufficient=self.windows_insufficient,
+            bundle_sha256=self.bundle.sha256,
+        )
 
     def _install(self, bundle: Bundle) -> None:
         meta, s = bundle.metadata, self.section

@@ -97,7 +97,7 @@ async def test_rtu_over_a_serial_line(line: SerialLine) -> None:
     try:
         await wait_for(lambda: value(agent, "rtu.v") == (12.25, Quality.GOOD))
         assert value(agent, "rtu.n") == (777.0, Quality.GOOD)
-        assert agent.pollers[0].stats.connected and agent.pollers[0].stats.failures == 0
+        assert agent.stats().devices[0].connected and agent.stats().devices[0].failures == 0
     finally:
         stop.set()
         await asyncio.wait_for(task, 5)

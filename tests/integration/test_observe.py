@@ -35,7 +35,7 @@ async def test_metrics_healthz_readyz(modbus_peer: ModbusPeer) -> None:
     stop = asyncio.Event()
     task = asyncio.create_task(agent.run(stop))
     try:
-        await wait_for(lambda: agent.pollers[0].stats.reads >= 3)
+        await wait_for(lambda: agent.stats().devices[0].reads >= 3)
         status, body = await http_get(port, "/healthz")
         assert status == 200 and body == "ok\n"
         status, body = await http_get(port, "/readyz")
@@ -49,7 +49,7 @@ async def test_metrics_healthz_readyz(modbus_peer: ModbusPeer) -> None:
         assert reads and float(reads[0].split()[-1]) >= 3
         assert (await http_get(port, "/nope"))[0] == 404
         await modbus_peer.stop()
-        await wait_for(lambda: not agent.pollers[0].stats.connected)
+        await wait_for(lambda: not agent.stats().devices[0].connected)
         status, body = await http_get(port, "/readyz")
         assert status == 503 and json.loads(body) == {"ready": False, "failing": ["no device answers"]}
     finally:

@@ -53,13 +53,13 @@ async def test_server_restart_mid_run(modbus_peer: ModbusPeer, caplog: pytest.Lo
         await modbus_peer.stop()
         await wait_for(lambda: lost(value(agent, "plc.v")))
         poller = agent.pollers[0]
-        assert not poller.stats.connected
+        assert not poller.stats().connected
         await asyncio.sleep(0.5)  # several failed reconnects while down
-        assert poller.stats.failures >= 3
+        assert poller.stats().failures >= 3
         modbus_peer.holding[0] = 22
         await modbus_peer.start()
         await wait_for(lambda: value(agent, "plc.v") == (22.0, Quality.GOOD))
-        assert poller.stats.connected
+        assert poller.stats().connected
         await asyncio.sleep(0.2)
     finally:
         stop.set()
@@ -81,7 +81,7 @@ async def test_device_down_at_startup_comes_back_by_itself() -> None:
     try:
         await asyncio.sleep(0.4)
         # consumers see the tag as unreachable from the start, not merely absent
-        assert lost(value(agent, "late.v")) and agent.pollers[0].stats.failures >= 1
+        assert lost(value(agent, "late.v")) and agent.stats().devices[0].failures >= 1
         await peer.start(port)
         await wait_for(lambda: value(agent, "late.v") == (7.0, Quality.GOOD))
     finally:
@@ -103,9 +103,9 @@ async def test_failing_device_does_not_stop_the_others(modbus_peer: ModbusPeer) 
     task = asyncio.create_task(agent.run(stop))
     try:
         await wait_for(lambda: value(agent, "good.v") == (5.0, Quality.GOOD))
-        reads = agent.pollers[0].stats.reads
+        reads = agent.stats().devices[0].reads
         await asyncio.sleep(0.3)
-        assert agent.pollers[0].stats.reads >= reads + 3
+        assert agent.stats().devices[0].reads >= reads + 3
         assert lost(value(agent, "gone.v")) and lost(value(agent, "flaky.v"))
     finally:
         stop.set()
@@ -128,9 +128,9 @@ async def test_wrong_unit_marks_tags_bad_but_device_up(
     stop = asyncio.Event()
     task = asyncio.create_task(agent.run(stop))
     try:
-        await wait_for(lambda: agent.pollers[0].stats.reads >= 5)
+        await wait_for(lambda: agent.stats().devices[0].reads >= 5)
         assert value(agent, "plc.v")[1] is Quality.BAD  # type: ignore[index]
-        assert agent.pollers[0].stats.connected
+        assert agent.stats().devices[0].connected
     finally:
         stop.set()
         await asyncio.wait_for(task, 5)
@@ -156,7 +156,7 @@ async def test_stop_is_prompt_in_the_middle_of_a_long_group(modbus_peer: ModbusP
     for _ in range(3):
         stop = asyncio.Event()
         task = asyncio.create_task(agent.run(stop))
-        await wait_for(lambda: agent.pollers[0].stats.reads >= 1)
+        await wait_for(lambda: agent.stats().devices[0].reads >= 1)
         await asyncio.sleep(0.13)
         stop.set()
         await asyncio.wait_for(task, 3)  # a swallowed cancellation would hang here
@@ -202,8 +202,8 @@ async def test_black_hole_is_one_outage_with_growing_backoff(caplog: pytest.LogC
     try:
         for _ in range(30):  # 3 s: connects succeed, every read times out
             await asyncio.sleep(0.1)
-            attempts.append(poller.stats.attempts)
-            assert not poller.stats.connected  # an accepted connection is not a device that is up
+            attempts.append(poller.stats().attempts)
+            assert not poller.stats().connected  # an accepted connection is not a device that is up
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -236,11 +236,11 @@ async def test_every_request_refused_is_one_device_level_line(caplog: pytest.Log
         peer.refuse = ExcCodes.GATEWAY_NO_RESPONSE  # the serial device behind the gateway died
         bad = ("gw.v", "far", "run")
         await wait_for(lambda: all((value(agent, t) or (0, Quality.GOOD))[1] is Quality.BAD for t in bad))
-        scans = agent.pollers[0].stats.reads
-        await wait_for(lambda: agent.pollers[0].stats.reads >= scans + 5)  # still failing, still one line
+        scans = agent.stats().devices[0].reads
+        await wait_for(lambda: agent.stats().devices[0].reads >= scans + 5)  # still failing, still one line
         peer.refuse = None
         await wait_for(lambda: value(agent, "gw.v") == (3.0, Quality.GOOD))
-        assert agent.pollers[0].stats.connected and agent.pollers[0].stats.failures == 0
+        assert agent.stats().devices[0].connected and agent.stats().devices[0].failures == 0
     finally:
         stop.set()
         await asyncio.wait_for(task, 5)

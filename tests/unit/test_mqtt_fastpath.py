@@ -14,14 +14,8 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import MQTTProtocolVersion
 
-from edge_agent.publish.mqtt import (
-    DELIVERY_BUCKETS,
-    PUBLISH_BUCKETS,
-    SOCKET_BUFFER,
-    LatencyHistogram,
-    _BufferedSocket,
-    _Client,
-)
+from edge_agent.publish.client import SOCKET_BUFFER, BufferedSocket, Client
+from edge_agent.publish.stats import DELIVERY_BUCKETS, PUBLISH_BUCKETS, LatencyHistogram
 
 # ------------------------------------------------------------ LatencyHistogram
 
@@ -60,7 +54,7 @@ def test_bucket_bounds_ascend() -> None:
         assert list(bounds) == sorted(set(bounds))
 
 
-# ------------------------------------------------------------ _BufferedSocket (a real socket pair)
+# ------------------------------------------------------------ BufferedSocket (a real socket pair)
 
 
 class Counting:
@@ -108,7 +102,7 @@ def test_reads_of_a_burst_take_one_syscall(pair: tuple[socket.socket, socket.soc
     """Three PUBACKs read the way paho reads them (1, 1, 2 bytes each) cost one recv on the socket."""
     ours, broker = pair
     inner = Counting(ours)
-    sock = _BufferedSocket(inner, collections.deque())
+    sock = BufferedSocket(inner, collections.deque())
     pubacks = b"".join(bytes([0x40, 2, 0, mid]) for mid in (1, 2, 3))
     broker.send(pubacks)
     got = []
@@ -126,7 +120,7 @@ def test_writes_wait_for_the_last_queued_packet(pair: tuple[socket.socket, socke
     ours, broker = pair
     inner = Counting(ours)
     queue: collections.deque[bytes] = collections.deque([b"2", b"3"])
-    sock = _BufferedSocket(inner, queue)
+    sock = BufferedSocket(inner, queue)
     assert sock.send(b"one,") == 4
     queue.popleft()
     assert sock.send(b"two,") == 4
@@ -140,7 +134,7 @@ def test_writes_wait_for_the_last_queued_packet(pair: tuple[socket.socket, socke
 def test_close_sends_what_was_kept(pair: tuple[socket.socket, socket.socket]) -> None:
     """paho closes the socket right after writing DISCONNECT: it must not stay in the buffer."""
     ours, broker = pair
-    sock = _BufferedSocket(ours, collections.deque([b"more"]))
+    sock = BufferedSocket(ours, collections.deque([b"more"]))
     sock.send(b"\xe0\x00")  # DISCONNECT
     sock.close()
     assert read_all(broker) == b"\xe0\x00"
@@ -164,7 +158,7 @@ def test_kept_bytes_that_cannot_all_go_hold_back_the_next_packet() -> None:
     """Kept bytes are only partly sent: the new packet must wait (EAGAIN to paho), even if the socket has room."""
     inner = Stingy()
     queue = collections.deque([b"next"])
-    sock = _BufferedSocket(inner, queue)
+    sock = BufferedSocket(inner, queue)
     sock.send(b"abcdef")
     queue.clear()
     with pytest.raises(BlockingIOError):
@@ -181,7 +175,7 @@ def test_stream_keeps_its_order_under_backpressure(pair: tuple[socket.socket, so
     rng = random.Random(seed)
     packets = [bytes([i % 251]) * rng.choice((4, 90, 700, 3000, SOCKET_BUFFER + 10)) for i in range(400)]
     queue: collections.deque[dict[str, Any]] = collections.deque({"packet": p, "pos": 0} for p in packets)
-    sock = _BufferedSocket(ours, queue)
+    sock = BufferedSocket(ours, queue)
     received = bytearray()
     blocked = 0
     while queue:  # what paho's _packet_write does, with the broker reading whenever the socket is full
@@ -210,7 +204,7 @@ def test_stream_keeps_its_order_under_backpressure(pair: tuple[socket.socket, so
 
 def test_paho_still_has_the_internals_we_override() -> None:
     """A paho upgrade that renames these would silently lose the fast path (or break it): fail here first."""
-    client = _Client(callback_api_version=paho.CallbackAPIVersion.VERSION2)
+    client = Client(callback_api_version=paho.CallbackAPIVersion.VERSION2)
     for name in ("_in_packet", "_out_message_mutex", "_out_messages", "_out_packet", "_sockpairW"):
         assert hasattr(client, name), name
     assert "packet" in client._in_packet
@@ -223,12 +217,12 @@ def test_paho_still_has_the_internals_we_override() -> None:
         "properties",
     ]
     # the publisher's client wraps every socket it creates
-    assert _Client._create_socket is not paho.Client._create_socket
+    assert Client._create_socket is not paho.Client._create_socket
 
 
-def puback(protocol: MQTTProtocolVersion, packet: bytes) -> tuple[list[tuple[int, int, Any]], _Client]:
+def puback(protocol: MQTTProtocolVersion, packet: bytes) -> tuple[list[tuple[int, int, Any]], Client]:
     """Feed one PUBACK body to a client holding message 1 in flight; returns what on_publish saw."""
-    client = _Client(callback_api_version=paho.CallbackAPIVersion.VERSION2, protocol=protocol)
+    client = Client(callback_api_version=paho.CallbackAPIVersion.VERSION2, protocol=protocol)
     seen: list[tuple[int, int, Any]] = []
     client.on_publish = lambda c, u, mid, reason, props: seen.append((mid, reason.value, c._sockpairW))
     info = client.publish("t/1", b"x", qos=1)  # not connected: paho keeps it, as it does messages in flight

@@ -19,8 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from edge_agent.outbox import ROW_OVERHEAD, Entry, Kind, Outbox, OutboxError, export, outbox_stats
-from edge_agent.publish.payloads import encode, mark_historical
+from edge_agent.outbox import Entry, Kind, Outbox, OutboxError, export, outbox_stats
+from edge_agent.outbox.rows import ROW_OVERHEAD
+from edge_agent.records import encode, mark_historical
 
 
 def entry(i: int, kind: Kind = Kind.EVENT, size: int = 100, topic: str | None = None) -> Entry:

@@ -104,8 +104,8 @@ async def test_a_scan_is_stamped_with_its_deadline_when_it_read_on_time(delay: f
 async def test_slow_reads_count_overruns_and_skip_cycles() -> None:
     driver = FakeDriver(delay=0.12)  # each read spans more than two intervals
     poller, _ = await poll_for(driver, 0.65)
-    assert poller.stats.reads >= 3
-    assert poller.stats.overruns >= 2 * (poller.stats.reads - 1)
+    assert poller.stats().reads >= 3
+    assert poller.stats().overruns >= 2 * (poller.stats().reads - 1)
 
 
 async def test_outage_then_recovery_reconnects_with_backoff() -> None:
@@ -117,16 +117,16 @@ async def test_outage_then_recovery_reconnects_with_backoff() -> None:
     await asyncio.sleep(0.2)
     driver.down = True
     await asyncio.sleep(0.3)
-    assert not poller.stats.connected
+    assert not poller.stats().connected
     assert driver.connects >= 3  # kept retrying
     lost = [b for b in batches if b.quality[0] == 4]
     assert len(lost) == 1  # consumers are told once, not on every retry
     driver.down = False
     await asyncio.sleep(0.2)
-    assert poller.stats.connected
-    reads_before = poller.stats.reads
+    assert poller.stats().connected
+    reads_before = poller.stats().reads
     await asyncio.sleep(0.2)
-    assert poller.stats.reads > reads_before
+    assert poller.stats().reads > reads_before
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
 
@@ -160,8 +160,8 @@ async def test_connects_without_answers_are_one_outage_with_growing_backoff(capl
     attempts = []
     for _ in range(30):  # 0.6 s; the backoff (10 ms doubling, capped at 40 ms) reaches its cap
         await asyncio.sleep(0.02)
-        attempts.append(poller.stats.attempts)
-        assert not poller.stats.connected  # accepting a connection is not being up
+        attempts.append(poller.stats().attempts)
+        assert not poller.stats().connected  # accepting a connection is not being up
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     assert attempts == sorted(attempts) and attempts[-1] >= 4 and driver.connects >= 4
@@ -183,6 +183,6 @@ async def test_down_at_startup_emits_comms_lost(policy: str) -> None:
     assert task.done() is (policy == "ignore")
     driver.down = False
     await asyncio.sleep(0.2)
-    assert bool(poller.stats.connected and batches[-1].quality[0] == Quality.GOOD) is (policy == "retry")
+    assert bool(poller.stats().connected and batches[-1].quality[0] == Quality.GOOD) is (policy == "retry")
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)

@@ -13,7 +13,7 @@ import pytest
 
 from edge_agent.buffers import Buffers
 from edge_agent.config import Config, ModelSection, load_config
-from edge_agent.publish.payloads import load_schema, score_payload
+from edge_agent.records import load_schema, score_payload
 from edge_agent.scoring.bundle import (
     Bundle,
     ModelError,

@@ -14,14 +14,15 @@ import argparse
 import asyncio
 import json
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from mqttpeer import make_event
+from mqttpeer import make_event, publisher
 
-from edge_agent.config import MqttSection, OutboxSection
-from edge_agent.publish.mqtt import MqttPublisher, new_counter
+from edge_agent.config import MqttSection
+from edge_agent.scoring.lifecycle import EventSequence, close_left_open
 from edge_agent.types import AnomalyEvent, EventType
 
 
@@ -44,30 +45,32 @@ async def main() -> None:
     ap.add_argument("--exit-when-drained", action="store_true")
     args = ap.parse_args()
     mqtt = MqttSection(url=args.url, topic_prefix=args.prefix, reconnect_initial=0.05, reconnect_max=0.3, keepalive=5)
-    pub = MqttPublisher(mqtt, OutboxSection(path=Path(args.outbox)), agent_id="agent-1", site="plant-a", version="t")
-    await pub.open()
-    counter = new_counter(pub.last_seq)
-    for end in await pub.close_open_anomalies(counter):
+    pub = publisher(mqtt, Path(args.outbox))
+    start = await pub.outbox.open()
+    counter = EventSequence(start.last_seq)
+    for end in close_left_open(start.open_anomalies, counter, t=time.time()):
+        pub.outbox.put_event(end)
+        await pub.outbox.flush()
         say(restart_end=describe(end))
     task = asyncio.create_task(pub.run(), name="publisher")
     for i in range(args.pairs):
         model = ("pump", "fan")[i % 2]
         start = make_event(EventType.START, seq=next(counter), model=model)
-        pub.publish_event(start)
-        await pub.flush()
+        pub.outbox.put_event(start)
+        await pub.outbox.flush()
         say(committed=describe(start))
         if args.leave_open and i == args.pairs - 1:
             break
         end = make_event(EventType.END, seq=next(counter), model=model, anomaly_id=start.anomaly_id)
-        pub.publish_event(end)
-        await pub.flush()
+        pub.outbox.put_event(end)
+        await pub.outbox.flush()
         say(committed=describe(end))
         await asyncio.sleep(args.every)
     say(idle=True)
-    await pub.wait_drained()
+    await pub.sink.wait_drained()
     say(drained=True)
     if args.exit_when_drained:
-        pub.stop()
+        pub.sink.stop()
     await task
 
 

@@ -25,6 +25,8 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.config import MqttSection, OutboxSection
+from edge_agent.outbox.writer import OutboxWriter
+from edge_agent.publish import deliver
 from edge_agent.publish.mqtt import MqttPublisher
 from edge_agent.scoring.detector import new_event_id
 from edge_agent.types import AnomalyEvent, EventType, Severity
@@ -420,22 +422,33 @@ def mqtt_config(url: str, **kw: Any) -> MqttSection:
     return MqttSection.model_validate(base)
 
 
-def publisher(mqtt: MqttSection, path: Path, **kw: Any) -> MqttPublisher:
-    """A publisher for agent-1 at plant-a with an outbox at `path` (outbox={...} for more outbox settings)."""
+@dataclass
+class Publishing:
+    """The outbox stage and the MQTT sink, wired as the agent wires them."""
+
+    outbox: OutboxWriter
+    sink: MqttPublisher
+
+    async def run(self) -> None:
+        """Both stages until the sink stops; then the outbox closes (what was queued is written)."""
+        await deliver(self.outbox, self.sink)
+
+
+def publisher(mqtt: MqttSection, path: Path, **kw: Any) -> Publishing:
+    """An outbox at `path` (outbox={...} for more settings) and a sink for agent-1 at plant-a."""
     box: dict[str, Any] = {"path": path}
     box.update(kw.pop("outbox", {}))
-    return MqttPublisher(
-        mqtt, OutboxSection.model_validate(box), agent_id="agent-1", site="plant-a", version="test", **kw
-    )
+    writer = OutboxWriter(OutboxSection.model_validate(box), mqtt, agent_id="agent-1", site="plant-a")
+    return Publishing(writer, MqttPublisher(mqtt, writer, agent_id="agent-1", site="plant-a", version="test", **kw))
 
 
 @contextlib.asynccontextmanager
-async def running(pub: MqttPublisher) -> AsyncIterator[MqttPublisher]:
-    """Run the publisher in a task; stop it cleanly afterwards."""
-    await pub.open()
+async def running(pub: Publishing) -> AsyncIterator[Publishing]:
+    """Run both in a task; stop them cleanly afterwards."""
+    await pub.outbox.open()
     task = asyncio.create_task(pub.run(), name="publisher")
     try:
         yield pub
     finally:
-        pub.stop()
+        pub.sink.stop()
         await asyncio.wait_for(task, 10)

@@ -14,7 +14,7 @@ from peers import free_port, wait_for
 
 from edge_agent.agent import Agent
 from edge_agent.config import load_config
-from edge_agent.publish import load_schema
+from edge_agent.records import load_schema
 from edge_agent.simulate import SimulatorOptions, parse_fault_spec, run_simulator
 
 EXAMPLE = Path(__file__).parents[3] / "examples" / "simulator.yaml"
@@ -67,7 +67,7 @@ async def test_fault_reaches_a_subscriber_with_its_end_and_status(broker: Broker
     start, end = events[0], events[-1]
     assert start["type"] == "anomaly.start" and end["type"] == "anomaly.end" and end["reason"] == "shutdown"
     assert start["anomaly_id"] == end["anomaly_id"] and start["model"]["name"] == "pump-skid"
-    assert start["model"]["sha256"] == agent.monitors[0].bundle.sha256
+    assert start["model"]["sha256"] == agent.stats().models[0].bundle_sha256
     assert [e["seq"] for e in events] == sorted(e["seq"] for e in events)
     status = [m.json() for m in sub.on("/status")]
     assert status[0]["state"] == "online" and status[-1]["state"] == "offline"

@@ -21,6 +21,7 @@ from mqttpeer import (
     PREFIX,
     BlackholeProxy,
     Broker,
+    Publishing,
     Received,
     Subscriber,
     make_event,
@@ -31,7 +32,7 @@ from mqttpeer import (
     write_password_file,
 )
 
-from edge_agent.publish.mqtt import WIRE_INFLIGHT, MqttPublisher
+from edge_agent.publish.mqtt import WIRE_INFLIGHT
 from edge_agent.types import AnomalyEvent, EventType
 
 pytestmark = pytest.mark.integration
@@ -55,12 +56,12 @@ def check_delivery(received: list[Received], expected: list[str], *, max_duplica
     return first
 
 
-async def produce(pub: MqttPublisher, out: list[AnomalyEvent], n: int, every: float, models: tuple[str, ...]) -> None:
+async def produce(pub: Publishing, out: list[AnomalyEvent], n: int, every: float, models: tuple[str, ...]) -> None:
     """n rounds of one anomaly.start per model, `every` seconds apart."""
     for _ in range(n):
         for model in models:
             e = make_event(EventType.START, seq=len(out) + 1, model=model)
-            pub.publish_event(e)
+            pub.outbox.put_event(e)
             out.append(e)
         await asyncio.sleep(every)
 
@@ -77,10 +78,10 @@ async def test_broker_killed_while_events_flow(broker: Broker, tmp_path: Path) -
         broker.kill()
         await produce(pub, events, 100, 0.005, models)
         await asyncio.sleep(0.5)  # down a while
-        assert not pub.connected and sum(pub.outbox.depth.values()) > 0
+        assert not pub.sink.connected and pub.outbox.depth > 0
         await asyncio.to_thread(broker.start)
         await produce(pub, events, 40, 0.005, models)
-        await asyncio.wait_for(pub.wait_drained(), 20)
+        await asyncio.wait_for(pub.sink.wait_drained(), 20)
     expected = [e.event_id for e in events]
     await asyncio.to_thread(wait_until, lambda: set(sub.event_ids()) >= set(expected), 10, "every event")
     sub.close()
@@ -168,18 +169,18 @@ async def test_network_cut_without_closing_the_socket(broker: Broker, tmp_path: 
     try:
         async with running(pub):
             await produce(pub, events, 20, 0.005, ("pump",))
-            await asyncio.wait_for(pub.wait_drained(), 10)
+            await asyncio.wait_for(pub.sink.wait_drained(), 10)
             cut = time.monotonic()
             proxy.blackhole()
             await produce(pub, events, 100, 0.005, ("pump",))
             async with asyncio.timeout(2 * keepalive + 3):
-                while pub.connected:
+                while pub.sink.connected:
                     await asyncio.sleep(0.02)
             detected = time.monotonic() - cut
             assert detected <= 2 * keepalive + 1.5, f"took {detected:.2f}s"
-            assert sum(pub.outbox.depth.values()) >= 100  # every row stays in the outbox until its PUBACK
+            assert pub.outbox.depth >= 100  # every row stays in the outbox until its PUBACK
             proxy.restore()
-            await asyncio.wait_for(pub.wait_drained(), 15)
+            await asyncio.wait_for(pub.sink.wait_drained(), 15)
         expected = [e.event_id for e in events]
         await asyncio.to_thread(wait_until, lambda: set(sub.event_ids()) >= set(expected), 10, "every event")
         check_delivery(sub.on("/events/"), expected, max_duplicates=WIRE_INFLIGHT)
@@ -188,13 +189,11 @@ async def test_network_cut_without_closing_the_socket(broker: Broker, tmp_path: 
         proxy.close()
 
 
-async def refused_while_producing(
-    pub: MqttPublisher, events: list[AnomalyEvent], caplog: pytest.LogCaptureFixture
-) -> str:
+async def refused_while_producing(pub: Publishing, events: list[AnomalyEvent], caplog: pytest.LogCaptureFixture) -> str:
     """Produce 20 events while the broker refuses the agent; after 4 failed attempts, the one ERROR logged."""
     await produce(pub, events, 20, 0, ("pump",))
     async with asyncio.timeout(10):
-        while pub.stats.connect_failures < 4:
+        while pub.sink.stats().connect_failures < 4:
             await asyncio.sleep(0.02)
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1, errors  # retries log at a lower level: one clear error per outage
@@ -218,7 +217,7 @@ async def test_refused_credentials_then_fixed(tmp_path: Path, caplog: pytest.Log
             assert sub.event_ids() == []
             write_password_file(pwfile, {"edge": "what-the-agent-has", "historian": "h"})
             broker.reload()
-            await asyncio.wait_for(pub.wait_drained(), 10)
+            await asyncio.wait_for(pub.sink.wait_drained(), 10)
         expected = [e.event_id for e in events]
         await asyncio.to_thread(wait_until, lambda: set(sub.event_ids()) >= set(expected), 5, "every event")
         check_delivery(sub.on("/events/"), expected, max_duplicates=0)
@@ -250,7 +249,7 @@ async def test_certificate_that_does_not_verify_then_fixed(
             broker.stop()  # the operator installs the right certificate
             broker.tls = (certs["ca"], certs["server"], certs["server.key"])
             await asyncio.to_thread(broker.start)
-            await asyncio.wait_for(pub.wait_drained(), 10)
+            await asyncio.wait_for(pub.sink.wait_drained(), 10)
         expected = [e.event_id for e in events]
         await asyncio.to_thread(wait_until, lambda: set(sub.event_ids()) >= set(expected), 5, "every event")
         check_delivery(sub.on("/events/"), expected, max_duplicates=0)
@@ -273,7 +272,7 @@ async def test_outbox_full_during_long_outage(broker: Broker, tmp_path: Path, rs
     tail: list[str] = []
     async with running(pub):
         async with asyncio.timeout(5):
-            while not pub.connected:
+            while not pub.sink.connected:
                 await asyncio.sleep(0.01)
         broker.kill()
         start_rss = 0
@@ -281,20 +280,20 @@ async def test_outbox_full_during_long_outage(broker: Broker, tmp_path: Path, rs
             for k in range(chunk):
                 seq = i * chunk + k + 1
                 e = make_event(EventType.START, seq=seq)
-                pub.publish_event(e)
+                pub.outbox.put_event(e)
                 tail.append(e.event_id)
             del tail[:-3000]  # keep the newest ids only: the test itself must not grow either
-            await pub.flush()
+            await pub.outbox.flush()
             if i == 4:
                 start_rss = rss.memory_info().rss
         end_rss = rss.memory_info().rss
-        depth = sum(pub.outbox.depth.values())
-        assert pub.outbox.bytes <= 1024**2 and 0 < depth < 3000
-        assert pub.outbox.counters["full.event"] == total - depth
+        depth = pub.outbox.depth
+        assert pub.outbox.stats().outbox.bytes <= 1024**2 and 0 < depth < 3000
+        assert pub.outbox.stats().outbox.dropped["full.event"] == total - depth
         grown = (end_rss - start_rss) / 1024**2
         assert grown < 10, f"RSS grew {grown:.1f} MiB during the outage"
         await asyncio.to_thread(broker.start)
-        await asyncio.wait_for(pub.wait_drained(), 20)
+        await asyncio.wait_for(pub.sink.wait_drained(), 20)
         await asyncio.sleep(1.2)  # one status refresh
     expected = tail[-depth:]
     await asyncio.to_thread(wait_until, lambda: len(set(sub.event_ids())) >= depth, 10, "the kept events")

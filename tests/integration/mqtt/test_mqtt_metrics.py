@@ -12,7 +12,7 @@ import pytest
 from mqttpeer import Broker, free_port, make_event, mqtt_config, publisher, running
 from prometheus_client.parser import text_string_to_metric_families
 
-from edge_agent.observe import HealthServer, Metrics, publisher_metrics
+from edge_agent.observe import HealthServer, Metrics, outbox_metrics, publisher_metrics
 from edge_agent.types import EventType, Score
 
 pytestmark = pytest.mark.integration
@@ -59,7 +59,8 @@ async def test_publish_latency_is_scraped_after_real_publishes(broker: Broker, t
     """/metrics shows publish and delivery histograms that count each acknowledged QoS 1 event once, QoS 0 never."""
     pub = publisher(mqtt_config(broker.url, scores_interval=60), tmp_path / "outbox.db")  # scores: QoS 0
     metrics = Metrics()
-    metrics.add(lambda: publisher_metrics(pub))
+    metrics.add(lambda: publisher_metrics(pub.sink.stats()))
+    metrics.add(lambda: outbox_metrics(pub.outbox.stats()))
     server = HealthServer(metrics, [])
     port = free_port()
     await server.start(f"127.0.0.1:{port}")
@@ -70,9 +71,9 @@ async def test_publish_latency_is_scraped_after_real_publishes(broker: Broker, t
         started = time.monotonic()
         async with running(pub):
             for seq in range(1, 41):
-                pub.publish_event(make_event(EventType.START, seq=seq, model=f"m{seq % 3}"))
-            pub.publish_score(Score("m0", time.time(), 0.4, 1.5, {"pump1.pressure": 1.0}, 0.9))
-            await asyncio.wait_for(pub.wait_drained(), 10)
+                pub.outbox.put_event(make_event(EventType.START, seq=seq, model=f"m{seq % 3}"))
+            pub.outbox.put_score(Score("m0", time.time(), 0.4, 1.5, {"pump1.pressure": 1.0}, 0.9))
+            await asyncio.wait_for(pub.sink.wait_drained(), 10)
             after = await scrape(port)
         elapsed = time.monotonic() - started
     finally:
@@ -95,13 +96,13 @@ async def test_delivery_latency_includes_the_time_in_the_outbox(broker: Broker, 
     async with running(pub):
         started = time.monotonic()
         for seq in range(1, 11):
-            pub.publish_event(make_event(EventType.START, seq=seq))
-        await pub.flush()
+            pub.outbox.put_event(make_event(EventType.START, seq=seq))
+        await pub.outbox.flush()
         await asyncio.sleep(0.6)
         broker.start()
-        await asyncio.wait_for(pub.wait_drained(), 10)
+        await asyncio.wait_for(pub.sink.wait_drained(), 10)
         elapsed = time.monotonic() - started
-        families = list(publisher_metrics(pub))
+        families = [*publisher_metrics(pub.sink.stats()), *outbox_metrics(pub.outbox.stats())]
     samples = {s.name: s.value for family in families for s in family.samples if not s.labels}
     cumulative: dict[str, dict[float, float]] = {name: {} for name in LATENCIES}
     for bucket in (s for family in families for s in family.samples if "le" in s.labels):
@@ -122,17 +123,17 @@ async def test_outbox_oldest_age_grows_during_an_outage_and_clears_after(broker:
     """The age of the oldest waiting message: refreshed on the status interval, 0 once the outbox is empty."""
 
     def age() -> float:
-        (family,) = [f for f in publisher_metrics(pub) if f.name == "edge_agent_outbox_oldest_age_seconds"]
+        (family,) = [f for f in outbox_metrics(pub.outbox.stats()) if f.name == "edge_agent_outbox_oldest_age_seconds"]
         return float(family.samples[0].value)
 
     broker.kill()
     pub = publisher(mqtt_config(broker.url, reconnect_max=0.2, status_interval=1), tmp_path / "outbox.db")
     async with running(pub):
-        pub.publish_event(make_event(EventType.START, seq=1))
-        await pub.flush()
+        pub.outbox.put_event(make_event(EventType.START, seq=1))
+        await pub.outbox.flush()
         written = time.time()
         await asyncio.sleep(2.2)  # at least one housekeeping pass after the write
         assert 1.0 <= age() <= time.time() - written + 0.5
         broker.start()
-        await asyncio.wait_for(pub.wait_drained(), 10)
+        await asyncio.wait_for(pub.sink.wait_drained(), 10)
         assert age() == 0.0

@@ -29,8 +29,9 @@ from mqttpeer import (
 from edge_agent.config import OutboxSection, parse_config
 from edge_agent.errors import ConfigError
 from edge_agent.outbox import OutboxError, outbox_stats
-from edge_agent.publish.mqtt import drain, tls_problems
-from edge_agent.publish.payloads import load_schema
+from edge_agent.publish.client import tls_problems
+from edge_agent.publish.tools import drain
+from edge_agent.records import load_schema
 from edge_agent.types import EventType, Quality, SampleBatch, Score
 
 pytestmark = pytest.mark.integration
@@ -64,11 +65,11 @@ async def test_telemetry_merges_every_scan_group_and_subscription_of_a_device(br
         return SampleBatch("pump-1", time.time(), tags, np.array(values), q, kinds=("float",) * len(tags))
 
     async with running(pub):
-        pub.publish_telemetry(group(("fast.a", "fast.b"), [1.0, 2.0]))
-        pub.publish_telemetry(group(("slow.c",), [3.0]))  # same interval slot: merged, not sent on its own
+        pub.outbox.put_telemetry(group(("fast.a", "fast.b"), [1.0, 2.0]))
+        pub.outbox.put_telemetry(group(("slow.c",), [3.0]))  # same interval slot: merged, not sent on its own
         await asyncio.sleep(0.25)
-        pub.publish_telemetry(group(("fast.b",), [20.0]))  # a pushed change of one tag
-        await asyncio.wait_for(pub.wait_drained(), 10)
+        pub.outbox.put_telemetry(group(("fast.b",), [20.0]))  # a pushed change of one tag
+        await asyncio.wait_for(pub.sink.wait_drained(), 10)
         await asyncio.to_thread(wait_until, lambda: len(sub.on("/telemetry/")) == 2, 5)
     sub.close()
     first, second = ({t["name"]: t["value"] for t in m.json()["tags"]} for m in sub.on("/telemetry/"))
@@ -90,16 +91,16 @@ async def test_payloads_from_the_broker_match_the_schemas(
     start = make_event(EventType.START, seq=1, model="pump/skid+1")
     end = make_event(EventType.END, seq=2, model="pump/skid+1", anomaly_id=start.anomaly_id)
     async with running(pub):
-        pub.publish_event(start)
-        pub.publish_event(end)
+        pub.outbox.put_event(start)
+        pub.outbox.put_event(end)
         score = Score("pump/skid+1", time.time(), 0.42, 1.5, {"pump1.pressure": 0.8, "pump1.flow": 0.2}, 0.97)
-        pub.publish_score(score, version="1.0.0", sha256=SHA)
-        pub.publish_score(score)  # within scores_interval: not published
-        pub.publish_telemetry(batch())
-        pub.publish_telemetry(batch())  # within telemetry_interval: not published
-        await asyncio.wait_for(pub.wait_drained(), 10)
+        pub.outbox.put_score(score, version="1.0.0", sha256=SHA)
+        pub.outbox.put_score(score)  # within scores_interval: not published
+        pub.outbox.put_telemetry(batch())
+        pub.outbox.put_telemetry(batch())  # within telemetry_interval: not published
+        await asyncio.wait_for(pub.sink.wait_drained(), 10)
         await asyncio.to_thread(wait_until, lambda: len(sub.on("/events/")) == 2 and sub.on("/telemetry/"), 5)
-        assert pub.outbox.open_count == 0  # the end closed the start
+        assert pub.outbox.stats().outbox.open_anomalies == 0  # the end closed the start
     await asyncio.to_thread(wait_until, lambda: any(b'"offline"' in m.payload for m in sub.on("/status")), 5)
     sub.close()
 
@@ -158,11 +159,11 @@ async def test_tls_client_certificate_and_password(
         pub = publisher(mqtt, tmp_path / "outbox.db")
         async with running(pub):
             for i in range(1, 21):
-                pub.publish_event(make_event(EventType.START, seq=i))
-            await asyncio.wait_for(pub.wait_drained(), 10)
+                pub.outbox.put_event(make_event(EventType.START, seq=i))
+            await asyncio.wait_for(pub.sink.wait_drained(), 10)
         await asyncio.to_thread(wait_until, lambda: len(sub.event_ids()) == 20, 5)
         sub.close()
-        assert secret not in caplog.text and secret not in repr(pub) and secret not in repr(mqtt)
+        assert secret not in caplog.text and secret not in repr(pub.sink) and secret not in repr(mqtt)
         assert secret not in str(mqtt.model_dump())
     finally:
         broker.kill()
@@ -175,13 +176,13 @@ async def test_historical_rule_by_age_and_by_restart(broker: Broker, tmp_path: P
     first = publisher(mqtt_config("mqtt://127.0.0.1:1", historical_after=0.3), path)  # nothing listens: offline
     old = make_event(EventType.START, seq=1)
     async with running(first):
-        first.publish_event(old)
-        await first.flush()
+        first.outbox.put_event(old)
+        await first.outbox.flush()
     again = publisher(mqtt_config(broker.url, historical_after=0.3), path)
     async with running(again):
         fresh = make_event(EventType.START, seq=2)
-        again.publish_event(fresh)
-        await asyncio.wait_for(again.wait_drained(), 10)
+        again.outbox.put_event(fresh)
+        await asyncio.wait_for(again.sink.wait_drained(), 10)
     await asyncio.to_thread(wait_until, lambda: len(sub.event_ids()) == 2, 5)
     sub.close()
     got = {m.json()["event_id"]: m.json()["historical"] for m in sub.on("/events/")}
@@ -192,13 +193,13 @@ async def test_cancelled_run_still_writes_and_says_offline(broker: Broker, tmp_p
     """Cancellation is shutdown: queued events reach the outbox and the retained status goes offline."""
     sub = Subscriber(broker.port, f"{PREFIX}/status")
     pub = publisher(mqtt_config(broker.url), tmp_path / "outbox.db")
-    await pub.open()
+    await pub.outbox.open()
     task = asyncio.create_task(pub.run())
     async with asyncio.timeout(5):
-        while not pub.connected:
+        while not pub.sink.connected:
             await asyncio.sleep(0.01)
     for i in range(1, 6):
-        pub.publish_event(make_event(EventType.START, seq=i))
+        pub.outbox.put_event(make_event(EventType.START, seq=i))
     task.cancel()  # before the writer ran
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -213,8 +214,8 @@ async def test_drain_sends_a_backlog_and_refuses_a_held_outbox(broker: Broker, t
     offline = publisher(mqtt_config("mqtt://127.0.0.1:1"), path)
     async with running(offline):
         for i in range(1, 51):
-            offline.publish_event(make_event(EventType.START, seq=i))
-        await offline.flush()
+            offline.outbox.put_event(make_event(EventType.START, seq=i))
+        await offline.outbox.flush()
         with pytest.raises(OutboxError, match="in use"):
             await drain(mqtt_config(broker.url), OutboxSection(path=path), agent_id="agent-1")
     sub = Subscriber(broker.port, f"{PREFIX}/events/#")
@@ -232,8 +233,8 @@ async def test_tls_verify_none_accepts_any_certificate(tmp_path: Path, certs: di
     try:
         pub = publisher(mqtt_config(broker.url, tls={"verify": "none"}), tmp_path / "o.db")
         async with running(pub):
-            pub.publish_event(make_event(EventType.START, seq=1))
-            await asyncio.wait_for(pub.wait_drained(), 5)
+            pub.outbox.put_event(make_event(EventType.START, seq=1))
+            await asyncio.wait_for(pub.sink.wait_drained(), 5)
     finally:
         broker.kill()
 
@@ -252,11 +253,11 @@ async def test_mqtt5_rejection_is_dropped_and_counted_without_blocking_events(tm
         pub = publisher(mqtt, tmp_path / "o.db")
         async with running(pub):
             for i in range(1, 4):
-                pub.publish_telemetry(batch())
-                pub.publish_event(make_event(EventType.START, seq=i))
+                pub.outbox.put_telemetry(batch())
+                pub.outbox.put_event(make_event(EventType.START, seq=i))
                 await asyncio.sleep(0.005)
-            await asyncio.wait_for(pub.wait_drained(), 10)
-            assert pub.outbox.counters["rejected.telemetry"] == 3 and pub.stats.rejected == 3
+            await asyncio.wait_for(pub.sink.wait_drained(), 10)
+            assert pub.outbox.stats().outbox.dropped["rejected.telemetry"] == 3 and pub.sink.stats().rejected == 3
         await asyncio.to_thread(wait_until, lambda: len(set(sub.event_ids())) == 3, 5)
         sub.close()
     finally:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import fcntl
-import json
 import logging
 import os
 import sqlite3
@@ -32,136 +31,17 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import IntEnum
 from pathlib import Path
-from typing import IO, Any, NamedTuple
+from typing import IO, Any
 
 from edge_agent.config import OutboxSection, WhenFull
-from edge_agent.errors import EdgeAgentError
+from edge_agent.outbox.rows import Entry, Kind, OutboxError, OutboxStats, Row, counter_names
+from edge_agent.types import OpenAnomaly
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("edge_agent.outbox")
 
-ROW_OVERHEAD = 48  # bytes counted per row beyond payload and topic (row header, index entry)
 SCHEMA_VERSION = 1
 _EVICT_CHUNK = 512
-
-
-class OutboxError(EdgeAgentError):
-    """The outbox cannot be used (directory not writable, another process holds it)."""
-
-
-class Kind(IntEnum):
-    """What a message is; lower values are published first and dropped last."""
-
-    EVENT = 0
-    SCORE = 1
-    TELEMETRY = 2
-
-    @property
-    def label(self) -> str:
-        """Lower-case name used in counters and JSON."""
-        return self.name.lower()
-
-
-# bounds reached, too old, the publisher's in-memory queue overflowed, refused for good by the broker (MQTT 5)
-DROP_REASONS = ("full", "age", "memory", "rejected")
-
-
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """A message to store: where it goes and the bytes, plus bookkeeping for open anomalies."""
-
-    topic: str
-    payload: bytes
-    kind: Kind = Kind.EVENT
-    qos: int = 1
-    created: float | None = None  # None: the time of the put
-    seq: int = 0  # the event's per-agent sequence number; the highest one is remembered across restarts
-    opens: tuple[str, str, bytes] | None = None  # (model, anomaly_id, record): one open anomaly per model
-    closes: tuple[str, str] | None = None  # (model, anomaly_id) this event ends
-
-    @property
-    def size(self) -> int:
-        """Bytes this message counts against max_bytes."""
-        return len(self.payload) + len(self.topic) + ROW_OVERHEAD
-
-
-class Row(NamedTuple):
-    """A stored message handed out by `take` (a named tuple: replay builds thousands per second)."""
-
-    id: int
-    topic: str
-    payload: bytes
-    kind: Kind
-    qos: int
-    created: float
-    run: int  # the outbox run (agent start) that wrote it; older runs mean delivered after a restart
-
-
-@dataclass(frozen=True, slots=True)
-class OpenAnomaly:
-    """An anomaly whose start was written and whose end was not (at most one per model)."""
-
-    model: str
-    anomaly_id: str
-    record: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class OutboxStats:
-    """Depth, size, age and drop counters of an outbox."""
-
-    path: str
-    depth: Mapping[str, int]  # per kind
-    bytes: int
-    max_bytes: int
-    oldest: float | None  # creation time of the oldest stored message
-    in_flight: int
-    dropped: Mapping[str, int]  # "<reason>.<kind>" → count, persisted
-    open_anomalies: int
-    runs: int
-    corrupt_files: int
-    last_seq: int
-
-    @property
-    def total(self) -> int:
-        """Messages stored."""
-        return sum(self.depth.values())
-
-    def dropped_by_kind(self) -> dict[str, int]:
-        """Drops summed over reasons, per kind."""
-        return {k.label: sum(self.dropped.get(f"{r}.{k.label}", 0) for r in DROP_REASONS) for k in Kind}
-
-    def dropped_by_reason(self) -> dict[str, int]:
-        """Drops summed over kinds, per reason."""
-        return {r: sum(self.dropped.get(f"{r}.{k.label}", 0) for k in Kind) for r in DROP_REASONS}
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-ready summary (for `outbox stats --json` and the status topic)."""
-        return {
-            "path": self.path,
-            "depth": self.total,
-            "depth_by_kind": dict(self.depth),
-            "bytes": self.bytes,
-            "max_bytes": self.max_bytes,
-            "oldest": _iso(self.oldest) if self.oldest is not None else None,
-            "in_flight": self.in_flight,
-            "dropped": self.dropped_by_kind(),
-            "dropped_by_reason": self.dropped_by_reason(),
-            "open_anomalies": self.open_anomalies,
-            "runs": self.runs,
-            "corrupt_files": self.corrupt_files,
-            "last_seq": self.last_seq,
-        }
-
-
-def _iso(ts: float) -> str:
-    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def _counter_names() -> list[str]:
-    return [f"{r}.{k.label}" for r in DROP_REASONS for k in Kind]
-
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -224,7 +104,7 @@ class Outbox:
         # mirrors of what the file holds, so stats never scan it
         self.depth: dict[Kind, int] = dict.fromkeys(Kind, 0)
         self.bytes = 0
-        self.counters: dict[str, int] = dict.fromkeys(_counter_names(), 0)
+        self.counters: dict[str, int] = dict.fromkeys(counter_names(), 0)
         self.open_count = 0
         self.run = 0
         self.corrupt_files = 0
@@ -336,7 +216,7 @@ class Outbox:
     def _load(self) -> None:
         conn = self._require()
         counters = dict(conn.execute("SELECT name, value FROM counters").fetchall())
-        self.counters = {k: int(counters.get(k, 0)) for k in _counter_names()}
+        self.counters = {k: int(counters.get(k, 0)) for k in counter_names()}
         self.corrupt_files = int(counters.get("corrupt_files", 0))
         self.last_seq = int(counters.get("seq", 0))
         self.run = int(counters.get("runs", 0)) + 1
@@ -666,67 +546,3 @@ def _delete(conn: sqlite3.Connection, ids: Sequence[int]) -> None:
 def _is_busy(exc: sqlite3.DatabaseError) -> bool:
     text = str(exc).lower()
     return "locked" in text or "busy" in text
-
-
-def outbox_stats(path: str | Path) -> OutboxStats:
-    """Stats of an outbox file (for `edge-agent outbox stats`); works while the agent runs."""
-    p = Path(path)
-    if not p.exists():
-        raise OutboxError(f"outbox {p}: no such file")
-    box = Outbox(p)
-    try:
-        conn = sqlite3.connect(f"file:{p}?mode=ro", uri=True, timeout=10, isolation_level=None)
-    except sqlite3.Error as exc:
-        raise OutboxError(f"outbox {p}: {exc}") from None
-    try:
-        box._conn = conn
-        counters = dict(conn.execute("SELECT name, value FROM counters").fetchall())
-        box.counters = {k: int(counters.get(k, 0)) for k in _counter_names()}
-        box.corrupt_files = int(counters.get("corrupt_files", 0))
-        box.last_seq = int(counters.get("seq", 0))
-        box.run = int(counters.get("runs", 0))
-        for kind, n, size in conn.execute("SELECT kind, count(*), coalesce(sum(size), 0) FROM messages GROUP BY kind"):
-            box.depth[Kind(kind)] = int(n)
-            box.bytes += int(size)
-        box.open_count = int(conn.execute("SELECT count(*) FROM open_anomalies").fetchone()[0])
-        return box.stats()
-    except sqlite3.DatabaseError as exc:
-        raise OutboxError(f"outbox {p}: {exc}") from None
-    finally:
-        box._conn = None
-        conn.close()
-
-
-def export(path: str | Path, out: IO[str]) -> int:
-    """Write every stored message as a JSON line (publishing order) to `out`; returns how many."""
-    p = Path(path)
-    if not p.exists():
-        raise OutboxError(f"outbox {p}: no such file")
-    box = Outbox(p)
-    try:
-        box._conn = sqlite3.connect(f"file:{p}?mode=ro", uri=True, timeout=10, isolation_level=None)
-    except sqlite3.Error as exc:
-        raise OutboxError(f"outbox {p}: {exc}") from None
-    n = 0
-    try:
-        for row in box.rows():
-            try:
-                payload: Any = json.loads(row.payload)
-            except ValueError:
-                payload = row.payload.decode("utf-8", "replace")
-            line = {
-                "id": row.id,
-                "kind": row.kind.label,
-                "topic": row.topic,
-                "qos": row.qos,
-                "created": _iso(row.created),
-                "payload": payload,
-            }
-            out.write(json.dumps(line, separators=(",", ":")) + "\n")
-            n += 1
-    except sqlite3.DatabaseError as exc:
-        raise OutboxError(f"outbox {p}: {exc}") from None
-    finally:
-        box._conn.close()
-        box._conn = None
-    return n

@@ -1,4 +1,9 @@
-"""Versioned JSON payloads for what the agent publishes."""
+"""The agent's records: versioned JSON for events, scores, telemetry and status, and their JSON Schemas.
+
+One format for every stage after scoring: the outbox stores these bytes, the JSON sink publishes them as
+they are, `outbox export` prints them, and scoring reads an open anomaly's start back from them at restart.
+Plain data in, bytes out: this module imports no stage.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +15,7 @@ from collections.abc import Mapping
 from importlib import resources
 from typing import Any
 
-from edge_agent.scoring.detector import severity_of
-from edge_agent.types import AnomalyEvent, Quality, SampleBatch, Score
+from edge_agent.types import AnomalyEvent, EventType, Quality, SampleBatch, Score, Severity, severity_of
 
 EVENT_SCHEMA = "edge-agent/anomaly-event/v1"
 
@@ -157,5 +161,35 @@ def telemetry_payload(
 
 def load_schema(name: str) -> dict[str, Any]:
     """A shipped JSON Schema by name: event, status, score or telemetry."""
-    text = resources.files("edge_agent.publish").joinpath("schemas", SCHEMA_FILES[name]).read_text(encoding="utf-8")
+    text = resources.files("edge_agent").joinpath("schemas", SCHEMA_FILES[name]).read_text(encoding="utf-8")
     return typing.cast(dict[str, Any], json.loads(text))
+
+
+def _seconds(text: str) -> float:
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def decode_event(record: bytes) -> AnomalyEvent:
+    """An event back from its record (timestamps to the millisecond); ValueError/KeyError/TypeError if damaged."""
+    d = json.loads(record)
+    return AnomalyEvent(
+        type=EventType(d["type"]),
+        event_id=d["event_id"],
+        anomaly_id=d["anomaly_id"],
+        seq=int(d["seq"]),
+        agent=d["agent"],
+        site=d["site"],
+        model=d["model"]["name"],
+        model_version=d["model"]["version"],
+        model_sha256=d["model"]["sha256"],
+        window_start=_seconds(d["window"]["start"]),
+        window_end=_seconds(d["window"]["end"]),
+        score=float(d["score"] if d["score"] is not None else math.nan),
+        threshold=float(d["threshold"] if d["threshold"] is not None else math.nan),
+        severity=Severity(d["severity"]),
+        contributions={c["tag"]: c["share"] for c in d["contributions"]},
+        values=dict(d["values"]),
+        started_at=_seconds(d["started_at"]),
+        peak_score=float(d["peak_score"] if d["peak_score"] is not None else math.nan),
+        reason=d["reason"] or "",
+    )

@@ -1,0 +1,163 @@
+"""Prometheus metrics: latency histograms observed live, everything else read from the stages' stats() at scrape time.
+
+The hot paths pay nothing for counters: a custom collector turns each stage's frozen stats snapshot into
+metric families when /metrics is scraped. Poll and scoring latencies are observed as they happen, once per
+read or window; MQTT latencies are counted by the publisher into fixed buckets and read at scrape time too.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+if TYPE_CHECKING:
+    from edge_agent.outbox.writer import WriterStats
+    from edge_agent.poller import PollerStats
+    from edge_agent.publish.stats import HistogramSnapshot, PublisherStats
+    from edge_agent.scoring.monitor import MonitorStats
+
+POLL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+INFER_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2)
+
+
+class Metrics:
+    """The agent's metrics registry: latency histograms observed live, everything else collected on scrape."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.poll_seconds = Histogram(
+            "edge_agent_poll_seconds",
+            "Duration of one scan-group read",
+            ["device"],
+            buckets=POLL_BUCKETS,
+            registry=self.registry,
+        )
+        self.score_seconds = Histogram(
+            "edge_agent_score_seconds",
+            "Duration of one scoring step (window to score)",
+            ["model"],
+            buckets=INFER_BUCKETS,
+            registry=self.registry,
+        )
+        self._collectors: list[Callable[[], Iterable[Metric]]] = []
+        self.registry.register(_Callback(self._collect))
+
+    def add(self, collect: Callable[[], Iterable[Metric]]) -> None:
+        """Add a scrape-time source of metrics (a later stage registers its own)."""
+        self._collectors.append(collect)
+
+    def _collect(self) -> Iterable[Metric]:
+        for collect in self._collectors:
+            yield from collect()
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition."""
+        return generate_latest(self.registry)
+
+
+class _Callback(Collector):
+    def __init__(self, fn: Callable[[], Iterable[Metric]]) -> None:
+        self._fn = fn
+
+    def collect(self) -> Iterable[Metric]:
+        return self._fn()
+
+
+def device_metrics(devices: Iterable[PollerStats]) -> Iterable[Metric]:
+    """Per-device reads, failures, overruns and up state."""
+    reads = CounterMetricFamily("edge_agent_reads", "Scan-group reads completed", labels=["device"])
+    pushed = CounterMetricFamily("edge_agent_pushed_batches", "Batches a device sent by itself", labels=["device"])
+    failures = CounterMetricFamily("edge_agent_read_failures", "Connection-level failures", labels=["device"])
+    overruns = CounterMetricFamily(
+        "edge_agent_overruns", "Poll cycles skipped because a read ran late", labels=["device"]
+    )
+    up = GaugeMetricFamily("edge_agent_device_up", "1 when the device answers", labels=["device"])
+    for d in devices:
+        reads.add_metric([d.device], d.reads)
+        pushed.add_metric([d.device], d.pushed)
+        failures.add_metric([d.device], d.failures)
+        overruns.add_metric([d.device], d.overruns)
+        up.add_metric([d.device], 1.0 if d.connected else 0.0)
+    yield from (reads, pushed, failures, overruns, up)
+
+
+def model_metrics(models: Iterable[MonitorStats]) -> Iterable[Metric]:
+    """Per-model windows scored and skipped, latest score, threshold and anomaly state."""
+    scored = CounterMetricFamily("edge_agent_windows_scored", "Windows scored", labels=["model"])
+    skipped = CounterMetricFamily(
+        "edge_agent_windows_insufficient", "Windows not scored for lack of good data", labels=["model"]
+    )
+    score = GaugeMetricFamily("edge_agent_score", "Latest window score", labels=["model"])
+    threshold = GaugeMetricFamily("edge_agent_threshold", "Anomaly threshold in use", labels=["model"])
+    active = GaugeMetricFamily("edge_agent_anomaly_active", "1 while an anomaly is open", labels=["model"])
+    for m in models:
+        scored.add_metric([m.model], m.windows_scored)
+        skipped.add_metric([m.model], m.windows_insufficient)
+        if m.last_score is not None:
+            score.add_metric([m.model], m.last_score)
+        threshold.add_metric([m.model], m.threshold)
+        active.add_metric([m.model], 1.0 if m.active else 0.0)
+    yield from (scored, skipped, score, threshold, active)
+
+
+def _histogram(name: str, doc: str, hist: HistogramSnapshot) -> HistogramMetricFamily:
+    """A Prometheus histogram from a snapshot of running bucket counts."""
+    buckets = [(floatToGoString(le), n) for le, n in hist.buckets]
+    return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=hist.sum)
+
+
+def publisher_metrics(st: PublisherStats) -> Iterable[Metric]:
+    """MQTT connection state, counters and latencies."""
+    yield GaugeMetricFamily("edge_agent_mqtt_connected", "1 while connected to the broker", value=float(st.connected))
+    yield GaugeMetricFamily(
+        "edge_agent_mqtt_in_flight", "Messages handed to the MQTT client and not yet acknowledged", value=st.in_flight
+    )
+    for name, doc, value in (
+        ("published", "Messages handed to the broker", st.published),
+        ("acked", "Messages acknowledged by the broker", st.acked),
+        ("rejected", "Messages the broker refused with an MQTT 5 reason code", st.rejected),
+        ("connects", "Successful connections", st.connects),
+        ("connect_failures", "Failed connection attempts", st.connect_failures),
+        ("disconnects", "Connections lost", st.disconnects),
+    ):
+        yield CounterMetricFamily(f"edge_agent_mqtt_{name}", doc, value=value)
+    yield _histogram(
+        "edge_agent_mqtt_publish_seconds",
+        "Time from handing a QoS 1/2 message to the MQTT client to the broker's acknowledgement",
+        st.publish_latency,
+    )
+    yield _histogram(
+        "edge_agent_mqtt_delivery_seconds",
+        "Time from writing a QoS 1/2 message to the outbox to the broker's acknowledgement (outages included)",
+        st.delivery_latency,
+    )
+
+
+def outbox_metrics(st: WriterStats) -> Iterable[Metric]:
+    """The outbox's depth, bytes, oldest age and drops (from memory)."""
+    ob = st.outbox
+    if ob is None:
+        return
+    depth = GaugeMetricFamily("edge_agent_outbox_depth", "Messages waiting in the outbox", labels=["kind"])
+    for kind, n in ob.depth.items():
+        depth.add_metric([kind], n)
+    yield depth
+    yield GaugeMetricFamily("edge_agent_outbox_bytes", "Bytes stored in the outbox", value=ob.bytes)
+    yield GaugeMetricFamily("edge_agent_outbox_max_bytes", "The outbox's bound", value=ob.max_bytes)
+    age = max(0.0, time.time() - st.oldest) if st.oldest is not None and ob.total else 0.0
+    yield GaugeMetricFamily(
+        "edge_agent_outbox_oldest_age_seconds",
+        "Age of the oldest message waiting in the outbox (refreshed every mqtt.status_interval)",
+        value=age,
+    )
+    drops = CounterMetricFamily("edge_agent_outbox_dropped", "Messages dropped", labels=["reason", "kind"])
+    for key, n in ob.dropped.items():
+        reason, _, kind = key.partition(".")
+        drops.add_metric([reason, kind], n)
+    yield drops

@@ -1,0 +1,123 @@
+"""What the outbox stores and hands out: message kinds, entries, rows, stats, and its error."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any, NamedTuple
+
+from edge_agent.errors import EdgeAgentError
+
+ROW_OVERHEAD = 48  # bytes counted per row beyond payload and topic (row header, index entry)
+
+
+class OutboxError(EdgeAgentError):
+    """The outbox cannot be used (directory not writable, another process holds it)."""
+
+
+class Kind(IntEnum):
+    """What a message is; lower values are published first and dropped last."""
+
+    EVENT = 0
+    SCORE = 1
+    TELEMETRY = 2
+
+    @property
+    def label(self) -> str:
+        """Lower-case name used in counters and JSON."""
+        return self.name.lower()
+
+
+# bounds reached, too old, the publisher's in-memory queue overflowed, refused for good by the broker (MQTT 5)
+DROP_REASONS = ("full", "age", "memory", "rejected")
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A message to store: where it goes and the bytes, plus bookkeeping for open anomalies."""
+
+    topic: str
+    payload: bytes
+    kind: Kind = Kind.EVENT
+    qos: int = 1
+    created: float | None = None  # None: the time of the put
+    seq: int = 0  # the event's per-agent sequence number; the highest one is remembered across restarts
+    opens: tuple[str, str, bytes] | None = None  # (model, anomaly_id, record): one open anomaly per model
+    closes: tuple[str, str] | None = None  # (model, anomaly_id) this event ends
+
+    @property
+    def size(self) -> int:
+        """Bytes this message counts against max_bytes."""
+        return len(self.payload) + len(self.topic) + ROW_OVERHEAD
+
+
+class Row(NamedTuple):
+    """A stored message handed out by `take` (a named tuple: replay builds thousands per second)."""
+
+    id: int
+    topic: str
+    payload: bytes
+    kind: Kind
+    qos: int
+    created: float
+    run: int  # the outbox run (agent start) that wrote it; older runs mean delivered after a restart
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxStats:
+    """Depth, size, age and drop counters of an outbox."""
+
+    path: str
+    depth: Mapping[str, int]  # per kind
+    bytes: int
+    max_bytes: int
+    oldest: float | None  # creation time of the oldest stored message
+    in_flight: int
+    dropped: Mapping[str, int]  # "<reason>.<kind>" → count, persisted
+    open_anomalies: int
+    runs: int
+    corrupt_files: int
+    last_seq: int
+
+    @property
+    def total(self) -> int:
+        """Messages stored."""
+        return sum(self.depth.values())
+
+    def dropped_by_kind(self) -> dict[str, int]:
+        """Drops summed over reasons, per kind."""
+        return {k.label: sum(self.dropped.get(f"{r}.{k.label}", 0) for r in DROP_REASONS) for k in Kind}
+
+    def dropped_by_reason(self) -> dict[str, int]:
+        """Drops summed over kinds, per reason."""
+        return {r: sum(self.dropped.get(f"{r}.{k.label}", 0) for k in Kind) for r in DROP_REASONS}
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (for `outbox stats --json` and the status topic)."""
+        return {
+            "path": self.path,
+            "depth": self.total,
+            "depth_by_kind": dict(self.depth),
+            "bytes": self.bytes,
+            "max_bytes": self.max_bytes,
+            "oldest": iso(self.oldest) if self.oldest is not None else None,
+            "in_flight": self.in_flight,
+            "dropped": self.dropped_by_kind(),
+            "dropped_by_reason": self.dropped_by_reason(),
+            "open_anomalies": self.open_anomalies,
+            "runs": self.runs,
+            "corrupt_files": self.corrupt_files,
+            "last_seq": self.last_seq,
+        }
+
+
+def iso(ts: float) -> str:
+    """UTC timestamp with milliseconds and a Z."""
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def counter_names() -> list[str]:
+    """Every drop counter: `<reason>.<kind>`."""
+    return [f"{r}.{k.label}" for r in DROP_REASONS for k in Kind]

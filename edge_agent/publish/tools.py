@@ -1,0 +1,60 @@
+"""`edge-agent outbox drain`: publish everything an outbox holds, with no agent running."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass
+
+from edge_agent.config import MqttSection, OutboxSection
+from edge_agent.outbox.writer import OutboxWriter
+from edge_agent.publish import deliver
+from edge_agent.publish.mqtt import MqttPublisher
+
+
+@dataclass(frozen=True)
+class DrainResult:
+    """What `edge-agent outbox drain` did."""
+
+    sent: int
+    left: int
+    seconds: float
+
+    @property
+    def complete(self) -> bool:
+        """Nothing is left in the outbox."""
+        return self.left == 0
+
+
+async def drain(
+    mqtt: MqttSection,
+    outbox: OutboxSection,
+    *,
+    agent_id: str,
+    site: str = "default",
+    version: str = "",
+    max_seconds: float | None = None,
+) -> DrainResult:
+    """Publish everything in an outbox to the broker; return once it is empty (or after max_seconds).
+
+    Refuses (OutboxError) while an agent holds the outbox. Uses the client id `<client id>-drain`, so a
+    running agent with the same id is not disconnected.
+    """
+    writer = OutboxWriter(outbox, mqtt, agent_id=agent_id, site=site)
+    pub = MqttPublisher(
+        mqtt, writer, agent_id=agent_id, site=site, version=version, client_id=f"{mqtt.client_id or agent_id}-drain"
+    )
+    started = time.monotonic()
+    await writer.open()
+    before = writer.depth
+    task = asyncio.create_task(deliver(writer, pub), name="outbox:drain")
+    try:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max_seconds):
+                await pub.wait_drained()
+    finally:
+        left = writer.depth
+        pub.stop()
+        await task
+    return DrainResult(sent=before - left, left=left, seconds=time.monotonic() - started)
