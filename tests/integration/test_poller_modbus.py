@@ -52,14 +52,13 @@ async def test_server_restart_mid_run(modbus_peer: ModbusPeer, caplog: pytest.Lo
         await wait_for(lambda: value(agent, "plc.v") == (11.0, Quality.GOOD))
         await modbus_peer.stop()
         await wait_for(lambda: lost(value(agent, "plc.v")))
-        poller = agent.pollers[0]
-        assert not poller.stats().connected
+        assert not agent.stats().devices[0].connected
         await asyncio.sleep(0.5)  # several failed reconnects while down
-        assert poller.stats().failures >= 3
+        assert agent.stats().devices[0].failures >= 3
         modbus_peer.holding[0] = 22
         await modbus_peer.start()
         await wait_for(lambda: value(agent, "plc.v") == (22.0, Quality.GOOD))
-        assert poller.stats().connected
+        assert agent.stats().devices[0].connected
         await asyncio.sleep(0.2)
     finally:
         stop.set()

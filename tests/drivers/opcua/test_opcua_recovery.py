@@ -33,7 +33,7 @@ async def own_peer(pki: Pki) -> AsyncIterator[UaPeer]:
 
 
 def latest(agent: Agent, tag: str) -> tuple[float, Quality] | None:
-    got = agent.buffers.latest(tag)
+    got = agent.latest(tag)
     if got is None:
         return None
     return (math.nan if math.isnan(got[1]) else got[1], got[2])
@@ -53,13 +53,13 @@ async def test_restart_with_shifted_namespaces(own_peer: UaPeer) -> None:
         await wait_for(lambda: latest(agent, "p.level") == latest(agent, "s.level") == (21.0, Quality.GOOD))
         await own_peer.stop()
         await wait_for(lambda: all(latest(agent, t) == (math.nan, Quality.COMMS_LOST) for t in ("p.level", "s.level")))
-        assert not any(p.stats.connected for p in agent.pollers)
+        assert not any(d.connected for d in agent.stats().devices)
         # the server comes back with two more namespaces ahead of ours: our index is now 4
         await own_peer.start(extra_namespaces=["urn:vendor:a", "urn:vendor:b"])
         assert own_peer.idx == 4
         await own_peer.write("Level", 22.0)
         await wait_for(lambda: latest(agent, "p.level") == latest(agent, "s.level") == (22.0, Quality.GOOD))
-        assert all(p.stats.connected for p in agent.pollers)
+        assert all(d.connected for d in agent.stats().devices)
         # a node id by index now names a node that does not exist: bad, and the device stays up
         assert latest(agent, "p.by_index") == (math.nan, Quality.BAD)
     finally:
@@ -76,13 +76,13 @@ async def test_dropped_connection_recovers(ua_peer: UaPeer, mode: str) -> None:
     try:
         await ua_peer.write("Level", 31.0)
         await wait_for(lambda: latest(agent, "d.level") == (31.0, Quality.GOOD))
-        failures = agent.pollers[0].stats.failures
+        failures = agent.stats().devices[0].failures
         ua_peer.drop_connections()
-        await wait_for(lambda: agent.pollers[0].stats.failures > failures)
+        await wait_for(lambda: agent.stats().devices[0].failures > failures)
         await ua_peer.write("Level", 32.0)
         # in subscribe mode the first data change can land while the reconnect is still creating the
         # subscription, a moment before the poller marks itself connected: wait for both
-        await wait_for(lambda: latest(agent, "d.level") == (32.0, Quality.GOOD) and agent.pollers[0].stats.connected)
+        await wait_for(lambda: latest(agent, "d.level") == (32.0, Quality.GOOD) and agent.stats().devices[0].connected)
     finally:
         stop.set()
         await asyncio.wait_for(task, 5)

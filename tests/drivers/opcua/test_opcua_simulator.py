@@ -67,7 +67,7 @@ async def test_the_example_reads_the_simulator(simulator: tuple[OpcUaPlantServer
     task = asyncio.create_task(agent.run(stop))
 
     def value(tag: str) -> object:
-        got = agent.buffers.latest(tag)
+        got = agent.latest(tag)
         return got[1] if got is not None and got[2] is Quality.GOOD else None
 
     try:

@@ -41,7 +41,7 @@ async def test_plc_down_at_startup_comes_back_by_itself() -> None:
         await asyncio.sleep(0.4)
         # down from the start: the tags are there, marked comms-lost, until the PLC answers
         down = value(agent, "plc.v")
-        assert down is not None and down[1] is Quality.COMMS_LOST and agent.pollers[0].stats.failures >= 1
+        assert down is not None and down[1] is Quality.COMMS_LOST and agent.stats().devices[0].failures >= 1
         await peer.start(port)
         await wait_for(lambda: value(agent, "plc.v") == (7.5, Quality.GOOD))
         assert value(agent, "plc.run") == (1.0, Quality.GOOD)
@@ -60,13 +60,12 @@ async def test_plc_restart_mid_run(s7_peer: S7Peer) -> None:
         await wait_for(lambda: value(agent, "plc.v") == (11.0, Quality.GOOD))
         await s7_peer.stop()
         await wait_for(lambda: (value(agent, "plc.v") or (0.0, Quality.GOOD))[1] is Quality.COMMS_LOST)
-        poller = agent.pollers[0]
-        assert not poller.stats.connected
+        assert not agent.stats().devices[0].connected
         await asyncio.sleep(0.4)  # several failed reconnects while down
         s7_peer.db[1][0:4] = struct.pack(">f", 22.0)
         await s7_peer.start()
         await wait_for(lambda: value(agent, "plc.v") == (22.0, Quality.GOOD))
-        assert poller.stats.connected and poller.stats.failures >= 2
+        assert agent.stats().devices[0].connected and agent.stats().devices[0].failures >= 2
     finally:
         stop.set()
         await asyncio.wait_for(task, 5)
