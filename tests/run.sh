@@ -24,4 +24,5 @@ fi
 
 echo "== ruff"; .venv/bin/ruff check edge_agent tests bench
 echo "== mypy"; .venv/bin/mypy
+echo "== import contract"; .venv/bin/lint-imports
 echo "== pytest"; .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -42,16 +42,15 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
-from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_agent.backoff import backoff_delay
-from edge_agent.config import MqttSection, TlsVerify
+from edge_agent.config import MqttSection
 from edge_agent.outbox import OutboxError, Row
 from edge_agent.outbox.writer import OutboxWriter
-from edge_agent.publish.client import Client, describe_failure, tls_context
+from edge_agent.publish.client import Client, connect_args, describe_failure, make_client
 from edge_agent.publish.stats import (
     DELIVERY_BUCKETS,
     PUBLISH_BUCKETS,
@@ -162,7 +161,9 @@ class MqttPublisher:
 
     async def _start_client(self) -> None:
         client = await asyncio.to_thread(self._make_client)
-        client.connect_async(self.host, self.port, keepalive=self._keepalive(), **self._connect_args())
+        client.connect_async(
+            self.host, self.port, keepalive=max(1, round(self.mqtt.keepalive)), **connect_args(self.mqtt)
+        )
         self._client = client
         client.loop_start()
 
@@ -326,44 +327,8 @@ class MqttPublisher:
 
     # ------------------------------------------------------------ paho: client and callbacks (paho's thread)
 
-    def _keepalive(self) -> int:
-        return max(1, round(self.mqtt.keepalive))
-
-    def _protocol(self) -> MQTTProtocolVersion:
-        return MQTTProtocolVersion.MQTTv5 if self.mqtt.protocol == "5" else MQTTProtocolVersion.MQTTv311
-
-    def _connect_args(self) -> dict[str, Any]:
-        if self._protocol() is not MQTTProtocolVersion.MQTTv5:
-            return {}
-        persistent = self.mqtt.session == "persistent"
-        props = Properties(PacketTypes.CONNECT)
-        if persistent:
-            props.SessionExpiryInterval = int(self.mqtt.session_expiry)
-        return {"clean_start": not persistent, "properties": props}
-
     def _make_client(self) -> Client:
         """Build the paho client (reads TLS files: run in a thread)."""
-        v5 = self._protocol() is MQTTProtocolVersion.MQTTv5
-        client = Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=self.client_id,
-            clean_session=None if v5 else self.mqtt.session == "clean",
-            protocol=self._protocol(),
-            reconnect_on_failure=True,
-        )
-        if log.isEnabledFor(logging.DEBUG):  # paho's own log is per packet, and its errors repeat ours: debug only
-            client.on_log = self._on_log
-        # paho's queue holds at most the window (+ status messages): the outbox is the buffer
-        client.max_inflight_messages_set(min(self._window, WIRE_INFLIGHT) + STATUS_SLACK)
-        client.max_queued_messages_set(self._window + 4 * STATUS_SLACK)
-        self._set_delay(client, self.mqtt.reconnect_initial)
-        if self.mqtt.username is not None or self.mqtt.password is not None:
-            password = self.mqtt.password.get_secret_value() if self.mqtt.password is not None else None
-            client.username_pw_set(self.mqtt.username or "", password)
-        if self.tls:
-            client.tls_set_context(tls_context(self.mqtt))
-            if self.mqtt.tls is not None and self.mqtt.tls.verify is TlsVerify.NONE:
-                client.tls_insecure_set(True)
         will = status_payload(
             "offline",
             agent=self.agent_id,
@@ -372,11 +337,17 @@ class MqttPublisher:
             since=self._started,
             reason="connection_lost",
         )
-        client.will_set(self.status_topic, encode(will), qos=1, retain=True)
-        if v5:
-            self._props = Properties(PacketTypes.PUBLISH)
-            self._props.PayloadFormatIndicator = 1
-            self._props.ContentType = "application/json"
+        # paho's queue holds at most the window (+ status messages): the outbox is the buffer
+        client, self._props = make_client(
+            self.mqtt,
+            client_id=self.client_id,
+            max_inflight=min(self._window, WIRE_INFLIGHT) + STATUS_SLACK,
+            max_queued=self._window + 4 * STATUS_SLACK,
+            will=(self.status_topic, encode(will)),
+        )
+        if log.isEnabledFor(logging.DEBUG):  # paho's own log is per packet, and its errors repeat ours: debug only
+            client.on_log = self._on_log
+        self._set_delay(client, self.mqtt.reconnect_initial)
         client.on_socket_open = self._on_socket_open
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
