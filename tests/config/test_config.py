@@ -11,10 +11,12 @@ from edge_agent.config import parse_config
 from edge_agent.errors import ConfigError
 from edge_agent.fields import parse_duration, parse_size
 
-CASES = sorted(p.parent for p in (Path(__file__).parent.parent).glob("**/testcases/*/config.yaml"))
+TESTS = Path(__file__).resolve().parents[1]
+# the shared cases in tests/testcases/*/ and each driver's own in tests/drivers/*/testcases/*/
+CASES = sorted(p.parent for p in TESTS.glob("**/testcases/*/config.yaml"))
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=[c.relative_to(TESTS).as_posix() for c in CASES])
 def test_golden_check_output(case: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """`edge-agent check` prints exactly the expected lines and exit code for each case."""
     monkeypatch.chdir(case)

@@ -1,0 +1,268 @@
+"""The config file's schema: one pydantic model per section, and the root `Config`.
+
+The devices section is a union of the config models of the drivers in `edge_agent.drivers.REGISTRY`,
+told apart by their `type`.
+"""
+
+from __future__ import annotations
+
+import re
+import typing
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
+
+from pydantic import Field, PrivateAttr, SecretStr, TypeAdapter, field_validator, model_validator
+
+from edge_agent.drivers import REGISTRY, DeviceBase
+from edge_agent.errors import ConfigIssue
+from edge_agent.fields import Duration, Size, StrictModel
+
+# ---------------------------------------------------------------- sections
+
+
+class AgentSection(StrictModel):
+    """Who this agent is: ids that go into topics, events and logs."""
+
+    id: str = Field("edge-agent", min_length=1, max_length=128, description="letters, digits, . _ -")
+    site: str = Field("default", min_length=1, max_length=128)
+
+    @field_validator("id")
+    @classmethod
+    def _id_ok(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.\-]+", v):
+            raise ValueError(f"{v!r}: an agent id may hold letters, digits, . _ - only (it goes into MQTT client ids)")
+        return v
+
+
+class BuffersSection(StrictModel):
+    """How much history each tag keeps in memory."""
+
+    retention: Duration = Field(120.0, gt=0, le=7 * 86400, description="history kept per tag (covers model windows)")
+    max_samples_per_tag: int = Field(8192, ge=16, le=1_000_000, description="hard cap per tag, whatever the retention")
+
+
+class Hysteresis(StrictModel):
+    """Leave an anomaly only below exit_ratio × threshold, after min_duration."""
+
+    exit_ratio: float = Field(0.8, gt=0, le=1)
+    min_duration: Duration = Field(5.0, ge=0)
+
+
+class CalibrateMode(StrEnum):
+    """Whether the agent adapts a model to this machine when it starts."""
+
+    OFF = "off"  # use the bundle's normalisation and threshold
+    STARTUP = "startup"  # learn them from the first `samples` of (assumed normal) operation
+
+
+class ModelCalibration(StrictModel):
+    """On-device calibration at startup."""
+
+    mode: CalibrateMode = CalibrateMode.OFF
+    samples: int = Field(600, ge=32, le=1_000_000, description="grid samples of normal operation to learn from")
+    quantile: float = Field(0.99, gt=0.5, lt=1)
+    margin: float = Field(1.5, ge=1, le=100, description="threshold = quantile of normal scores × margin")
+    save_to: Path | None = Field(None, description="write the calibrated bundle here (reused after restarts)")
+
+
+class ModelSection(StrictModel):
+    """A model bundle that scores windows of tags as the agent polls."""
+
+    name: str = Field(min_length=1, max_length=128, description="model name, used in topics and events")
+    file: Path = Field(description="the .tflite bundle; relative paths are relative to this config file")
+    inputs: list[str] | None = Field(
+        None, min_length=1, description="optional: the bundle's input tags, checked against the bundle"
+    )
+    sample_interval: Duration | None = Field(None, gt=0, description="optional: checked against the bundle")
+    hop: Duration | None = Field(None, gt=0, description="how often to score (default: the bundle's sample interval)")
+    threshold: float | Literal["auto"] = Field("auto", description="auto: the bundle's calibrated threshold")
+    hysteresis: Hysteresis | None = Field(None, description="default: the bundle's detector settings")
+    min_good: float = Field(0.9, ge=0.1, le=1, description="share of good cells a window needs to be scored")
+    calibrate: ModelCalibration = ModelCalibration()
+
+    @field_validator("threshold")
+    @classmethod
+    def _positive(cls, v: float | str) -> float | str:
+        if isinstance(v, float | int) and v <= 0:
+            raise ValueError("a threshold must be positive (or auto)")
+        return v
+
+
+class TlsVerify(StrEnum):
+    """Whether the broker's certificate and hostname are checked."""
+
+    FULL = "full"
+    NONE = "none"  # test benches only
+
+
+class TlsSection(StrictModel):
+    """TLS to the broker: the CA that signed its certificate, an optional client certificate, verification."""
+
+    ca: Path | None = Field(None, description="CA certificates (PEM) that signed the broker's; default: the system's")
+    cert: Path | None = Field(None, description="client certificate (PEM), for brokers that require one")
+    key: Path | None = Field(None, description="the client certificate's private key (PEM); may be inside cert")
+    verify: TlsVerify = Field(TlsVerify.FULL, description="full: certificate chain and hostname; none: test benches")
+
+    @model_validator(mode="after")
+    def _key_needs_cert(self) -> TlsSection:
+        if self.key is not None and self.cert is None:
+            raise ValueError("key is set without cert: give the client certificate too")
+        return self
+
+
+class MqttSection(StrictModel):
+    """The broker the agent publishes to, and how."""
+
+    url: str = Field("mqtt://127.0.0.1:1883", description="mqtt://host:1883 or mqtts://host:8883")
+    topic_prefix: str = Field(
+        "edge-agent", min_length=1, max_length=512, description="topic levels, e.g. enterprise/site/area/line"
+    )
+    qos: Literal[0, 1, 2] = Field(1, description="QoS of events/{model}; a row leaves the outbox on its ack")
+    protocol: Literal["3.1.1", "5"] = Field("3.1.1", description="MQTT protocol version")
+    client_id: str | None = Field(None, min_length=1, max_length=128, description="default: the agent id")
+    session: Literal["clean", "persistent"] = Field(
+        "clean", description="clean: the broker forgets the session when the agent disconnects"
+    )
+    session_expiry: Duration = Field(
+        3600.0, ge=0, le=7 * 86400, description="MQTT 5, session: persistent: how long the broker keeps it"
+    )
+    username: str | None = None
+    password: SecretStr | None = None
+    password_file: Path | None = Field(None, description="file holding the password (container secrets)")
+    keepalive: Duration = Field(30.0, ge=1, le=3600, description="a dead connection is noticed within 2 × this")
+    tls: TlsSection | None = Field(None, description="mqtts:// only; without it the system's CAs verify the broker")
+    window: int = Field(
+        256, ge=1, le=4096, description="messages handed to paho and not yet acknowledged; its queue never holds more"
+    )
+    reconnect_initial: Duration = Field(0.5, gt=0, le=3600, description="first reconnect delay (doubles, jittered)")
+    reconnect_max: Duration = Field(30.0, gt=0, le=86400, description="longest delay between connection attempts")
+    historical_after: Duration = Field(
+        10.0, ge=0, le=86400, description="a message older than this when sent is marked historical: true"
+    )
+    status_interval: Duration = Field(
+        30.0, ge=1, le=86400, description="how often the retained status (outbox depth, drops) is refreshed"
+    )
+    scores_interval: Duration | None = Field(
+        None, gt=0, description="publish {prefix}/scores/{model} at most this often; off when unset"
+    )
+    scores_qos: Literal[0, 1, 2] = 0
+    telemetry_interval: Duration | None = Field(
+        None, gt=0, description="publish {prefix}/telemetry/{device} (latest tag values) this often; off when unset"
+    )
+    telemetry_qos: Literal[0, 1, 2] = 0
+
+    @field_validator("url")
+    @classmethod
+    def _url_ok(cls, v: str) -> str:
+        if not re.fullmatch(r"mqtts?://[^/\s:]+(:\d{1,5})?", v):
+            raise ValueError(f"{v!r} is not a broker URL: write mqtt://HOST:1883 or mqtts://HOST:8883")
+        return v
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _prefix_ok(cls, v: str) -> str:
+        if any(c in v for c in "+#\0"):
+            raise ValueError(f"{v!r}: a topic prefix cannot hold the wildcards + or #")
+        if v.startswith("/") or v.endswith("/") or "//" in v:
+            raise ValueError(f"{v!r}: write topic levels without empty ones, e.g. plant-a/area-1/line-3")
+        if v.startswith("$"):
+            raise ValueError(f"{v!r}: topics starting with $ are reserved for the broker")
+        return v
+
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _protocol_text(cls, v: object) -> object:
+        # YAML reads `protocol: 5` as a number
+        return str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MqttSection:
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("give password or password_file, not both")
+        if self.tls is not None and self.url.startswith("mqtt://"):
+            raise ValueError("tls is set but the URL is mqtt://; write mqtts://HOST:8883 for TLS")
+        if self.reconnect_initial > self.reconnect_max:
+            raise ValueError("reconnect_initial is longer than reconnect_max")
+        return self
+
+
+class WhenFull(StrEnum):
+    """What the outbox drops when it reaches its bounds."""
+
+    DROP_OLDEST = "drop_oldest"
+    DROP_NEWEST = "drop_newest"
+
+
+class OutboxSection(StrictModel):
+    """Durable queue of messages not yet acknowledged by the broker."""
+
+    path: Path = Path("/var/lib/edge-agent/outbox.db")
+    max_bytes: Size = Field(512 * 1024**2, ge=1024**2, description="stored messages (payload + topic + ~48 B each)")
+    max_age: Duration = Field(30 * 86400.0, gt=0, description="older messages are dropped (and counted)")
+    when_full: WhenFull = Field(
+        WhenFull.DROP_OLDEST, description="which messages of the same kind give way; telemetry always goes first"
+    )
+    sync: Literal["full", "batched"] = Field(
+        "full",
+        description="full: fsync as soon as a message is written (a power loss loses nothing committed); "
+        "batched: commit every commit_interval (fewer flash writes; a power loss can lose that much)",
+    )
+    commit_interval: Duration = Field(0.2, gt=0, le=60, description="sync: batched: time between commits")
+
+
+class LogFormat(StrEnum):
+    """How log lines are written to stderr."""
+
+    TEXT = "text"
+    JSON = "json"  # one JSON object per line, for log shippers
+
+
+class ObserveSection(StrictModel):
+    """Prometheus metrics and the health endpoints, and the log format."""
+
+    listen: str | None = Field(
+        None, pattern=r"^[^\s]+:\d+$", description="host:port for /metrics, /healthz, /readyz; off when unset"
+    )
+    log_format: LogFormat = LogFormat.TEXT
+
+
+def _device_union() -> Any:
+    members = tuple(p.config for p in REGISTRY.values())
+    union = Union[members] if len(members) > 1 else members[0]  # noqa: UP007 (built at runtime)
+    return Annotated[union, Field(discriminator="type")]
+
+
+if TYPE_CHECKING:
+    DeviceConfig = DeviceBase
+else:
+    DeviceConfig = _device_union()
+
+
+_DEVICE: TypeAdapter[DeviceBase] = TypeAdapter(DeviceConfig)
+
+
+class Config(StrictModel):
+    """A whole config file."""
+
+    agent: AgentSection = AgentSection()
+    devices: list[DeviceConfig] = Field(min_length=1)
+    models: list[ModelSection] = Field(default_factory=list)
+    buffers: BuffersSection = BuffersSection()
+    mqtt: MqttSection | None = None
+    outbox: OutboxSection = OutboxSection()
+    observe: ObserveSection = ObserveSection()
+
+    _where: Any = PrivateAttr(default=None)
+
+    def all_tags(self) -> list[tuple[DeviceBase, Any]]:
+        """(device, tag) pairs in file order."""
+        return [(d, t) for d in self.devices for t in d.tags]
+
+    def where(self, *loc: str | int) -> ConfigIssue:
+        """An issue template located at a path of the file this config came from (for checks done later)."""
+        if self._where is None:
+            from edge_agent.config.report import _format_path  # report reads this schema: imported when needed
+
+            return ConfigIssue("config", _format_path(list(loc)), "")
+        return typing.cast(ConfigIssue, self._where(loc))
