@@ -85,7 +85,7 @@ def main() -> None:
             good = np.ones_like(x, dtype=bool)
             total = per_call(lambda x=x, good=good, s=scorer: s.score(x, good), args.seconds)
             xn = np.zeros_like(x)
-            invoke = per_call(lambda xn=xn, s=scorer: s.runtime.reconstruct(xn), args.seconds)
+            invoke = per_call(lambda xn=xn, s=scorer: s.runtime.run(xn), args.seconds)
             rows.append((label, f"{shape[0]}×{shape[1]}", batch, 1e6 * total / batch, 1e6 * invoke / batch))
     # three models scored one window each per step, as the agent does on each hop
     scorers = [WindowScorer(load_bundle(args.model)) for _ in range(3)]

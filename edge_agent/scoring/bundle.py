@@ -8,7 +8,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -38,7 +38,8 @@ class Normalisation(_Meta):
 class ScoreSpec(_Meta):
     """How a window's score is computed from the model's output."""
 
-    kind: Literal["reconstruction_mse"] = "reconstruction_mse"
+    # the model kind: a key of edge_agent.scoring.base.SCORERS, checked when the bundle is read
+    kind: str = "reconstruction_mse"
     smoothing: int = Field(1, ge=1, le=1000, description="rolling mean over this many window scores")
 
 
@@ -139,9 +140,16 @@ def read_metadata(data: bytes, where: str = "model") -> BundleMetadata:
     if raw is None:
         raise ModelError(f"{where}: no '{METADATA_NAME}' metadata; make bundles with `edge-agent train` or calibrate")
     try:
-        return BundleMetadata.model_validate(json.loads(raw))
+        meta = BundleMetadata.model_validate(json.loads(raw))
     except (ValueError, ValidationError) as exc:
         raise ModelError(f"{where}: invalid {METADATA_NAME} metadata: {exc}") from exc
+    from edge_agent.scoring.base import plugin_for  # base imports this module
+
+    try:
+        plugin_for(meta.score.kind)
+    except ModelError as exc:
+        raise ModelError(f"{where}: {exc}") from None
+    return meta
 
 
 def embed_metadata(data: bytes, metadata: BundleMetadata) -> bytes:

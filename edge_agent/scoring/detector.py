@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from edge_agent.scoring.base import Scorer, plugin_for
 from edge_agent.scoring.bundle import Bundle
 from edge_agent.scoring.runtime import ModelRuntime
 from edge_agent.types import AnomalyEvent, EventType, severity_of
@@ -23,13 +24,15 @@ MIN_GOOD_FRACTION = 0.9  # windows with fewer good cells are not scored
 
 
 class WindowScorer:
-    """Scores batches of windows with one bundle: vectorised over the batch, one interpreter call."""
+    """Scores batches of windows with one bundle: normalises them and hands them to the bundle's kind (base.Scorer)."""
 
     def __init__(self, bundle: Bundle, *, min_good: float = MIN_GOOD_FRACTION, runtime: ModelRuntime | None = None):
         meta = bundle.metadata
         self.bundle = bundle
         self.runtime = runtime or ModelRuntime(bundle)
         self.min_good = min_good
+        self.plugin = plugin_for(meta.score.kind)
+        self.kind: Scorer = self.plugin.scorer(bundle, self.runtime)
         self._mean = np.asarray(meta.normalisation.mean, dtype=np.float32)
         self._inv_scale = (1.0 / np.asarray(meta.normalisation.scale, dtype=np.float64)).astype(np.float32)
 
@@ -39,26 +42,11 @@ class WindowScorer:
         all_good = bool(np.logical_and.reduce(good, axis=None))
         x = values - self._mean
         x *= self._inv_scale
-        if not all_good:
-            x[~good] = 0.0  # missing cells sit at the normal mean and are left out of the error
-        d = self.runtime.reconstruct(x)
-        np.subtract(x, d, out=d)
-        np.multiply(d, d, out=d)
         if all_good:
-            # float32 sums of at most a few thousand squared errors: precise enough for a score
-            per_tag = np.add.reduce(d, axis=1).astype(np.float64)  # batch × inputs
-            per_tag *= 1.0 / d.shape[1]
-            total = np.add.reduce(per_tag, axis=1)
-            scores = total / per_tag.shape[1]
-        else:
-            d *= good
-            n_good = good.sum(axis=1)
-            per_tag = d.sum(axis=1, dtype=np.float64) / np.maximum(n_good, 1)
-            total = per_tag.sum(axis=1)
-            scores = d.sum(axis=(1, 2), dtype=np.float64) / np.maximum(n_good.sum(axis=1), 1)
-            scores[n_good.sum(axis=1) < self.min_good * good[0].size] = np.nan
-        total[total <= 0] = 1.0
-        per_tag /= total[:, None]
+            return self.kind.score(x, None)
+        x[~good] = 0.0  # missing cells sit at the normal mean
+        scores, per_tag = self.kind.score(x, good)
+        scores[good.sum(axis=(1, 2)) < self.min_good * good[0].size] = np.nan
         return scores, per_tag
 
 

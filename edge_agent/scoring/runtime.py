@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from edge_agent.scoring.base import plugin_for
 from edge_agent.scoring.bundle import Bundle, ModelError
 
 F32 = npt.NDArray[np.float32]
@@ -63,11 +64,12 @@ class ModelRuntime:
         if len(inputs) != 1 or len(outputs) != 1:
             raise ModelError(f"{meta.name}: expected one input and one output tensor, got {len(inputs)}/{len(outputs)}")
         self.input, self.output = _Tensor(inputs[0]), _Tensor(outputs[0])
-        want = (meta.window, len(meta.inputs))
-        if self.input.shape[1:] != want or self.output.shape[1:] != want:
+        want, kind = (meta.window, len(meta.inputs)), plugin_for(meta.score.kind)
+        want_out = kind.output_shape(meta)  # what the kind's scorer reads per window
+        if self.input.shape[1:] != want or self.output.shape[1:] != want_out:
+            expected = f"window × inputs {want}" + ("" if want_out == want else f" → {want_out} ({kind.key})")
             raise ModelError(
-                f"{meta.name}: tensors {self.input.shape}→{self.output.shape} do not match the metadata's "
-                f"window × inputs {want}"
+                f"{meta.name}: tensors {self.input.shape}→{self.output.shape} do not match the metadata's {expected}"
             )
         self.batch = self.input.shape[0]
 
@@ -79,7 +81,7 @@ class ModelRuntime:
         self.output = _Tensor(self._interp.get_output_details()[0])
         self.batch = batch
 
-    def reconstruct(self, x: F32) -> F32:
+    def run(self, x: F32) -> F32:
         """Model output for a batch of normalised windows (batch × window × inputs), in float32."""
         if x.shape[0] != self.batch:
             self._resize(x.shape[0])

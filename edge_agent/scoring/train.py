@@ -1,6 +1,7 @@
 """Training recipe (needs the `train` extra: tensorflow-cpu): CSV of normal operation → int8 model bundle.
 
-A dense autoencoder over windows of normalised tags, trained with a fixed seed and deterministic
+A model of the options' kind (by default the dense autoencoder of scoring/autoencoder.py, whose
+`fit` hook builds and fits it) over windows of normalised tags, trained with a fixed seed and deterministic
 ops, then converted to a fully int8 TFLite model whose representative dataset is drawn from the
 training windows. Normalisation and threshold are calibrated on the training data and stored in
 the bundle's metadata.
@@ -22,6 +23,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
+from edge_agent.scoring.base import plugin_for
 from edge_agent.scoring.bundle import (
     Bundle,
     BundleMetadata,
@@ -64,12 +66,17 @@ class TrainOptions:
     normalise: Normalise = "global"
     # per-run: cut runs into slices of this many rows, each standardised on its own (0: whole runs)
     segment_rows: int = 0
+    kind: str = "reconstruction_mse"  # the model kind (base.SCORERS) whose `fit` hook builds and fits the model
 
     def __post_init__(self) -> None:
         if self.normalise not in ("global", "per-run"):
             raise ValueError(f"normalise must be 'global' or 'per-run', not {self.normalise!r}")
         if self.segment_rows < 0:
             raise ValueError("segment_rows must be 0 (whole runs) or positive")
+        try:
+            plugin_for(self.kind)
+        except ModelError as exc:
+            raise ValueError(str(exc)) from None
 
 
 def _tf() -> Any:
@@ -133,27 +140,17 @@ def _per_run_threshold(bundle: Bundle, series: list[F64], options: TrainOptions,
 
 def train(series: list[F64], options: TrainOptions, *, source: str = "") -> Bundle:
     """Train on one or more runs (each rows × inputs, normal operation) and return a calibrated bundle."""
+    fit = plugin_for(options.kind).fit
+    if fit is None:
+        raise ModelError(f"model kind {options.kind} has no training recipe")
     tf = _tf()
     tf.keras.utils.set_random_seed(options.seed)
     tf.config.experimental.enable_op_determinism()
     data = np.concatenate(series)
     mean, scale = fit_normalisation(data)
     windows = training_windows(series, options)
-    n_in = len(options.inputs)
-    shape = (options.window, n_in)
-    model = tf.keras.Sequential(
-        [
-            tf.keras.layers.Input(shape=shape),
-            tf.keras.layers.Flatten(),
-            tf.keras.layers.Dense(options.hidden, activation="relu"),
-            tf.keras.layers.Dense(options.bottleneck, activation="relu"),
-            tf.keras.layers.Dense(options.hidden, activation="relu"),
-            tf.keras.layers.Dense(options.window * n_in),
-            tf.keras.layers.Reshape(shape),
-        ]
-    )
-    model.compile(optimizer=tf.keras.optimizers.Adam(options.learning_rate), loss="mse")
-    history = model.fit(windows, windows, epochs=options.epochs, batch_size=options.batch_size, shuffle=True, verbose=0)
+    trained = fit(tf, windows, options)
+    model = trained.model
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
     if options.dtype == "int8":
         rng = np.random.default_rng(options.seed)
@@ -176,7 +173,7 @@ def train(series: list[F64], options: TrainOptions, *, source: str = "") -> Bund
         window=options.window,
         sample_interval=options.sample_interval,
         normalisation=Normalisation(mean=mean, scale=scale),
-        score=ScoreSpec(smoothing=options.smoothing),
+        score=ScoreSpec(kind=options.kind, smoothing=options.smoothing),
         detector=DetectorSpec(exit_ratio=options.exit_ratio, min_duration=options.min_duration),
         threshold=ThresholdSpec(value=1.0),  # replaced by the calibration below
         training={
@@ -189,15 +186,14 @@ def train(series: list[F64], options: TrainOptions, *, source: str = "") -> Bund
             "hidden": options.hidden,
             "bottleneck": options.bottleneck,
             "dtype": options.dtype,
-            "final_loss": float(history.history["loss"][-1]),
+            "final_loss": trained.final_loss,
             **(
                 {"normalise": options.normalise, "segment_rows": options.segment_rows}
                 if options.normalise != "global"
                 else {}
             ),
             "tensorflow": tf.__version__,
-            "architecture": f"dense autoencoder {options.window * n_in}-{options.hidden}-{options.bottleneck}-"
-            f"{options.hidden}-{options.window * n_in}",
+            "architecture": trained.architecture,
         },
         created=now_iso(),
     )

@@ -64,6 +64,18 @@ def test_inspect_refuses_a_non_model(tmp_path: Path) -> None:
     assert r.returncode == 2 and "not a TFLite model" in r.stderr
 
 
+def test_inspect_and_replay_refuse_an_unknown_model_kind_in_one_line(tmp_path: Path) -> None:
+    shipped = load_bundle(MODEL)
+    meta = shipped.metadata.model_copy(update={"score": ScoreSpec(kind="pca_t2_q")})
+    bad = tmp_path / "pca.tflite"
+    bad.write_bytes(embed_metadata(shipped.data, meta))
+    for args in (("model", "inspect", str(bad)), ("replay", str(tmp_path / "any.csv"), "--model", str(bad))):
+        r = cli(*args)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (args, r.stderr)
+        (line,) = r.stderr.strip().splitlines()
+        assert line.endswith(f"{bad}: unknown model kind 'pca_t2_q' (score.kind); this agent knows reconstruction_mse")
+
+
 def test_replay_flags_the_fault_and_writes_one_row_per_input(plant_csv: tuple[Path, Path], tmp_path: Path) -> None:
     _, faulty = plant_csv
     out, png = tmp_path / "out.csv", tmp_path / "out.png"

@@ -40,7 +40,7 @@ def outputs(data: bytes) -> np.ndarray:
     rt = ModelRuntime(bundle_from_bytes(data))
     meta = read_metadata(data)
     x = np.random.default_rng(1).normal(size=(2, meta.window, len(meta.inputs))).astype(np.float32)
-    return rt.reconstruct(x)
+    return rt.run(x)
 
 
 @pytest.mark.parametrize("path", BUNDLES, ids=lambda p: p.name)
