@@ -67,11 +67,12 @@ class Agent:
         *,
         on_batch: Callable[[SampleBatch], None] | None = None,
         on_event: Callable[[AnomalyEvent], None] | None = None,
+        on_score: Callable[[Score], None] | None = None,
         models: list[LoadedModel] | None = None,
     ) -> None:
         self.config = config
         self.metrics = Metrics()
-        self._extra_batch, self._extra_event = on_batch, on_event
+        self._extra_batch, self._extra_event, self._extra_score = on_batch, on_event, on_score
         models = load_models(config) if models is None else models
 
         # drivers and pollers: one poller per device, each handing its batches to _on_batch
@@ -145,14 +146,18 @@ class Agent:
             self._extra_event(event)
 
     def _score_sink(self, model: LoadedModel) -> Callable[[Score], None] | None:
-        mqtt = self.config.mqtt
-        if mqtt is None or mqtt.scores_interval is None:
+        """Where a model's scores go: the scores topic (when scores_interval is set) and any extra consumer."""
+        mqtt, extra = self.config.mqtt, self._extra_score
+        to_outbox = mqtt is not None and mqtt.scores_interval is not None
+        if not to_outbox and extra is None:
             return None
         version, sha256 = model.bundle.metadata.version, model.bundle.sha256
 
         def put(score: Score) -> None:
-            if self.outbox is not None:
+            if to_outbox and self.outbox is not None:
                 self.outbox.put_score(score, version=version, sha256=sha256)
+            if extra is not None:
+                extra(score)
 
         return put
 

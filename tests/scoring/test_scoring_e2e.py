@@ -60,8 +60,7 @@ async def run_case(faults: tuple[str, ...], case: Case, done: asyncio.Event) -> 
     """Run the simulator and the agent until `done` is set."""
     sim, environ = start_simulator(11, faults)
     cfg = load_config(EXAMPLE, environ=environ)
-    agent = case.agent = Agent(cfg, on_event=case.events.append)
-    agent.monitors[0]._on_score = case.scores.append  # the agent wires scores to MQTT only; the test reads them
+    agent = case.agent = Agent(cfg, on_event=case.events.append, on_score=case.scores.append)
     stop = asyncio.Event()
     task = asyncio.create_task(agent.run(stop))
     try:
