@@ -44,46 +44,42 @@ EVENTS_SHOWN = 8
 DETECT_WITHIN = 20.0  # seconds after a fault starts within which the shipped model raises its anomaly
 MOSQUITTO_PATHS = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/opt/homebrew/sbin/mosquitto")
 
-# The tag map of examples/simulator.yaml, with the broker and the ports of this demo filled in. A subscriber
-# gets telemetry twice a second and every score, which a real site would rate-limit further.
+# Which plant signals the demo reads over which protocol (a site mixes them like this), and how often. Each
+# device section is written by the simulator of its driver (device_fields, tag_fields): the demo knows no
+# protocol's addresses. A subscriber gets telemetry twice a second and every score, which a real site would
+# rate-limit further.
+DEVICES: tuple[tuple[str, str, dict[str, Any], tuple[str, ...]], ...] = (
+    ("transmitters", "modbus", {"poll_interval": "100ms", "timeout": "500ms"},
+     ("suction_pressure", "discharge_pressure", "flow", "motor_current")),
+    ("condition-monitor", "opcua", {"mode": "subscribe", "poll_interval": "100ms", "timeout": "2s"},
+     ("vibration_rms", "bearing_temp", "fluid_temp")),
+    ("plc", "s7", {"poll_interval": "100ms", "timeout": "500ms"}, ("valve_position", "motor_running")),
+)  # fmt: skip
+
+
+def device_section(name: str, key: str, port: int, extra: dict[str, Any], signals: tuple[str, ...]) -> str:
+    """One device of the demo's config, addressed the way the protocol's simulator serves each signal."""
+    from edge_agent.drivers import REGISTRY
+    from edge_agent.simulate.plant import UNITS
+
+    server = REGISTRY[key].simulator_class()
+    if server is None:
+        raise DemoError(f"the {key} driver has no simulator")
+    head = {**server.device_fields("127.0.0.1", port), **extra}
+    lines = [f"  - name: {name}", *(f"    {k}: {json.dumps(v)}" for k, v in head.items()), "    tags:"]
+    for sig in signals:
+        tag = {"name": f"pump.{sig}", **server.tag_fields(sig)}
+        if sig in UNITS:
+            tag["unit"] = UNITS[sig]
+        lines.append(f"      - {json.dumps(tag, ensure_ascii=False)}")
+    return "\n".join(lines) + "\n"
+
+
 CONFIG = """\
 # written by `edge-agent demo`; run it again by hand with: edge-agent run {path}
 agent: {{id: demo-skid-1, site: lab}}
 devices:
-  - name: transmitters
-    type: modbus
-    host: 127.0.0.1
-    port: {modbus}
-    poll_interval: 100ms
-    timeout: 500ms
-    tags:
-      - {{name: pump.suction_pressure,   address: "40001", type: float32, unit: bar}}
-      - {{name: pump.discharge_pressure, address: "40003", type: float32, unit: bar}}
-      - {{name: pump.flow,               address: "40005", type: float32, unit: m3/h}}
-      - {{name: pump.motor_current,      address: "40007", type: float32, unit: A}}
-  - name: condition-monitor
-    type: opcua
-    endpoint: opc.tcp://127.0.0.1:{opcua}/edge-agent/simulator
-    mode: subscribe
-    poll_interval: 100ms
-    timeout: 2s
-    tags:
-      - {{name: pump.vibration_rms, node: "nsu=urn:edge-agent:simulator;s=PumpSkid.VibrationRms", unit: mm/s}}
-      - {{name: pump.bearing_temp,  node: "nsu=urn:edge-agent:simulator;s=PumpSkid.BearingTemp", unit: degC}}
-      - {{name: pump.fluid_temp,    node: "nsu=urn:edge-agent:simulator;s=PumpSkid.FluidTemp", unit: degC}}
-  - name: plc
-    type: s7
-    host: 127.0.0.1
-    port: {s7}
-    rack: 0
-    slot: 1
-    connection_type: basic
-    poll_interval: 100ms
-    timeout: 500ms
-    tags:
-      - {{name: pump.valve_position, address: DB1.DBD28, type: real, unit: "%"}}
-      - {{name: pump.motor_running,  address: DB1.DBX32.0}}
-models:
+{devices}models:
   - name: {model}
     file: {model_file}
     hysteresis: {{exit_ratio: 0.8, min_duration: 5s}}
@@ -462,6 +458,8 @@ def tag_units(config_path: Path) -> dict[str, str]:
 
 async def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> int:
     """Run the demo until its duration ends or SIGINT/SIGTERM; 0 when the scheduled fault raised an anomaly."""
+    from edge_agent.simulate import simulated_protocols
+
     model = opts.model or shipped_model()
     if model is None or not model.is_file():
         raise DemoError(
@@ -471,16 +469,19 @@ async def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> int:
     name, fault_start, fault_end = fault_window(opts.fault)
     kind = choose_broker(opts.broker)
     workdir = Path(tempfile.mkdtemp(prefix="edge-agent-demo-"))
-    ports = {k: free_port() for k in ("modbus", "opcua", "s7", "broker")}
+    ports = {key: free_port() for _, key, _, _ in DEVICES}
+    broker_port = free_port()
     config_path = workdir / "demo.yaml"
+    devices = "".join(device_section(n, key, ports[key], extra, signals) for n, key, extra, signals in DEVICES)
     config_path.write_text(
         CONFIG.format(
             path=config_path,
+            devices=devices,
             model=MODEL,
             model_file=model.resolve(),
             prefix=PREFIX,
             outbox=workdir / "outbox.db",
-            **ports,
+            broker=broker_port,
         )
     )
     live = opts.view == "live" or (opts.view == "auto" and out.isatty() and _have_rich())
@@ -493,21 +494,29 @@ async def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> int:
     print(f"edge-agent demo: files in {workdir}", file=out, flush=True)
     ok = False
     try:
-        async with broker(kind, ports["broker"], workdir) as broker_name:
-            print(f"broker: {broker_name} on 127.0.0.1:{ports['broker']}", file=out, flush=True)
-            subscriber = Subscriber(ports["broker"], loop)
+        async with broker(kind, broker_port, workdir) as broker_name:
+            print(f"broker: {broker_name} on 127.0.0.1:{broker_port}", file=out, flush=True)
+            subscriber = Subscriber(broker_port, loop)
             subscriber.start()
             try:
                 sim_argv = [
-                    *python, "simulate", "--seed", str(opts.seed), "--modbus-port", str(ports["modbus"]),
-                    "--opcua-port", str(ports["opcua"]), "--s7-port", str(ports["s7"]),
-                    "--opcua-cert-dir", str(workdir / "simulator-pki"),
-                ]  # fmt: skip
+                    *python,
+                    "simulate",
+                    "--seed",
+                    str(opts.seed),
+                    "--state-dir",
+                    str(workdir / "simulator-pki"),
+                ]
+                for key, port in ports.items():
+                    sim_argv += ["--port", f"{key}={port}"]
+                for key in simulated_protocols().keys() - ports.keys():
+                    sim_argv += ["--without", key]
                 if opts.fault:
                     sim_argv += ["--fault", opts.fault]
-                async with child(sim_argv, "the simulator", workdir / "simulator.log", ports["s7"]):
-                    for p in ("modbus", "opcua"):
-                        await wait_port(ports[p], f"the simulator's {p} server", None, workdir / "simulator.log")
+                *first, last = ports.items()
+                async with child(sim_argv, "the simulator", workdir / "simulator.log", last[1]):
+                    for key, port in first:
+                        await wait_port(port, f"the simulator's {key} server", None, workdir / "simulator.log")
                     view.started = time.monotonic()
                     print(f"simulator: pump skid, {view.plant_state()}", file=out, flush=True)
                     agent_argv = [*python, "run", str(config_path), "--output", "none"]

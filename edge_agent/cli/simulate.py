@@ -37,15 +37,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         rows = record_plant(args.record, seed=args.seed, faults=faults, seconds=args.duration, every=args.record_every)
         print(f"{args.record}: {rows} rows of plant data ({args.duration:g} s, seed {args.seed})")
         return EXIT_OK
-    options = simulate.SimulatorOptions(
-        host=args.host,
-        modbus_port=args.modbus_port,
-        seed=args.seed,
-        faults=faults,
-        opcua_port=None if args.no_opcua else args.opcua_port,
-        s7_port=None if args.no_s7 else args.s7_port,
-        opcua_cert_dir=Path(args.opcua_cert_dir),
-    )
+    try:
+        ports = _ports(args, simulate.simulated_protocols())
+        options = simulate.SimulatorOptions(
+            host=args.host, ports=ports, seed=args.seed, faults=faults, state_dir=Path(args.state_dir)
+        )
+    except ValueError as exc:
+        print(f"simulate: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
 
     def ready(lines: list[str]) -> None:
         for line in lines:
@@ -68,6 +67,23 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         print(f"simulate: {exc}", file=sys.stderr)
         return EXIT_FAIL
     return EXIT_OK
+
+
+def _ports(args: argparse.Namespace, defaults: dict[str, int]) -> dict[str, int]:
+    """Driver type → port: every simulated protocol on its default port, then --port, the aliases, --without."""
+    ports = dict(defaults)
+    for spec in args.port:
+        key, sep, text = spec.partition("=")
+        if not sep or not text.isdigit():
+            raise ValueError(f"--port {spec!r}: write TYPE=PORT, e.g. modbus=5020 ({', '.join(defaults)})")
+        ports[key] = int(text)
+    for key in defaults:  # --modbus-port and the like: the historical spelling of --port
+        port = getattr(args, f"{key}_port", None)
+        if port is not None:
+            ports[key] = port
+    for key in [*args.without, *(["opcua"] if args.no_opcua else []), *(["s7"] if args.no_s7 else [])]:
+        ports.pop(key, None)
+    return ports
 
 
 def record_plant(path: str, *, seed: int, faults: tuple[Any, ...], seconds: float, every: float) -> int:
@@ -145,19 +161,35 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     d.add_argument("--keep", action="store_true", help="keep the config, outbox and logs (kept anyway on failure)")
     d.set_defaults(func=cmd_demo)
 
-    s = sub.add_parser("simulate", help="serve a simulated pump skid over Modbus TCP, OPC UA and S7")
+    s = sub.add_parser(
+        "simulate", help="serve a simulated pump skid over every protocol whose driver ships a simulator"
+    )
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    s.add_argument("--modbus-port", type=int, default=5020, help="Modbus TCP port (default 5020)")
-    s.add_argument("--opcua-port", type=int, default=4840, help="OPC UA port (default 4840)")
-    s.add_argument("--s7-port", type=int, default=1102, help="S7 (ISO-on-TCP) port (default 1102; a PLC uses 102)")
-    s.add_argument("--no-opcua", action="store_true", help="do not serve OPC UA")
-    s.add_argument("--no-s7", action="store_true", help="do not serve S7")
+    s.add_argument(
+        "--port",
+        action="append",
+        default=[],
+        metavar="TYPE=PORT",
+        help="serve a protocol on this port (repeatable); defaults: modbus=5020, opcua=4840, s7=1102 (a PLC uses 102)",
+    )
+    s.add_argument(
+        "--without", action="append", default=[], metavar="TYPE", help="do not serve this protocol (repeatable)"
+    )
+    # the historical spellings of --port TYPE=PORT and --without TYPE
+    s.add_argument("--modbus-port", type=int, help="same as --port modbus=PORT")
+    s.add_argument("--opcua-port", type=int, help="same as --port opcua=PORT")
+    s.add_argument("--s7-port", type=int, help="same as --port s7=PORT")
+    s.add_argument("--no-opcua", action="store_true", help="same as --without opcua")
+    s.add_argument("--no-s7", action="store_true", help="same as --without s7")
     pki = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "edge-agent" / "simulator-pki"
     s.add_argument(
+        "--state-dir",
         "--opcua-cert-dir",
+        dest="state_dir",
         metavar="DIR",
         default=str(pki),
-        help=f"the OPC UA server's certificate, kept across restarts so agents can trust it (default {pki})",
+        help=f"files the servers keep across restarts (the OPC UA server's certificate, so agents can trust it; "
+        f"default {pki})",
     )
     s.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same signals")
     s.add_argument(

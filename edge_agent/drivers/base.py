@@ -211,6 +211,7 @@ class DriverPlugin:
     extra: str  # the pip extra that installs the protocol library: edge-agent[<extra>]
     library: str  # the protocol library's import name, named in the error when it is missing
     simulator: str | None = None  # "package.module:Class" serving the simulated plant over this protocol
+    simulator_port: int | None = None  # the simulator's default port (no well-known port: no root needed)
 
     def runtime_class(self) -> Callable[[Any], Driver]:
         """The driver class, imported now; DriverUnavailable when its protocol library is missing."""

@@ -1,24 +1,27 @@
-"""A simulated pump skid (pump, motor, inlet valve) with injectable faults, served over Modbus TCP.
+"""A simulated pump skid (pump, motor, inlet valve) with injectable faults, served over every protocol
+whose driver names a simulator (DriverPlugin.simulator: Modbus TCP, OPC UA and S7 today).
 
 `Plant` is the offline, deterministic model (fast data generation without a server);
-`run_simulator` serves it on wall-clock ticks until cancelled.
+`run_simulator` serves it on wall-clock ticks until cancelled. A server class takes
+`(plant, host=, port=, state_dir=)`, has `start()`, `stop()` and `endpoint`, and says how a device
+section reads it (`device_fields(host, port)`, `tag_fields(signal)`) so configs are written from it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from edge_agent.drivers import REGISTRY
+
 from .faults import FAULTS, FaultSpec, parse_fault_spec
-from .modbus_server import DEFAULT_PORT, ModbusPlantServer
 from .plant import SIGNALS, Plant, PlantState
 
 __all__ = [
-    "DEFAULT_PORT",
     "FAULTS",
     "SIGNALS",
     "FaultSpec",
@@ -28,6 +31,7 @@ __all__ = [
     "list_faults",
     "parse_fault_spec",
     "run_simulator",
+    "simulated_protocols",
 ]
 
 # After a long stall (suspended VM), catch up at most this many ticks before yielding to the loop.
@@ -43,26 +47,31 @@ class _Server(Protocol):
     async def stop(self) -> None: ...
 
 
+def simulated_protocols() -> dict[str, int]:
+    """Driver type → the simulator's default port, for every driver that ships a simulator."""
+    return {k: p.simulator_port for k, p in sorted(REGISTRY.items()) if p.simulator and p.simulator_port is not None}
+
+
 @dataclass(frozen=True)
 class SimulatorOptions:
-    """How to run the simulator: where to listen, the seed, the fault schedule, the tick."""
+    """How to run the simulator: where to listen (one port per protocol), the seed, the faults, the tick."""
 
     host: str = "127.0.0.1"
-    modbus_port: int = DEFAULT_PORT
+    ports: Mapping[str, int] = field(default_factory=lambda: {"modbus": 5020})  # driver type → port
     seed: int = 0
     faults: tuple[FaultSpec, ...] = ()
     tick: float = 0.1  # seconds of plant time per tick
-    opcua_port: int | None = None  # None: no OPC UA server
-    s7_port: int | None = None  # None: no S7 server
-    opcua_cert_dir: Path | None = None  # where the OPC UA server keeps its certificate (a temp dir if None)
+    state_dir: Path | None = None  # files a server keeps (the OPC UA server's certificate); a temp dir if None
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.tick) and self.tick > 0):
             raise ValueError(f"tick must be a positive number of seconds, got {self.tick}")
-        for name in ("modbus_port", "opcua_port", "s7_port"):
-            port = getattr(self, name)
-            if port is not None and not 0 <= port <= 65535:
-                raise ValueError(f"{name} must be 0..65535, got {port}")
+        known = simulated_protocols()
+        for key, port in self.ports.items():
+            if key not in known:
+                raise ValueError(f"no simulator for {key!r}; simulated protocols: {', '.join(known)}")
+            if not 0 <= port <= 65535:
+                raise ValueError(f"{key} port must be 0..65535, got {port}")
 
 
 def list_faults() -> list[tuple[str, str]]:
@@ -85,17 +94,11 @@ async def _tick_forever(plant: Plant, dt: float) -> None:
 async def run_simulator(options: SimulatorOptions, *, on_ready: Callable[[list[str]], None] | None = None) -> None:
     """Serve the plant until cancelled; on_ready gets one line per listening endpoint."""
     plant = Plant(seed=options.seed, faults=options.faults, dt=options.tick)
-    servers: list[_Server] = [ModbusPlantServer(plant, host=options.host, port=options.modbus_port)]
-    if options.opcua_port is not None:
-        from .opcua_server import OpcUaPlantServer
-
-        servers.append(
-            OpcUaPlantServer(plant, host=options.host, port=options.opcua_port, cert_dir=options.opcua_cert_dir)
-        )
-    if options.s7_port is not None:
-        from .s7_server import S7PlantServer
-
-        servers.append(S7PlantServer(plant, host=options.host, port=options.s7_port))
+    servers: list[_Server] = []
+    for key, port in options.ports.items():
+        server_class = REGISTRY[key].simulator_class()
+        assert server_class is not None  # SimulatorOptions accepts only simulated protocols
+        servers.append(server_class(plant, host=options.host, port=port, state_dir=options.state_dir))
     started: list[_Server] = []
     try:
         for server in servers:

@@ -10,13 +10,15 @@ from __future__ import annotations
 import logging
 import math
 import struct
+from pathlib import Path
+from typing import Any
 
 from pymodbus.constants import ExcCodes
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 from pymodbus.simulator.simcore import SimCore
 
-from .plant import PlantPort, PlantState
+from .plant import SIGNALS, PlantPort, PlantState
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +48,8 @@ INPUT_RUN_SECONDS = 100
 # Coils 00001 pump_run (rw), 00002 fault_reset (write True; reads False).
 COIL_PUMP_RUN, COIL_FAULT_RESET, N_COILS = 0, 1, 2
 # Discrete inputs 10001 motor_running, 10002 fault_active, 10003 high_vibration.
-N_DISCRETE = 3
+_DISCRETES = ("motor_running", "fault_active", "high_vibration")
+N_DISCRETE = len(_DISCRETES)
 
 _MODEL_REGS = [int.from_bytes(MODEL_STRING.encode("ascii")[i : i + 2], "big") for i in range(0, len(MODEL_STRING), 2)]
 _FC_READ_COILS, _FC_READ_DISCRETE, _FC_READ_HOLDING, _FC_READ_INPUT = 1, 2, 3, 4
@@ -120,7 +123,9 @@ class _UnitGate:
 class ModbusPlantServer:
     """A Modbus TCP server for one plant, unit 1; `start()` listens, `stop()` closes."""
 
-    def __init__(self, plant: PlantPort, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT) -> None:
+    def __init__(
+        self, plant: PlantPort, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT, state_dir: Path | None = None
+    ) -> None:
         self._plant = plant
         self.host = host
         self.port = port
@@ -169,6 +174,18 @@ class ModbusPlantServer:
         if self._server is not None:
             server, self._server = self._server, None
             await server.shutdown()
+
+    @staticmethod
+    def device_fields(host: str, port: int) -> dict[str, Any]:
+        """The fields of a `type: modbus` device section that reads this server."""
+        return {"type": "modbus", "host": host, "port": port, "unit": UNIT_ID}
+
+    @staticmethod
+    def tag_fields(signal: str) -> dict[str, Any]:
+        """Where a plant signal lives here, as a tag's fields (the module's register map)."""
+        if signal in SIGNALS:
+            return {"address": f"4{HOLDING_FLOATS + 2 * SIGNALS.index(signal) + 1:04d}", "type": "float32"}
+        return {"address": f"1{_DISCRETES.index(signal) + 1:04d}"}
 
     @property
     def endpoint(self) -> str:

@@ -25,7 +25,7 @@ import logging
 import socket
 import tempfile
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 from asyncua import Server, ua
 from asyncua.common.node import Node
@@ -81,10 +81,13 @@ class OpcUaPlantServer:
         port: int = DEFAULT_PORT,
         cert_dir: Path | None = None,
         refresh: float | None = None,
+        state_dir: Path | None = None,
     ) -> None:
         self._plant = plant
         self.host = host
         self.port = port
+        # the server's certificate lives in cert_dir, or the simulator's state directory (a temp dir if neither)
+        cert_dir = cert_dir if cert_dir is not None else state_dir
         self._cert_dir = Path(cert_dir) if cert_dir is not None else None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         # look for a new tick twice per plant tick: a value lags the plant by at most half a tick
@@ -106,6 +109,16 @@ class OpcUaPlantServer:
     def url(self) -> str:
         """The endpoint URL clients connect to."""
         return f"opc.tcp://{self.host}:{self.port}{ENDPOINT_PATH}"
+
+    @staticmethod
+    def device_fields(host: str, port: int) -> dict[str, Any]:
+        """The fields of a `type: opcua` device section that reads this server (security None)."""
+        return {"type": "opcua", "endpoint": f"opc.tcp://{host}:{port}{ENDPOINT_PATH}"}
+
+    @staticmethod
+    def tag_fields(signal: str) -> dict[str, Any]:
+        """Where a plant signal lives here, as a tag's fields (namespace URI, so indexes may move)."""
+        return {"node": f"nsu={NAMESPACE_URI};s=PumpSkid.{node_name(signal)}"}
 
     @property
     def endpoint(self) -> str:

@@ -33,13 +33,14 @@ import math
 import socket
 import struct
 import threading
+from pathlib import Path
 from typing import Any
 
 from snap7.error import S7Error
 from snap7.server import Server
 from snap7.type import SrvArea
 
-from .plant import PlantPort, PlantState
+from .plant import SIGNALS, PlantPort, PlantState
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ DB_NUMBER = 1
 RACK, SLOT = 0, 1  # the server accepts any; these are what the example config uses
 MODEL = "EA-PUMP-SKID-01"
 MODEL_MAX = 16
+_STATUS_BITS = ("motor_running", "fault_active", "high_vibration", "pump_run")  # DBX32.0 … DBX32.3
 DB_SIZE = 40 + 2 + MODEL_MAX
 M_SIZE = 8
 
@@ -120,7 +122,13 @@ class S7PlantServer:
     """An S7 server for one plant (DB1, M, I, Q); `start()` listens, `stop()` closes."""
 
     def __init__(
-        self, plant: PlantPort, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT, refresh: float | None = None
+        self,
+        plant: PlantPort,
+        *,
+        host: str = "127.0.0.1",
+        port: int = DEFAULT_PORT,
+        refresh: float | None = None,
+        state_dir: Path | None = None,
     ) -> None:
         self._plant = plant
         self.host = host
@@ -131,6 +139,18 @@ class S7PlantServer:
         self._buffers: dict[SrvArea, bytearray] = {}
         self._task: asyncio.Task[None] | None = None
         self._image_tick = -1
+
+    @staticmethod
+    def device_fields(host: str, port: int) -> dict[str, Any]:
+        """The fields of a `type: s7` device section that reads this server."""
+        return {"type": "s7", "host": host, "port": port, "rack": RACK, "slot": SLOT, "connection_type": "basic"}
+
+    @staticmethod
+    def tag_fields(signal: str) -> dict[str, Any]:
+        """Where a plant signal lives here, as a tag's fields (DB1, the module's map)."""
+        if signal in SIGNALS:
+            return {"address": f"DB{DB_NUMBER}.DBD{4 * SIGNALS.index(signal)}", "type": "real"}
+        return {"address": f"DB{DB_NUMBER}.DBX32.{_STATUS_BITS.index(signal)}"}
 
     async def start(self) -> None:
         """Bind and listen; OSError if the address cannot be used."""

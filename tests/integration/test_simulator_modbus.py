@@ -98,7 +98,7 @@ async def stop(task: asyncio.Task[None]) -> None:
 @pytest_asyncio.fixture
 async def sim() -> AsyncIterator[Sim]:
     port = free_port()
-    task, ready = await start(SimulatorOptions(modbus_port=port, seed=11))
+    task, ready = await start(SimulatorOptions(ports={"modbus": port}, seed=11))
     client = AsyncModbusTcpClient("127.0.0.1", port=port, timeout=2, retries=0)
     assert await client.connect()
     try:
@@ -215,7 +215,7 @@ async def test_unmapped_addresses_and_other_units_are_refused(sim: Sim) -> None:
 
 async def test_faults_show_on_the_wire_and_reset_clears_them() -> None:
     port = free_port()
-    options = SimulatorOptions(modbus_port=port, seed=3, tick=0.05, faults=(parse_fault_spec("sensor_stuck@0"),))
+    options = SimulatorOptions(ports={"modbus": port}, seed=3, tick=0.05, faults=(parse_fault_spec("sensor_stuck@0"),))
     task, _ = await start(options)
     client = AsyncModbusTcpClient("127.0.0.1", port=port, timeout=2, retries=0)
     try:
@@ -237,7 +237,7 @@ async def test_faults_show_on_the_wire_and_reset_clears_them() -> None:
 async def test_cancel_shuts_down_cleanly_with_a_client_connected(caplog: pytest.LogCaptureFixture) -> None:
     port = free_port()
     caplog.set_level(logging.WARNING)
-    task, _ = await start(SimulatorOptions(modbus_port=port))
+    task, _ = await start(SimulatorOptions(ports={"modbus": port}))
     client = AsyncModbusTcpClient("127.0.0.1", port=port, timeout=1, retries=0)
     assert await client.connect()
     assert not (await client.read_coils(0, count=1, device_id=1)).isError()
@@ -257,4 +257,4 @@ async def test_port_in_use_raises_oserror() -> None:
         s.listen()
         port = s.getsockname()[1]
         with pytest.raises(OSError, match=str(port)):
-            await asyncio.wait_for(run_simulator(SimulatorOptions(modbus_port=port)), 3)
+            await asyncio.wait_for(run_simulator(SimulatorOptions(ports={"modbus": port})), 3)

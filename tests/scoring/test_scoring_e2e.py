@@ -38,9 +38,7 @@ def start_simulator(seed: int, faults: tuple[str, ...] = ()) -> tuple[asyncio.Ta
     """All three protocols on free ports, and the environment that points the example at them."""
     ports = {"SIM_MODBUS_PORT": free_port(), "SIM_OPCUA_PORT": free_port(), "SIM_S7_PORT": free_port()}
     options = SimulatorOptions(
-        modbus_port=ports["SIM_MODBUS_PORT"],
-        opcua_port=ports["SIM_OPCUA_PORT"],
-        s7_port=ports["SIM_S7_PORT"],
+        ports={key: ports[f"SIM_{key.upper()}_PORT"] for key in ("modbus", "opcua", "s7")},
         seed=seed,
         faults=tuple(parse_fault_spec(f) for f in faults),
     )

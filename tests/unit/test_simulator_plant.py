@@ -255,7 +255,11 @@ def test_register_encoding_rounds_and_clips() -> None:
 
 
 def test_options_validate() -> None:
-    assert SimulatorOptions().modbus_port == 5020
+    assert SimulatorOptions().ports == {"modbus": 5020}
+    with pytest.raises(ValueError, match="no simulator for 'bacnet'; simulated protocols: modbus, opcua, s7"):
+        SimulatorOptions(ports={"bacnet": 47808})
+    with pytest.raises(ValueError, match=r"s7 port must be 0\.\.65535"):
+        SimulatorOptions(ports={"s7": 70000})
     with pytest.raises(ValueError, match="tick"):
         SimulatorOptions(tick=0)
     with pytest.raises(ValueError, match="dt"):

@@ -10,4 +10,5 @@ PLUGIN = DriverPlugin(
     extra="modbus",
     library="pymodbus",
     simulator="edge_agent.simulate.modbus_server:ModbusPlantServer",
+    simulator_port=5020,
 )

@@ -10,4 +10,5 @@ PLUGIN = DriverPlugin(
     extra="opcua",
     library="asyncua",
     simulator="edge_agent.simulate.opcua_server:OpcUaPlantServer",
+    simulator_port=4840,
 )

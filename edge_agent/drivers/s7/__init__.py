@@ -22,4 +22,5 @@ PLUGIN = DriverPlugin(
     extra="s7",
     library="snap7",
     simulator="edge_agent.simulate.s7_server:S7PlantServer",
+    simulator_port=1102,
 )

@@ -25,9 +25,11 @@ async def test_fault_reaches_a_subscriber_with_its_end_and_status(broker: Broker
     sim = asyncio.create_task(
         run_simulator(
             SimulatorOptions(
-                modbus_port=ports["SIM_MODBUS_PORT"],
-                opcua_port=ports["SIM_OPCUA_PORT"],
-                s7_port=ports["SIM_S7_PORT"],
+                ports={
+                    "modbus": ports["SIM_MODBUS_PORT"],
+                    "opcua": ports["SIM_OPCUA_PORT"],
+                    "s7": ports["SIM_S7_PORT"],
+                },
                 seed=3,
                 faults=(parse_fault_spec("cavitation@5"),),
             )
