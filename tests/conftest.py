@@ -7,10 +7,16 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from peers import ModbusPeer
+
+# Property tests check properties, not speed: no per-example deadline and no "input generation is slow"
+# health check, which fail on a loaded 2-core machine (CI shares it with servers the other tests start).
+settings.register_profile("edge-agent", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("edge-agent")
 
 
 @pytest.fixture
