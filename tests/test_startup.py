@@ -109,3 +109,22 @@ def test_check_of_a_modbus_only_config_imports_no_other_protocol(tmp_path: Path)
     assert code == 0 and "plant.yaml: OK" in out, out
     assert "pymodbus" in modules  # check plans the reads with the Modbus driver itself
     assert_none_of(("asyncua", "snap7"), modules)
+
+
+def test_a_missing_protocol_library_is_one_line_naming_the_device_and_the_extra(tmp_path: Path) -> None:
+    """check and run refuse (exit 2) with the device and `pip install 'edge-agent[s7]'`; no traceback."""
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "devices:\n"
+        "  - {name: line-plc, type: s7, host: 127.0.0.1, port: 1, tags: [{name: v, address: DB1.DBD0, type: real}]}\n"
+        "  - {name: pump, type: modbus, host: 127.0.0.1, port: 1, tags: [{name: w, address: '40001'}]}\n"
+    )
+    for command in (["check", str(config)], ["run", str(config), "--duration", "1"]):
+        code = (
+            f"import sys; sys.modules['snap7'] = None\nfrom edge_agent.cli import main\nsys.exit(main({command!r}))\n"
+        )
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        out = r.stdout + r.stderr
+        assert r.returncode == 2, out
+        assert "device line-plc: type s7 needs the Python package 'snap7'" in out
+        assert "pip install 'edge-agent[s7]'" in out and "Traceback" not in out

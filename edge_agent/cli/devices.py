@@ -32,26 +32,33 @@ def cmd_check(args: argparse.Namespace) -> int:
         f"{args.config}: OK: {len(cfg.devices)} device{'s' if len(cfg.devices) != 1 else ''}, "
         f"{n_tags} tags, {len(cfg.models)} models"
     )
+    unavailable = []
     for dev in cfg.devices:
         try:
             driver = REGISTRY[dev.type].build(dev)
         except DriverUnavailable as exc:
-            print(f"  {dev.name} ({dev.type}): {exc}")
+            unavailable.append(str(exc))
             continue
         print(f"  {dev.name} ({dev.type}): {', '.join(driver.plan())}")
     for m in models:  # which file will score: the configured one, or a saved startup calibration of it
         print(f"  model {m.section.name}: {m.describe()}")
-    return EXIT_OK
+    for line in unavailable:  # an install problem, found before anything starts: as bad as a config error
+        print(f"{args.config}: {line}", file=sys.stderr)
+    return EXIT_CONFIG if unavailable else EXIT_OK
 
 
 # ---------------------------------------------------------------- read
 
 
 async def _read_device(dev: DeviceBase) -> tuple[list[Sample], str | None]:
-    from edge_agent.drivers import REGISTRY
+    from edge_agent.drivers import REGISTRY, DriverUnavailable
     from edge_agent.types import Quality, Sample
 
-    driver = REGISTRY[dev.type].build(dev)
+    try:
+        driver = REGISTRY[dev.type].build(dev)
+    except DriverUnavailable as exc:  # its tags are unreadable here, like a device that does not answer
+        now = time.time()
+        return [Sample(dev.name, t.name, now, None, Quality.BAD) for t in dev.tags], str(exc)
     samples: list[Sample] = []
     try:
         await driver.connect()

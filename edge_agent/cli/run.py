@@ -64,9 +64,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         for handler in logging.getLogger().handlers:
             handler.setFormatter(JsonFormatter())
-    agent = Agent(
-        cfg, on_batch=print_samples if args.output == "samples" else None, on_event=print_event, models=models
-    )
+    from edge_agent.drivers import DriverUnavailable
+
+    try:
+        agent = Agent(
+            cfg, on_batch=print_samples if args.output == "samples" else None, on_event=print_event, models=models
+        )
+    except DriverUnavailable as exc:  # a protocol library is not installed: nothing starts
+        log.error("%s: %s; nothing started (edge-agent check lists every such device)", args.config, exc)
+        return EXIT_CONFIG
     from edge_agent.publish import MqttSetupError, OutboxError
 
     failed: list[str] = []
