@@ -47,3 +47,7 @@ class DeviceError(EdgeAgentError):
 
 class DeviceStartupError(DeviceError):
     """A device with `on_startup_error: error` could not be reached at startup."""
+
+
+class ModelError(EdgeAgentError):
+    """A model bundle that cannot be used, or a runtime that is missing."""

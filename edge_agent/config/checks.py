@@ -9,8 +9,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from edge_agent.config.report import _format_path, _locate
-from edge_agent.config.schema import _DEVICE
+from edge_agent.config.report import _locate
+from edge_agent.config.schema import _DEVICE, format_path
 from edge_agent.drivers import DeviceBase
 from edge_agent.errors import ConfigIssue
 
@@ -43,7 +43,7 @@ def _semantic_issues(
 
     def add(loc: tuple[str | int, ...], message: str) -> None:
         where, parts, _ = _locate(tree, loc, source, overrides)
-        issues.append(ConfigIssue(where, _format_path(parts), message))
+        issues.append(ConfigIssue(where, format_path(parts), message))
 
     raw_devices = tree.get("devices")
     devices_seen: dict[str, int] = {}

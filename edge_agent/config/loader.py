@@ -20,7 +20,6 @@ from pydantic import BaseModel, SecretStr, ValidationError
 
 from edge_agent.config.checks import _semantic_issues, _validated_devices
 from edge_agent.config.report import (
-    _format_path,
     _in_file_order,
     _LineDict,
     _LineList,
@@ -28,7 +27,7 @@ from edge_agent.config.report import (
     _message,
     _unwrap,
 )
-from edge_agent.config.schema import Config
+from edge_agent.config.schema import Config, format_path
 from edge_agent.drivers import REGISTRY
 from edge_agent.errors import ConfigError, ConfigIssue, FieldError
 
@@ -95,7 +94,7 @@ def _parse_yaml(text: str, source: str) -> tuple[Any, list[ConfigIssue]]:
     issues = [
         ConfigIssue(
             f"{source}:{line}",
-            _format_path([*_path_of(data, mapping), key]),
+            format_path([*_path_of(data, mapping), key]),
             "key given twice; the later one would silently win",
         )
         for line, key, mapping in loader.duplicates
@@ -207,7 +206,7 @@ def _substitute(
         issues.append(
             ConfigIssue(
                 f"{source}:{line}",
-                _format_path(path),
+                format_path(path),
                 f"environment variable {name} is not set (write ${{{name}:-default}} for a default)",
             )
         )
@@ -301,7 +300,7 @@ def parse_config(
                 loc = (*loc, error.field)
             where, parts, node = _locate(tree, loc, source, overrides)
             parent = loc[:-1] if err["type"] == "extra_forbidden" else loc
-            path = _format_path(parts)
+            path = format_path(parts)
             if path not in reported:
                 issues.append(ConfigIssue(where, path, _message(err, parent, node)))
                 reported.add(path)
@@ -318,7 +317,7 @@ def parse_config(
 
     def locate(loc: tuple[str | int, ...]) -> ConfigIssue:
         place, parts, _ = _locate(tree, loc, source, overrides)
-        return ConfigIssue(place, _format_path(parts), "")
+        return ConfigIssue(place, format_path(parts), "")
 
     cfg._where = locate
     return cfg

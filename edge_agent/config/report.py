@@ -33,13 +33,6 @@ class _LineList(list[Any]):
 # ---------------------------------------------------------------- locations
 
 
-def _format_path(parts: list[str | int]) -> str:
-    out = ""
-    for p in parts:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
-    return out
-
-
 def _locate(
     tree: Any, loc: tuple[str | int, ...], source: str, overrides: Mapping[tuple[str, ...], str]
 ) -> tuple[str, list[str | int], Any]:

@@ -262,7 +262,13 @@ class Config(StrictModel):
     def where(self, *loc: str | int) -> ConfigIssue:
         """An issue template located at a path of the file this config came from (for checks done later)."""
         if self._where is None:
-            from edge_agent.config.report import _format_path  # report reads this schema: imported when needed
-
-            return ConfigIssue("config", _format_path(list(loc)), "")
+            return ConfigIssue("config", format_path(list(loc)), "")
         return typing.cast(ConfigIssue, self._where(loc))
+
+
+def format_path(parts: list[str | int]) -> str:
+    """`devices[0].tags[3].address` from its parts."""
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out

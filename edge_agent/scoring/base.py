@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from edge_agent.scoring.bundle import Bundle, BundleMetadata, ModelError
+from edge_agent.errors import ModelError
 
 if TYPE_CHECKING:
+    from edge_agent.scoring.bundle import Bundle, BundleMetadata
     from edge_agent.scoring.runtime import ModelRuntime
     from edge_agent.scoring.train import TrainOptions
 

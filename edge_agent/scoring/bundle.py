@@ -12,15 +12,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from edge_agent.errors import EdgeAgentError
+from edge_agent.errors import ModelError
+from edge_agent.scoring.base import plugin_for
 from edge_agent.scoring.tflite_metadata import FlatbufferError, read_metadata_bytes, replace_metadata_bytes
 
 METADATA_NAME = "edge_agent"
 SCHEMA_VERSION = 1
-
-
-class ModelError(EdgeAgentError):
-    """A model bundle that cannot be used, or a runtime that is missing."""
 
 
 class _Meta(BaseModel):
@@ -143,8 +140,6 @@ def read_metadata(data: bytes, where: str = "model") -> BundleMetadata:
         meta = BundleMetadata.model_validate(json.loads(raw))
     except (ValueError, ValidationError) as exc:
         raise ModelError(f"{where}: invalid {METADATA_NAME} metadata: {exc}") from exc
-    from edge_agent.scoring.base import plugin_for  # base imports this module
-
     try:
         plugin_for(meta.score.kind)
     except ModelError as exc:
