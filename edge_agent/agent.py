@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from edge_agent import __version__
-from edge_agent.buffers import Buffers
+from edge_agent.buffers import Buffers, BuffersStats
 from edge_agent.config import Config
 from edge_agent.drivers import REGISTRY
 from edge_agent.errors import DeviceStartupError
@@ -53,6 +53,7 @@ class AgentStats:
     """A snapshot of every stage: what observe, health and the CLI read."""
 
     devices: tuple[PollerStats, ...]
+    buffers: BuffersStats
     models: tuple[MonitorStats, ...]
     outbox: WriterStats | None  # None without MQTT
     publisher: PublisherStats | None
@@ -167,6 +168,7 @@ class Agent:
         """Every stage's snapshot (no I/O)."""
         return AgentStats(
             devices=tuple(p.stats() for p in self.pollers),
+            buffers=self.buffers.stats(),
             models=tuple(m.stats() for m in self.monitors),
             outbox=self.outbox.stats() if self.outbox is not None else None,
             publisher=self.sink.stats() if self.sink is not None else None,

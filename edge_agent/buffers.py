@@ -62,6 +62,17 @@ class _Slot:
     col: int
 
 
+@dataclass(frozen=True, slots=True)
+class BuffersStats:
+    """A snapshot of the buffers: how many tags, how many samples they hold, and their fixed memory."""
+
+    tags: int
+    samples: int  # held now, over every tag
+    capacity: int  # the most they can hold (rings are allocated at registration and never grow)
+    nbytes: int
+    retention: float
+
+
 class Buffers:
     """Every tag's rolling history, bounded: capacity = retention / interval, capped per tag."""
 
@@ -91,6 +102,16 @@ class Buffers:
     def nbytes(self) -> int:
         """Memory held by all rings (fixed at registration: nothing grows)."""
         return sum(s.nbytes for s in self._stores)
+
+    def stats(self) -> BuffersStats:
+        """A snapshot (a sum over the rings' counters; no copy of any data)."""
+        return BuffersStats(
+            tags=len(self._slots),
+            samples=int(sum(int(s.count.sum()) for s in self._stores)),
+            capacity=sum(s.capacity * len(s.tags) for s in self._stores),
+            nbytes=self.nbytes,
+            retention=self.retention,
+        )
 
     def __contains__(self, tag: str) -> bool:
         return tag in self._slots

@@ -19,7 +19,7 @@ from edge_agent.errors import EdgeAgentError
 from edge_agent.fields import Duration, StrictModel
 from edge_agent.types import Quality, SampleBatch
 
-T = TypeVar("T")
+T = TypeVar("T", bound="TagBase")
 
 TAG_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-/]*$")
 
@@ -134,7 +134,7 @@ def group_by_interval(device: DeviceBase, tags: Iterable[T]) -> list[tuple[float
     """Tags grouped by the poll interval that applies to each, shortest interval first, file order kept."""
     by_interval: dict[float, list[T]] = {}
     for tag in tags:
-        by_interval.setdefault(device.interval_of(tag), []).append(tag)  # type: ignore[arg-type]
+        by_interval.setdefault(device.interval_of(tag), []).append(tag)
     return sorted(by_interval.items())
 
 

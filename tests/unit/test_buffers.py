@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge_agent.buffers import Buffers
+from edge_agent.buffers import MIN_CAPACITY, Buffers
 from edge_agent.types import Quality, SampleBatch
 
 TAGS = ("a", "b", "c")
@@ -87,3 +87,15 @@ def test_subscribed_values_hold_until_the_next_sample() -> None:
     buf.write(batch(48.5, [np.nan], quality=[Quality.COMMS_LOST], tags=("a",)))
     w = buf.window(("a",), t_end=50.0, interval=1.0, n_samples=5)
     assert list(w.good[:, 0]) == [True, True, True, False, False]  # grid 46..50; lost at 48.5
+
+
+def test_stats_count_what_the_rings_hold() -> None:
+    b = Buffers(retention=10.0, max_samples=100)
+    group = ("a", "b")
+    b.register(group, 1.0)
+    before = b.stats()
+    assert (before.tags, before.samples, before.capacity) == (2, 0, 2 * max(MIN_CAPACITY, 11))
+    b.write(batch(1.0, [1.0, 2.0], tags=group))
+    b.write(batch(2.0, [3.0], tags=("a",)))
+    after = b.stats()
+    assert after.samples == 3 and after.nbytes == before.nbytes == b.nbytes

@@ -23,7 +23,7 @@ from asyncua.ua.ua_binary import struct_to_binary
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from edge_agent.drivers.base import DriverBase, ScanGroup
+from edge_agent.drivers.base import DriverBase, ScanGroup, group_by_interval
 from edge_agent.drivers.opcua import certs
 from edge_agent.drivers.opcua.codecs import _KIND, _from_datavalue, _status_name
 from edge_agent.drivers.opcua.config import Mode, OpcUaDevice, OpcUaTag, SecurityPolicy, _uri_problem, _why
@@ -97,10 +97,7 @@ class OpcUaSession(DriverBase):
         super().__init__(config.name)
         self.config = config
         self._tags: dict[ScanGroup, list[OpcUaTag]] = {}
-        by_interval: dict[float, list[OpcUaTag]] = {}
-        for tag in config.tags:
-            by_interval.setdefault(config.interval_of(tag), []).append(tag)
-        for interval, tags in sorted(by_interval.items()):
+        for interval, tags in group_by_interval(config, config.tags):
             group = ScanGroup(interval, tuple(t.name for t in tags))
             self._tags[group] = tags
             (self.subscriptions if config.mode is Mode.SUBSCRIBE else self.groups).append(group)
