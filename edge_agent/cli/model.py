@@ -16,12 +16,14 @@ from edge_agent.cli.run import _collect_live
 
 def cmd_model_inspect(args: argparse.Namespace) -> int:
     """Print a bundle's metadata, tensors and sha256."""
+    from edge_agent.scoring.base import plugin_for
     from edge_agent.scoring.bundle import ModelError, load_bundle
     from edge_agent.scoring.runtime import ModelRuntime
 
     try:
         bundle = load_bundle(args.file)
         tensors = ModelRuntime(bundle).describe()
+        kind = plugin_for(bundle.metadata.score.kind)
     except ModelError as exc:
         print(exc, file=sys.stderr)
         return EXIT_CONFIG
@@ -45,7 +47,7 @@ def cmd_model_inspect(args: argparse.Namespace) -> int:
         f"  output     {tensors['output']['shape']} {tensors['output']['dtype']} "
         f"(scale {tensors['output']['scale']:.6g}, zero point {tensors['output']['zero_point']})\n"
         f"  window     {m.window} samples every {m.sample_interval:g}s\n"
-        f"  score      {m.score.kind}, smoothing {m.score.smoothing}\n"
+        f"  score      {m.score.kind} ({kind.summary}), smoothing {m.score.smoothing}\n"
         f"  threshold  {m.threshold.value:.6g} ({m.threshold.method}: q{m.threshold.quantile} × {m.threshold.margin}"
         f", {m.threshold.rows} rows of {m.threshold.calibrated_on or '?'} at {m.threshold.calibrated_at or '?'}"
         + (f", calibrated from sha256 {m.threshold.base_sha256[:12]}…" if m.threshold.base_sha256 else "")
