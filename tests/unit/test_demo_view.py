@@ -7,7 +7,7 @@ import json
 import pytest
 
 from edge_agent import demo
-from edge_agent.demo import PREFIX, View, event_line, score_bar
+from edge_agent.demo import PREFIX, View, event_line, processes, score_bar
 
 
 def event(event_id: str, kind: str = "anomaly.start") -> bytes:
@@ -61,8 +61,8 @@ def test_score_bar_puts_the_threshold_at_two_thirds(score: float | None, filled:
 
 
 def test_no_broker_at_all_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(demo, "find_mosquitto", lambda: None)
-    monkeypatch.setattr(demo, "have_amqtt", lambda: False)
+    monkeypatch.setattr(processes, "find_mosquitto", lambda: None)
+    monkeypatch.setattr(processes, "have_amqtt", lambda: False)
     with pytest.raises(demo.DemoError, match=r"apt install mosquitto.*edge-agent\[demo\]"):
         demo.choose_broker("auto")
     with pytest.raises(demo.DemoError, match="--broker mosquitto"):
@@ -70,8 +70,8 @@ def test_no_broker_at_all_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_auto_prefers_mosquitto(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(demo, "find_mosquitto", lambda: "/usr/sbin/mosquitto")
-    monkeypatch.setattr(demo, "have_amqtt", lambda: True)
+    monkeypatch.setattr(processes, "find_mosquitto", lambda: "/usr/sbin/mosquitto")
+    monkeypatch.setattr(processes, "have_amqtt", lambda: True)
     assert demo.choose_broker("auto") == "mosquitto"
-    monkeypatch.setattr(demo, "find_mosquitto", lambda: None)
+    monkeypatch.setattr(processes, "find_mosquitto", lambda: None)
     assert demo.choose_broker("auto") == "builtin"
