@@ -14,29 +14,23 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from edge_agent import __version__
 from edge_agent.buffers import Buffers, BuffersStats
 from edge_agent.config import Config
 from edge_agent.drivers import REGISTRY
 from edge_agent.errors import DeviceStartupError
-from edge_agent.observe import (
-    Check,
-    HealthServer,
-    Metrics,
-    device_metrics,
-    model_metrics,
-    outbox_metrics,
-    publisher_metrics,
-)
-from edge_agent.outbox.writer import OutboxWriter, WriterStats
 from edge_agent.poller import DevicePoller, PollerStats
-from edge_agent.publish import deliver
-from edge_agent.publish.mqtt import MqttPublisher
-from edge_agent.publish.stats import PublisherStats
 from edge_agent.scoring.lifecycle import EventSequence, close_left_open
 from edge_agent.scoring.monitor import LoadedModel, ModelMonitor, MonitorStats, load_models, retention_needed
 from edge_agent.types import AnomalyEvent, Quality, SampleBatch, Score, Window
+
+if TYPE_CHECKING:  # imported when used: an agent without MQTT or metrics loads neither paho nor prometheus
+    from edge_agent.observe import Check, Metrics
+    from edge_agent.outbox.writer import OutboxWriter, WriterStats
+    from edge_agent.publish.mqtt import MqttPublisher
+    from edge_agent.publish.stats import PublisherStats
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +66,13 @@ class Agent:
         models: list[LoadedModel] | None = None,
     ) -> None:
         self.config = config
-        self.metrics = Metrics()
+        # Prometheus metrics only when they are served (observe.listen): latencies are observed live,
+        # everything else is read from the stages' stats() at scrape time
+        self.metrics: Metrics | None = None
+        if config.observe.listen:
+            from edge_agent.observe import Metrics
+
+            self.metrics = Metrics()
         self._extra_batch, self._extra_event, self._extra_score = on_batch, on_event, on_score
         models = load_models(config) if models is None else models
 
@@ -80,7 +80,7 @@ class Agent:
         self.pollers: list[DevicePoller] = []
         drivers = [REGISTRY[dev.type].build(dev) for dev in config.devices]
         for dev, driver in zip(config.devices, drivers, strict=True):
-            read_seconds = self.metrics.poll_seconds.labels(dev.name).observe
+            read_seconds = self.metrics.poll_seconds.labels(dev.name).observe if self.metrics else None
             self.pollers.append(DevicePoller(dev, driver, self._on_batch, on_read_seconds=read_seconds))
 
         # buffers: one ring per tag, long enough for every model's window (pushed tags hold their last value)
@@ -103,7 +103,7 @@ class Agent:
                 site=config.agent.site,
                 counter=self.sequence,
                 on_score=self._score_sink(m),
-                on_score_seconds=self.metrics.score_seconds.labels(m.section.name).observe,
+                on_score_seconds=self.metrics.score_seconds.labels(m.section.name).observe if self.metrics else None,
             )
             for m in models
         ]
@@ -113,21 +113,32 @@ class Agent:
         self.outbox: OutboxWriter | None = None
         self.sink: MqttPublisher | None = None
         if config.mqtt is not None:
+            from edge_agent.outbox.writer import OutboxWriter
+            from edge_agent.publish.mqtt import MqttPublisher
+
             self.outbox = OutboxWriter(config.outbox, config.mqtt, agent_id=config.agent.id, site=config.agent.site)
             self.sink = MqttPublisher(
                 config.mqtt, self.outbox, agent_id=config.agent.id, site=config.agent.site, version=__version__
             )
 
-        # observe: metrics read every stage's stats() at scrape time; ready = a device answers (and,
-        # with MQTT, the broker or at least the outbox takes our messages)
-        self.metrics.add(lambda: device_metrics(p.stats() for p in self.pollers))
-        self.metrics.add(lambda: model_metrics(m.stats() for m in self.monitors))
+        # observe: ready = a device answers (and, with MQTT, the broker or at least the outbox takes our
+        # messages); metrics read every stage's stats() at scrape time
         self.ready_checks: list[Check] = [self._a_device_is_up]
         if self.outbox is not None and self.sink is not None:
             outbox, sink = self.outbox, self.sink
-            self.metrics.add(lambda: publisher_metrics(sink.stats()))
-            self.metrics.add(lambda: outbox_metrics(outbox.stats()))
             self.ready_checks.append(lambda: (sink.connected or outbox.is_open, "no broker and no outbox"))
+        if self.metrics is not None:
+            self._collect_metrics(self.metrics)
+
+    def _collect_metrics(self, metrics: Metrics) -> None:
+        from edge_agent.observe import device_metrics, model_metrics, outbox_metrics, publisher_metrics
+
+        metrics.add(lambda: device_metrics(p.stats() for p in self.pollers))
+        metrics.add(lambda: model_metrics(m.stats() for m in self.monitors))
+        if self.outbox is not None and self.sink is not None:
+            outbox, sink = self.outbox, self.sink
+            metrics.add(lambda: publisher_metrics(sink.stats()))
+            metrics.add(lambda: outbox_metrics(outbox.stats()))
 
     # ------------------------------------------------------------ where data goes between stages
 
@@ -191,7 +202,9 @@ class Agent:
     async def run(self, stop: asyncio.Event) -> None:
         """Poll every device until `stop` is set; raises DeviceStartupError for `on_startup_error: error`."""
         health = None
-        if self.config.observe.listen:
+        if self.config.observe.listen and self.metrics is not None:
+            from edge_agent.observe import HealthServer
+
             health = HealthServer(self.metrics, self.ready_checks)
             await health.start(self.config.observe.listen)
         try:
@@ -215,6 +228,8 @@ class Agent:
         except BaseException:
             await outbox.close()
             raise
+        from edge_agent.publish import deliver
+
         async with asyncio.TaskGroup() as outer:
             outer.create_task(deliver(outbox, sink), name="mqtt")
             try:
