@@ -22,12 +22,15 @@ class HealthServer:
         self.metrics = metrics
         self.ready_checks = ready_checks
         self._server: asyncio.Server | None = None
+        self.address = ""  # host:port once listening
 
     async def start(self, listen: str) -> None:
         """Listen on `host:port`."""
         host, _, port = listen.rpartition(":")
         self._server = await asyncio.start_server(self._handle, host.strip("[]") or "0.0.0.0", int(port))
-        log.info("metrics and health on http://%s/metrics, /healthz, /readyz", listen)
+        bound = self._server.sockets[0].getsockname()  # port 0 in the config: the one the system chose
+        self.address = f"[{bound[0]}]:{bound[1]}" if ":" in bound[0] else f"{bound[0]}:{bound[1]}"
+        log.info("metrics and health on http://%s/metrics, /healthz, /readyz", self.address)
 
     async def stop(self) -> None:
         """Stop listening."""

@@ -237,9 +237,12 @@ class ModelMonitor:
         if math.isnan(score):
             self.windows_insufficient += 1
             if not was_insufficient:
-                log.warning(
-                    "model %s: insufficient data (%.0f%% of the window good, %.0f%% needed); not scoring",
+                # before the first scored window this is warm-up (the buffers are filling), not a fault
+                log.log(
+                    logging.INFO if self.windows_scored == 0 else logging.WARNING,
+                    "model %s: %s (%.0f%% of the window good, %.0f%% needed); not scoring",
                     self.name,
+                    "warming up" if self.windows_scored == 0 else "insufficient data",
                     100 * w.good_fraction,
                     100 * self.section.min_good,
                 )
@@ -247,15 +250,18 @@ class ModelMonitor:
             self.windows_scored += 1
             self.last_score = score
             if was_insufficient:
-                log.info("model %s: enough data again; scoring", self.name)
+                log.info(
+                    "model %s: %s; scoring", self.name, "warmed up" if self.windows_scored == 1 else "enough data again"
+                )
         if self._on_score is not None:
+            shares = {} if math.isnan(score) else dict(zip(self.inputs, map(float, contrib[0]), strict=True))
             self._on_score(
                 Score(
                     model=self.name,
                     t_end=t_end,
                     score=None if math.isnan(score) else score,
                     threshold=self.threshold,
-                    contributions=dict(zip(self.inputs, map(float, contrib[0]), strict=True)),
+                    contributions=shares,  # shares of a score: none while there is no score
                     good_fraction=w.good_fraction,
                 )
             )
