@@ -115,8 +115,12 @@ class MqttSection(StrictModel):
     """The broker the agent publishes to, and how."""
 
     url: str = Field("mqtt://127.0.0.1:1883", description="mqtt://host:1883 or mqtts://host:8883")
-    topic_prefix: str = Field(
-        "edge-agent", min_length=1, max_length=512, description="topic levels, e.g. enterprise/site/area/line"
+    topic_prefix: str | None = Field(
+        None,
+        min_length=1,
+        max_length=512,
+        description="topic levels, e.g. enterprise/site/area/line; default {agent.site}/{agent.id}, so two agents "
+        "on defaults never share a retained status or a last will",
     )
     qos: Literal[0, 1, 2] = Field(1, description="QoS of events/{model}; a row leaves the outbox on its ack")
     protocol: Literal["3.1.1", "5"] = Field("3.1.1", description="MQTT protocol version")
@@ -159,9 +163,16 @@ class MqttSection(StrictModel):
             raise ValueError(f"{v!r} is not a broker URL: write mqtt://HOST:1883 or mqtts://HOST:8883")
         return v
 
+    @property
+    def prefix(self) -> str:
+        """The topic prefix in use (a section validated on its own, outside a Config, falls back to edge-agent)."""
+        return self.topic_prefix or "edge-agent"
+
     @field_validator("topic_prefix")
     @classmethod
-    def _prefix_ok(cls, v: str) -> str:
+    def _prefix_ok(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
         if any(c in v for c in "+#\0"):
             raise ValueError(f"{v!r}: a topic prefix cannot hold the wildcards + or #")
         if v.startswith("/") or v.endswith("/") or "//" in v:
@@ -254,6 +265,16 @@ class Config(StrictModel):
     observe: ObserveSection = ObserveSection()
 
     _where: Any = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _default_prefix(self) -> Config:
+        if self.mqtt is not None and self.mqtt.topic_prefix is None:
+            # site and id as topic levels: a / in the site stays a level separator, wildcards cannot stay
+            site = "".join("_" if c in "+#\0$" else c for c in self.agent.site).strip("/") or "default"
+            prefix = f"{'/'.join(p for p in site.split('/') if p)}/{self.agent.id}"
+            # sections are frozen once validated: the default is filled in here, where agent is known
+            object.__setattr__(self, "mqtt", self.mqtt.model_copy(update={"topic_prefix": prefix}))
+        return self
 
     def all_tags(self) -> list[tuple[DeviceBase, Any]]:
         """(device, tag) pairs in file order."""

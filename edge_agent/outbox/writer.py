@@ -92,7 +92,7 @@ class OutboxWriter:
         self.batched = sync == "batched"
         self.commit_interval = commit_interval
         self.agent_id, self.site = agent_id, site
-        self._prefix = mqtt.topic_prefix
+        self._prefix = mqtt.prefix
         self._clock = clock
         self.submitted = 0
         self._pending: list[Entry] = []

@@ -94,7 +94,7 @@ class MqttPublisher:
         self.tls = url.scheme == "mqtts"
         self.host = url.hostname or "127.0.0.1"
         self.port = url.port or (8883 if self.tls else 1883)
-        self.status_topic = f"{mqtt.topic_prefix}/status"
+        self.status_topic = f"{mqtt.prefix}/status"
         self._rng = rng or random.Random()
         self._clock = clock
         self._window = mqtt.window
