@@ -156,6 +156,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
     except (ModelError, ValueError) as exc:
         print(f"replay: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    if bundle.metadata.training.get("normalise") == "per-run" and not args.calibrate_rows:
+        # its normalisation and threshold are the training runs', not this machine's: without a
+        # calibration on this run its score says little (it used to find nothing, silently)
+        print(
+            f"replay: warning: {args.model} was trained to be calibrated on each run (normalise: per-run); "
+            "pass --calibrate-rows N (the first N rows, known normal) or its alarms mean little",
+            file=sys.stderr,
+        )
     try:
         result = replay(
             bundle,
