@@ -15,6 +15,8 @@ import numpy.typing as npt
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException, ModbusIOException
 from pymodbus.framer import FramerType
+from pymodbus.pdu import ModbusPDU
+from pymodbus.pdu.bit_message import ReadCoilsResponse
 from pymodbus.pdu.register_message import ReadHoldingRegistersResponse
 
 from edge_agent.drivers.base import DriverBase, PartFailure, PartFailures, ScanGroup, group_by_interval, mark_bad
@@ -36,32 +38,59 @@ from edge_agent.types import SampleBatch, Value
 log = logging.getLogger("edge_agent.drivers.modbus")
 
 
-class _RawHoldingResponse(ReadHoldingRegistersResponse):
-    """A register response that keeps the payload as bytes for numpy, instead of a list of ints.
+# the read function code of each table, and its name in the spec (named in logs: nobody needs the spec at hand)
+_FUNCTION = {Table.COIL: 1, Table.DISCRETE: 2, Table.HOLDING: 3, Table.INPUT: 4}
+_FUNCTION_NAMES = {1: "read coils", 2: "read discrete inputs", 3: "read holding registers", 4: "read input registers"}
+_UNITS = {Table.COIL: "coil", Table.DISCRETE: "discrete input", Table.INPUT: "register", Table.HOLDING: "register"}
 
-    pymodbus unpacks each register with struct and formats the PDU for a debug log on every
-    response; at 125 registers that is most of the client's CPU per request. Registered on our
-    client only, through pymodbus's custom-response API.
+
+class _Raw(ModbusPDU):
+    """A read response that keeps its byte count and the bytes after it as they came, for numpy and for checks.
+
+    pymodbus unpacks each register with struct (each bit into a list) and formats the PDU for a debug log on
+    every response; at 125 registers that is most of the client's CPU per request. Nor does it check the
+    byte count against anything: the driver checks it against the frame and its request (`_mismatch`).
+    Decoding never raises: a raise here becomes asyncio's "Fatal error: protocol.data_received() call
+    failed" with a traceback. Registered on our client only, through pymodbus's custom-response API.
     """
+
+    byte_count: int = -1  # -1: the answer had no byte count at all
+    raw: bytes = b""
+
+    def decode(self, data: bytes) -> None:
+        """Keep the byte count and the data bytes (wire order) of the response."""
+        self.byte_count = int(data[0]) if data else -1
+        self.raw = bytes(data[1:])
+
+    def __str__(self) -> str:
+        return f"{type(self).__name__}(dev_id={self.dev_id}, byte count {self.byte_count}, {len(self.raw)} bytes)"
+
+
+class _RawHoldingResponse(_Raw, ReadHoldingRegistersResponse):
+    """Function code 3 (its RTU frame size comes from pymodbus's class)."""
 
     function_code = 3
 
-    def decode(self, data: bytes) -> None:
-        """Keep the register bytes (wire order) of the response."""
-        n = int(data[0])
-        if n >= len(data):
-            raise ModbusIOException(f"byte_count {n} > length of packet {len(data)}", function_code=self.function_code)
-        self.raw = bytes(data[1 : 1 + n])
-        self.registers = []
 
-    def __str__(self) -> str:
-        return f"{type(self).__name__}(dev_id={self.dev_id}, {len(self.raw)} bytes)"
-
-
-class _RawInputResponse(_RawHoldingResponse):
-    """The same for input registers (function code 4)."""
+class _RawInputResponse(_Raw, ReadHoldingRegistersResponse):
+    """Function code 4."""
 
     function_code = 4
+
+
+class _RawCoilsResponse(_Raw, ReadCoilsResponse):
+    """Function code 1; bits packed least significant first, unpacked by numpy."""
+
+    function_code = 1
+
+
+class _RawDiscreteResponse(_Raw, ReadCoilsResponse):
+    """Function code 2."""
+
+    function_code = 2
+
+
+_RESPONSES = (_RawCoilsResponse, _RawDiscreteResponse, _RawHoldingResponse, _RawInputResponse)
 
 
 @dataclass(frozen=True, eq=False)  # identity hash: arrays inside
@@ -202,8 +231,8 @@ class ModbusDriver(DriverBase):
             assert cfg.host is not None
             framer = FramerType.RTU if cfg.transport is Transport.RTU_OVER_TCP else FramerType.SOCKET
             client = AsyncModbusTcpClient(cfg.host, port=cfg.port, framer=framer, **common)
-        client.register(_RawHoldingResponse)
-        client.register(_RawInputResponse)
+        for response in _RESPONSES:
+            client.register(response)
         try:
             async with asyncio.timeout(cfg.timeout + 1.0):
                 ok = await client.connect()
@@ -264,6 +293,11 @@ class ModbusDriver(DriverBase):
                 rr = await calls[req.table](req.start, count=req.count, device_id=unit)
             except (ModbusException, OSError, TimeoutError) as exc:
                 raise DeviceError(self.name, f"{req.label}: {self._no_answer(exc)}") from exc
+            wrong = self._mismatch(req, rr, client.ctx.request_transaction_id)
+            if wrong is not None:
+                failures.append(PartFailure(req.label, [group.tags[c] for c in req.cols], wrong))
+                failed.append(req)
+                continue
             if rr.isError():
                 code = getattr(rr, "exception_code", None)
                 runs = req.runs() if code == ILLEGAL_ADDRESS else ()
@@ -275,17 +309,12 @@ class ModbusDriver(DriverBase):
                 failures.append(self._failure(req, group, f"answered {exception_text(code)}"))
                 failed.append(req)
                 continue
+            assert isinstance(rr, _Raw)  # a read's function code decodes to one of ours (connect registers them)
+            payload = np.frombuffer(rr.raw, np.uint8)  # its length checked against the request by _mismatch
             if req.bit_offsets is not None:
-                bits = np.asarray(rr.bits[: req.count], dtype=np.float64)
-                values[req.cols] = bits[req.bit_offsets]
+                values[req.cols] = np.unpackbits(payload, bitorder="little")[req.bit_offsets]
             else:
-                raw: bytes = getattr(rr, "raw", b"")
-                if len(raw) < 2 * req.count:
-                    why = f"short answer: {len(raw) // 2} of {req.count} registers"
-                    failures.append(self._failure(req, group, why))
-                    failed.append(req)
-                    continue
-                block[req.buf_offset : req.buf_offset + 2 * req.count] = np.frombuffer(raw, np.uint8, 2 * req.count)
+                block[req.buf_offset : req.buf_offset + 2 * req.count] = payload
             answered.append(req.label)
         if splits:
             self._replace_split(group, splits)
@@ -294,6 +323,37 @@ class ModbusDriver(DriverBase):
         for req in failed:
             mark_bad(values, quality, exact, req.cols)
         return SampleBatch(self.name, ts, group.tags, values, quality, exact, plan.kinds)
+
+    def _mismatch(self, req: _Request, rr: ModbusPDU, tid: int) -> str | None:
+        """What makes `rr` no answer to `req` (sent as transaction `tid`), in words; None when it is one.
+
+        An exception answer to the request's function code is an answer (the caller handles it). Raises
+        DeviceError for a frame that contradicts itself: which of its lengths lies is unknown, so nothing
+        after it on the connection can be trusted either.
+        """
+        # pymodbus skips an answer to another transaction id, but takes 0 for any (RTU frames have none)
+        if self.config.transport is Transport.TCP and rr.transaction_id != tid:
+            return f"answered transaction id {rr.transaction_id} to transaction {tid}"
+        want, got = _FUNCTION[req.table], rr.function_code & 0x7F
+        if got != want:
+            name = _FUNCTION_NAMES.get(got)
+            what = f"an exception for function code {got}" if rr.isError() else f"function code {got}"
+            what += f" ({name})" if name and not rr.isError() else ""
+            return f"answered {what} to function code {want} ({_FUNCTION_NAMES[want]})"
+        if rr.isError():
+            return None
+        assert isinstance(rr, _Raw)  # a read's function code decodes to one of ours (connect registers them)
+        n, have = rr.byte_count, len(rr.raw)
+        if n < 0:
+            raise DeviceError(self.name, f"{req.label}: a corrupt answer: it has no byte count")
+        if n != have:
+            follow = "follows" if have == 1 else "follow"
+            raise DeviceError(self.name, f"{req.label}: a corrupt answer: its byte count says {n} but {have} {follow}")
+        need = (req.count + 7) // 8 if req.table.is_bits else 2 * req.count
+        if n != need:
+            unit = _UNITS[req.table] + ("s" if req.count != 1 else "")
+            return f"answered {n} bytes to a read of {req.count} {unit} ({need} byte{'s' if need != 1 else ''})"
+        return None
 
     def _no_answer(self, exc: BaseException) -> str:
         """Why a request got no answer, in words: pymodbus's own text names its retries, not the cause."""
@@ -327,5 +387,5 @@ class ModbusDriver(DriverBase):
 
     @property
     def request_errors(self) -> int:
-        """Requests that failed on their own (exception answers, short answers)."""
+        """Requests that failed on their own (exception answers, answers that do not match their request)."""
         return self._parts.count
