@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import struct
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from pymodbus.framer import FramerType
 from pymodbus.pdu import ModbusPDU
 from pymodbus.pdu.bit_message import ReadCoilsResponse
 from pymodbus.pdu.register_message import ReadHoldingRegistersResponse
+from pymodbus.transaction import TransactionManager
 
 from edge_agent.drivers.base import DriverBase, PartFailure, PartFailures, ScanGroup, group_by_interval, mark_bad
 from edge_agent.drivers.codecs import BlockDecoder, kind_of
@@ -93,6 +95,14 @@ class _RawDiscreteResponse(_Raw, ReadCoilsResponse):
 _RESPONSES = (_RawCoilsResponse, _RawDiscreteResponse, _RawHoldingResponse, _RawInputResponse)
 
 
+class _Garbled(ModbusException):
+    """A frame pymodbus could not decode arrived for the request waiting: it fails at once, with this reason."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why = why
+
+
 @dataclass(frozen=True, eq=False)  # identity hash: arrays inside
 class _Request:
     table: Table
@@ -138,6 +148,7 @@ class ModbusDriver(DriverBase):
         self.config = config
         self._client: AsyncModbusTcpClient | AsyncModbusSerialClient | None = None
         self._dropped = False  # the device closed the connection under us (pymodbus only says "not connected")
+        self._asking = False  # a request is waiting for its answer
         self._parts = PartFailures(self.name, log)
         self._splits_logged = False
         self._plans: dict[ScanGroup, _GroupPlan] = {}
@@ -233,6 +244,7 @@ class ModbusDriver(DriverBase):
             client = AsyncModbusTcpClient(cfg.host, port=cfg.port, framer=framer, **common)
         for response in _RESPONSES:
             client.register(response)
+        self._guard(client.ctx)
         try:
             async with asyncio.timeout(cfg.timeout + 1.0):
                 ok = await client.connect()
@@ -244,6 +256,29 @@ class ModbusDriver(DriverBase):
             raise DeviceError(self.name, f"cannot connect to {self._endpoint()}: connection refused or timed out")
         self._client = client
         self._dropped = False
+
+    def _guard(self, ctx: TransactionManager) -> None:
+        """Catch what pymodbus raises for a frame it cannot decode, before asyncio logs it with a traceback.
+
+        Raised from `data_received`, it reaches asyncio's exception handler ("Fatal error: protocol.
+        data_received() call failed", pymodbus's traceback at ERROR, once per frame) and the request waits
+        out its timeout. Caught here, it fails the waiting request at once, and the poller logs one line;
+        the frame and the traceback go to DEBUG. Anything else asyncio reports stays visible.
+        """
+        handle = ctx.callback_data
+
+        def callback_data(data: bytes, addr: tuple[Any, ...] | None = None) -> int:
+            try:
+                return handle(data, addr)
+            except (ModbusException, ValueError, IndexError, struct.error):
+                shown = data[:16].hex(" ") + (" …" if len(data) > 16 else "")
+                why = f"an answer that does not decode ({len(data)} bytes: {shown})"
+                log.debug("device %s: %s", self.name, why, exc_info=True)
+                if self._asking and not ctx.response_future.done():
+                    ctx.response_future.set_exception(_Garbled(why))
+                return len(data)  # dropped: the next request starts on an empty buffer anyway
+
+        ctx.callback_data = callback_data  # type: ignore[method-assign]
 
     def _link_changed(self, up: bool) -> None:
         # pymodbus calls this when the connection ends by itself; our own close() does not
@@ -289,10 +324,13 @@ class ModbusDriver(DriverBase):
                 # Python 3.11's wait_for (inside pymodbus) can swallow a cancellation that meets a reply:
                 # honour it here, or a shutdown waits for a whole group, and the next, forever
                 raise asyncio.CancelledError
+            self._asking = True
             try:
                 rr = await calls[req.table](req.start, count=req.count, device_id=unit)
             except (ModbusException, OSError, TimeoutError) as exc:
                 raise DeviceError(self.name, f"{req.label}: {self._no_answer(exc)}") from exc
+            finally:
+                self._asking = False
             wrong = self._mismatch(req, rr, client.ctx.request_transaction_id)
             if wrong is not None:
                 failures.append(PartFailure(req.label, [group.tags[c] for c in req.cols], wrong))
@@ -357,6 +395,8 @@ class ModbusDriver(DriverBase):
 
     def _no_answer(self, exc: BaseException) -> str:
         """Why a request got no answer, in words: pymodbus's own text names its retries, not the cause."""
+        if isinstance(exc, _Garbled):
+            return exc.why
         if isinstance(exc, ModbusIOException) and "No response" in str(exc):
             text = f"no answer within {self.config.timeout:g}s"
         else:

@@ -106,6 +106,8 @@ BROKEN = [
     (3, Lie(pad=2), "a corrupt answer: its byte count says 4 but 6 follow"),
     (3, Lie(pdu=b"\x03"), "a corrupt answer: it has no byte count"),
     (1, Lie(byte_count=5), "a corrupt answer: its byte count says 5 but 1 follows"),
+    (3, Lie(pdu=b"\x41\x00\x00"), "an answer that does not decode (10 bytes: 00 01 00 00 00 04 01 41 00 00)"),
+    (3, Lie(pdu=b"\x83"), "an answer that does not decode (8 bytes: 00 01 00 00 00 02 01 83)"),
     (3, Lie(tid=7), "no answer within 0.3s"),  # pymodbus skips an answer to another transaction
     (3, Lie(cut=10), "no answer within 0.3s"),  # truncated
     (3, Lie(pad=300), "no answer within 0.3s"),  # longer than Modbus's 260 bytes: dropped
@@ -172,6 +174,7 @@ async def test_coils_answered_as_registers_never_crash_the_poller(
     ("lie", "why"),
     [
         (Lie(byte_count=200), "a corrupt answer: its byte count says 200 but 4 follow"),
+        (Lie(pdu=b"\x41\x00\x00"), "an answer that does not decode (10 bytes: 00 01 00 00 00 04 01 41 00 00)"),
     ],
 )
 async def test_a_malformed_frame_is_one_line_not_a_traceback(
