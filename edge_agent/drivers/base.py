@@ -286,7 +286,9 @@ class PartFailures:
                 return
             self._silent.add(scope)
             whys = Counter(f.why for f in failed)
-            detail = "; ".join(f"{n} request{'s' if n > 1 else ''} {why}" for why, n in whys.most_common(3))
+            first = {f.why: f.label for f in reversed(failed)}
+            # a reason only one request has names it (holding 0..1 answered …); shared ones count them
+            detail = "; ".join(f"{first[why] if n == 1 else f'{n} requests'} {why}" for why, n in whys.most_common(3))
             ntags = len({t for f in failed for t in f.tags})
             self.log.warning(
                 "device %s: no request of %s answered with data (%s); %d tag%s marked bad until it does",

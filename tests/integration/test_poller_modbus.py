@@ -138,7 +138,7 @@ async def test_wrong_unit_marks_tags_bad_but_device_up(
         (
             logging.WARNING,
             "device plc: no request of the 0.05s scan answered with data "
-            "(1 request answered exception code 4 (server device failure)); 1 tag marked bad until it does",
+            "(holding 0..0 answered exception code 4 (server device failure)); 1 tag marked bad until it does",
         )
     ]
 

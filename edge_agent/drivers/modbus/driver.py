@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import struct
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -15,7 +16,10 @@ import numpy.typing as npt
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException, ModbusIOException
 from pymodbus.framer import FramerType
+from pymodbus.pdu import ModbusPDU
+from pymodbus.pdu.bit_message import ReadCoilsResponse
 from pymodbus.pdu.register_message import ReadHoldingRegistersResponse
+from pymodbus.transaction import TransactionManager
 
 from edge_agent.drivers.base import DriverBase, PartFailure, PartFailures, ScanGroup, group_by_interval, mark_bad
 from edge_agent.drivers.codecs import BlockDecoder, kind_of
@@ -36,32 +40,67 @@ from edge_agent.types import SampleBatch, Value
 log = logging.getLogger("edge_agent.drivers.modbus")
 
 
-class _RawHoldingResponse(ReadHoldingRegistersResponse):
-    """A register response that keeps the payload as bytes for numpy, instead of a list of ints.
+# the read function code of each table, and its name in the spec (named in logs: nobody needs the spec at hand)
+_FUNCTION = {Table.COIL: 1, Table.DISCRETE: 2, Table.HOLDING: 3, Table.INPUT: 4}
+_FUNCTION_NAMES = {1: "read coils", 2: "read discrete inputs", 3: "read holding registers", 4: "read input registers"}
+_UNITS = {Table.COIL: "coil", Table.DISCRETE: "discrete input", Table.INPUT: "register", Table.HOLDING: "register"}
 
-    pymodbus unpacks each register with struct and formats the PDU for a debug log on every
-    response; at 125 registers that is most of the client's CPU per request. Registered on our
-    client only, through pymodbus's custom-response API.
+
+class _Raw(ModbusPDU):
+    """A read response that keeps its byte count and the bytes after it as they came, for numpy and for checks.
+
+    pymodbus unpacks each register with struct (each bit into a list) and formats the PDU for a debug log on
+    every response; at 125 registers that is most of the client's CPU per request. Nor does it check the
+    byte count against anything: the driver checks it against the frame and its request (`_mismatch`).
+    Decoding never raises: a raise here becomes asyncio's "Fatal error: protocol.data_received() call
+    failed" with a traceback. Registered on our client only, through pymodbus's custom-response API.
     """
+
+    byte_count: int = -1  # -1: the answer had no byte count at all
+    raw: bytes = b""
+
+    def decode(self, data: bytes) -> None:
+        """Keep the byte count and the data bytes (wire order) of the response."""
+        self.byte_count = int(data[0]) if data else -1
+        self.raw = bytes(data[1:])
+
+    def __str__(self) -> str:
+        return f"{type(self).__name__}(dev_id={self.dev_id}, byte count {self.byte_count}, {len(self.raw)} bytes)"
+
+
+class _RawHoldingResponse(_Raw, ReadHoldingRegistersResponse):
+    """Function code 3 (its RTU frame size comes from pymodbus's class)."""
 
     function_code = 3
 
-    def decode(self, data: bytes) -> None:
-        """Keep the register bytes (wire order) of the response."""
-        n = int(data[0])
-        if n >= len(data):
-            raise ModbusIOException(f"byte_count {n} > length of packet {len(data)}", function_code=self.function_code)
-        self.raw = bytes(data[1 : 1 + n])
-        self.registers = []
 
-    def __str__(self) -> str:
-        return f"{type(self).__name__}(dev_id={self.dev_id}, {len(self.raw)} bytes)"
-
-
-class _RawInputResponse(_RawHoldingResponse):
-    """The same for input registers (function code 4)."""
+class _RawInputResponse(_Raw, ReadHoldingRegistersResponse):
+    """Function code 4."""
 
     function_code = 4
+
+
+class _RawCoilsResponse(_Raw, ReadCoilsResponse):
+    """Function code 1; bits packed least significant first, unpacked by numpy."""
+
+    function_code = 1
+
+
+class _RawDiscreteResponse(_Raw, ReadCoilsResponse):
+    """Function code 2."""
+
+    function_code = 2
+
+
+_RESPONSES = (_RawCoilsResponse, _RawDiscreteResponse, _RawHoldingResponse, _RawInputResponse)
+
+
+class _Garbled(ModbusException):
+    """A frame pymodbus could not decode arrived for the request waiting: it fails at once, with this reason."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why = why
 
 
 @dataclass(frozen=True, eq=False)  # identity hash: arrays inside
@@ -109,6 +148,7 @@ class ModbusDriver(DriverBase):
         self.config = config
         self._client: AsyncModbusTcpClient | AsyncModbusSerialClient | None = None
         self._dropped = False  # the device closed the connection under us (pymodbus only says "not connected")
+        self._asking = False  # a request is waiting for its answer
         self._parts = PartFailures(self.name, log)
         self._splits_logged = False
         self._plans: dict[ScanGroup, _GroupPlan] = {}
@@ -202,8 +242,9 @@ class ModbusDriver(DriverBase):
             assert cfg.host is not None
             framer = FramerType.RTU if cfg.transport is Transport.RTU_OVER_TCP else FramerType.SOCKET
             client = AsyncModbusTcpClient(cfg.host, port=cfg.port, framer=framer, **common)
-        client.register(_RawHoldingResponse)
-        client.register(_RawInputResponse)
+        for response in _RESPONSES:
+            client.register(response)
+        self._guard(client.ctx)
         try:
             async with asyncio.timeout(cfg.timeout + 1.0):
                 ok = await client.connect()
@@ -215,6 +256,29 @@ class ModbusDriver(DriverBase):
             raise DeviceError(self.name, f"cannot connect to {self._endpoint()}: connection refused or timed out")
         self._client = client
         self._dropped = False
+
+    def _guard(self, ctx: TransactionManager) -> None:
+        """Catch what pymodbus raises for a frame it cannot decode, before asyncio logs it with a traceback.
+
+        Raised from `data_received`, it reaches asyncio's exception handler ("Fatal error: protocol.
+        data_received() call failed", pymodbus's traceback at ERROR, once per frame) and the request waits
+        out its timeout. Caught here, it fails the waiting request at once, and the poller logs one line;
+        the frame and the traceback go to DEBUG. Anything else asyncio reports stays visible.
+        """
+        handle = ctx.callback_data
+
+        def callback_data(data: bytes, addr: tuple[Any, ...] | None = None) -> int:
+            try:
+                return handle(data, addr)
+            except (ModbusException, ValueError, IndexError, struct.error):
+                shown = data[:16].hex(" ") + (" …" if len(data) > 16 else "")
+                why = f"an answer that does not decode ({len(data)} bytes: {shown})"
+                log.debug("device %s: %s", self.name, why, exc_info=True)
+                if self._asking and not ctx.response_future.done():
+                    ctx.response_future.set_exception(_Garbled(why))
+                return len(data)  # dropped: the next request starts on an empty buffer anyway
+
+        ctx.callback_data = callback_data  # type: ignore[method-assign]
 
     def _link_changed(self, up: bool) -> None:
         # pymodbus calls this when the connection ends by itself; our own close() does not
@@ -260,10 +324,18 @@ class ModbusDriver(DriverBase):
                 # Python 3.11's wait_for (inside pymodbus) can swallow a cancellation that meets a reply:
                 # honour it here, or a shutdown waits for a whole group, and the next, forever
                 raise asyncio.CancelledError
+            self._asking = True
             try:
                 rr = await calls[req.table](req.start, count=req.count, device_id=unit)
             except (ModbusException, OSError, TimeoutError) as exc:
                 raise DeviceError(self.name, f"{req.label}: {self._no_answer(exc)}") from exc
+            finally:
+                self._asking = False
+            wrong = self._mismatch(req, rr, client.ctx.request_transaction_id)
+            if wrong is not None:
+                failures.append(PartFailure(req.label, [group.tags[c] for c in req.cols], wrong))
+                failed.append(req)
+                continue
             if rr.isError():
                 code = getattr(rr, "exception_code", None)
                 runs = req.runs() if code == ILLEGAL_ADDRESS else ()
@@ -275,17 +347,12 @@ class ModbusDriver(DriverBase):
                 failures.append(self._failure(req, group, f"answered {exception_text(code)}"))
                 failed.append(req)
                 continue
+            assert isinstance(rr, _Raw)  # a read's function code decodes to one of ours (connect registers them)
+            payload = np.frombuffer(rr.raw, np.uint8)  # its length checked against the request by _mismatch
             if req.bit_offsets is not None:
-                bits = np.asarray(rr.bits[: req.count], dtype=np.float64)
-                values[req.cols] = bits[req.bit_offsets]
+                values[req.cols] = np.unpackbits(payload, bitorder="little")[req.bit_offsets]
             else:
-                raw: bytes = getattr(rr, "raw", b"")
-                if len(raw) < 2 * req.count:
-                    why = f"short answer: {len(raw) // 2} of {req.count} registers"
-                    failures.append(self._failure(req, group, why))
-                    failed.append(req)
-                    continue
-                block[req.buf_offset : req.buf_offset + 2 * req.count] = np.frombuffer(raw, np.uint8, 2 * req.count)
+                block[req.buf_offset : req.buf_offset + 2 * req.count] = payload
             answered.append(req.label)
         if splits:
             self._replace_split(group, splits)
@@ -295,8 +362,41 @@ class ModbusDriver(DriverBase):
             mark_bad(values, quality, exact, req.cols)
         return SampleBatch(self.name, ts, group.tags, values, quality, exact, plan.kinds)
 
+    def _mismatch(self, req: _Request, rr: ModbusPDU, tid: int) -> str | None:
+        """What makes `rr` no answer to `req` (sent as transaction `tid`), in words; None when it is one.
+
+        An exception answer to the request's function code is an answer (the caller handles it). Raises
+        DeviceError for a frame that contradicts itself: which of its lengths lies is unknown, so nothing
+        after it on the connection can be trusted either.
+        """
+        # pymodbus skips an answer to another transaction id, but takes 0 for any (RTU frames have none)
+        if self.config.transport is Transport.TCP and rr.transaction_id != tid:
+            return f"answered transaction id {rr.transaction_id} to transaction {tid}"
+        want, got = _FUNCTION[req.table], rr.function_code & 0x7F
+        if got != want:
+            name = _FUNCTION_NAMES.get(got)
+            what = f"an exception for function code {got}" if rr.isError() else f"function code {got}"
+            what += f" ({name})" if name and not rr.isError() else ""
+            return f"answered {what} to function code {want} ({_FUNCTION_NAMES[want]})"
+        if rr.isError():
+            return None
+        assert isinstance(rr, _Raw)  # a read's function code decodes to one of ours (connect registers them)
+        n, have = rr.byte_count, len(rr.raw)
+        if n < 0:
+            raise DeviceError(self.name, f"{req.label}: a corrupt answer: it has no byte count")
+        if n != have:
+            follow = "follows" if have == 1 else "follow"
+            raise DeviceError(self.name, f"{req.label}: a corrupt answer: its byte count says {n} but {have} {follow}")
+        need = (req.count + 7) // 8 if req.table.is_bits else 2 * req.count
+        if n != need:
+            unit = _UNITS[req.table] + ("s" if req.count != 1 else "")
+            return f"answered {n} bytes to a read of {req.count} {unit} ({need} byte{'s' if need != 1 else ''})"
+        return None
+
     def _no_answer(self, exc: BaseException) -> str:
         """Why a request got no answer, in words: pymodbus's own text names its retries, not the cause."""
+        if isinstance(exc, _Garbled):
+            return exc.why
         if isinstance(exc, ModbusIOException) and "No response" in str(exc):
             text = f"no answer within {self.config.timeout:g}s"
         else:
@@ -327,5 +427,5 @@ class ModbusDriver(DriverBase):
 
     @property
     def request_errors(self) -> int:
-        """Requests that failed on their own (exception answers, short answers)."""
+        """Requests that failed on their own (exception answers, answers that do not match their request)."""
         return self._parts.count
