@@ -290,13 +290,15 @@ class PartFailures:
             # a reason only one request has names it (holding 0..1 answered …); shared ones count them
             detail = "; ".join(f"{first[why] if n == 1 else f'{n} requests'} {why}" for why, n in whys.most_common(3))
             ntags = len({t for f in failed for t in f.tags})
+            hints = {f.hint for f in failed}
             self.log.warning(
-                "device %s: no request of %s answered with data (%s); %d tag%s marked bad until it does",
+                "device %s: no request of %s answered with data (%s); %d tag%s marked bad until it does%s",
                 self.device,
                 scope,
                 detail,
                 ntags,
                 "s" if ntags > 1 else "",
+                hints.pop() if len(hints) == 1 else "",  # one cause, one hint (a wrong unit id, say)
             )
             return
         if scope in self._silent:

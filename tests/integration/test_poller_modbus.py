@@ -138,7 +138,8 @@ async def test_wrong_unit_marks_tags_bad_but_device_up(
         (
             logging.WARNING,
             "device plc: no request of the 0.05s scan answered with data "
-            "(holding 0..0 answered exception code 4 (server device failure)); 1 tag marked bad until it does",
+            "(holding 0..0 answered exception code 4 (server device failure)); 1 tag marked bad until it does "
+            "(if the device is on, check its unit id, now 9: a unit that is not there is answered so)",
         )
     ]
 
@@ -248,7 +249,8 @@ async def test_every_request_refused_is_one_device_level_line(caplog: pytest.Log
     assert [lvl for lvl, _ in lines] == [logging.WARNING, logging.INFO], lines
     assert lines[0][1] == (
         "device gw: no request of the 0.05s scan answered with data (3 requests answered exception code 11 "
-        "(gateway target device failed to respond)); 3 tags marked bad until it does"
+        "(gateway target device failed to respond)); 3 tags marked bad until it does "
+        "(if the device is on, check its unit id, now 1: a unit that is not there is answered so)"
     )
     assert lines[1][1] == "device gw: the 0.05s scan answers with data again"
     assert poller_lines(caplog) == [(logging.INFO, "device gw: connected")]  # the connection never failed

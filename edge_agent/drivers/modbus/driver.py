@@ -39,6 +39,9 @@ from edge_agent.types import SampleBatch, Value
 
 log = logging.getLogger("edge_agent.drivers.modbus")
 
+# server device failure, gateway path unavailable, gateway target failed to respond
+_WRONG_UNIT_CODES = frozenset({4, 10, 11})
+
 
 # the read function code of each table, and its name in the spec (named in logs: nobody needs the spec at hand)
 _FUNCTION = {Table.COIL: 1, Table.DISCRETE: 2, Table.HOLDING: 3, Table.INPUT: 4}
@@ -253,9 +256,26 @@ class ModbusDriver(DriverBase):
             raise DeviceError(self.name, f"cannot connect to {self._endpoint()}: {exc or type(exc).__name__}") from exc
         if not ok:
             client.close()
-            raise DeviceError(self.name, f"cannot connect to {self._endpoint()}: connection refused or timed out")
+            why = await self._why_no_connection() if cfg.transport is not Transport.RTU else "the port did not open"
+            raise DeviceError(self.name, f"cannot connect to {self._endpoint()}: {why}")
         self._client = client
         self._dropped = False
+
+    async def _why_no_connection(self) -> str:
+        """Why a TCP connect failed, in an engineer's terms: pymodbus only says that it did (one probe, bounded)."""
+        cfg = self.config
+        assert cfg.host is not None
+        try:
+            async with asyncio.timeout(cfg.timeout):
+                _, writer = await asyncio.open_connection(cfg.host, cfg.port)
+        except ConnectionRefusedError:
+            return f"connection refused (nothing listens on port {cfg.port}: check the port and the device's server)"
+        except TimeoutError:
+            return f"no answer within {cfg.timeout:g}s (check the address, the network path and firewalls)"
+        except OSError as exc:
+            return exc.strerror or str(exc)
+        writer.close()
+        return "the connection closed at once (the device may allow fewer clients, or refuse this address)"
 
     def _guard(self, ctx: TransactionManager) -> None:
         """Catch what pymodbus raises for a frame it cannot decode, before asyncio logs it with a traceback.
@@ -344,7 +364,7 @@ class ModbusDriver(DriverBase):
                     pending[i:i] = runs
                     splits.append((req, runs))
                     continue
-                failures.append(self._failure(req, group, f"answered {exception_text(code)}"))
+                failures.append(self._failure(req, group, f"answered {exception_text(code)}", code))
                 failed.append(req)
                 continue
             assert isinstance(rr, _Raw)  # a read's function code decodes to one of ours (connect registers them)
@@ -403,8 +423,12 @@ class ModbusDriver(DriverBase):
             text = str(exc) or type(exc).__name__
         return text + ("; the device closed the connection" if self._dropped else "")
 
-    def _failure(self, req: _Request, group: ScanGroup, why: str) -> PartFailure:
+    def _failure(self, req: _Request, group: ScanGroup, why: str, code: int | None = None) -> PartFailure:
         hint = " (if the device leaves gaps unmapped, lower planner.max_gap)" if req.runs() else ""
+        if code in _WRONG_UNIT_CODES:
+            # gateways, and many PLCs, answer these for a unit id that is not there: the commonest cause
+            unit = self.config.unit
+            hint = f" (if the device is on, check its unit id, now {unit}: a unit that is not there is answered so)"
         return PartFailure(req.label, [group.tags[c] for c in req.cols], why, hint)
 
     def _replace_split(self, group: ScanGroup, splits: list[tuple[_Request, tuple[_Request, ...]]]) -> None:

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 from hostile import HostileModbus, Lie
+from peers import free_port, wait_for
 from peers import latest_value as value
-from peers import wait_for
 
 from edge_agent.agent import Agent
 from edge_agent.config import parse_config
+from edge_agent.drivers import REGISTRY
 from edge_agent.drivers.modbus.config import ModbusDevice
 from edge_agent.drivers.modbus.driver import ModbusDriver
 from edge_agent.errors import DeviceError
@@ -232,3 +233,35 @@ async def test_read_cli_does_not_print_an_input_register_as_a_holding_one(
         " WARNING edge_agent.drivers.modbus: device plc: holding 0..1: answered function code 4 "
         "(read input registers) to function code 3 (read holding registers); tags temp marked bad"
     ), lines
+
+
+@pytest.mark.parametrize("listening", [False, True])
+async def test_a_failed_connect_says_refused_or_closed(listening: bool) -> None:
+    """Nothing listening is 'connection refused' with the port; a listener that hangs up at once says so."""
+    port = free_port()
+    server = None
+    if listening:
+
+        async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.close()
+
+        server = await asyncio.start_server(hang_up, "127.0.0.1", port)
+    dev = parse_config(
+        f"devices: [{{name: plc, type: modbus, host: 127.0.0.1, port: {port}, timeout: 500ms,"
+        " tags: [{name: v, address: '40001'}]}]\n"
+    ).devices[0]
+    driver = REGISTRY["modbus"].build(dev)
+    try:
+        with pytest.raises(DeviceError) as caught:
+            await driver.connect()
+            await driver.read(driver.groups[0])
+    finally:
+        await driver.close()
+        if server is not None:
+            server.close()
+            await server.wait_closed()
+    text = str(caught.value)
+    if listening:
+        assert "connection refused" not in text
+    else:
+        assert f"connection refused (nothing listens on port {port}" in text
