@@ -1,16 +1,12 @@
-"""Shared fixtures: real peers on free loopback ports."""
+"""Shared fixtures: real peers on free loopback ports (the peers themselves are in helpers.py)."""
 
 from __future__ import annotations
 
-import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-
-from peers import ModbusPeer
+from helpers import MOSQUITTO, Broker, ModbusPeer
 
 
 @pytest.fixture
@@ -22,3 +18,15 @@ async def modbus_peer() -> AsyncIterator[ModbusPeer]:
         yield peer
     finally:
         await peer.stop()
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    """mosquitto on a free 127.0.0.1 port (anonymous, persistence on), stopped after the test."""
+    assert Path(MOSQUITTO).exists(), "mosquitto is not installed: tests/run.sh installs it with apt"
+    b = Broker(tmp_path / "broker")
+    b.start()
+    try:
+        yield b
+    finally:
+        b.kill()

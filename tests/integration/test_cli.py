@@ -9,7 +9,7 @@ import struct
 import sys
 from pathlib import Path
 
-from peers import ModbusPeer, free_port
+from helpers import ModbusPeer, free_port
 
 CLI = [sys.executable, "-m", "edge_agent"]
 

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from peers import free_port
+from helpers import free_port
 
 from edge_agent.simulate.modbus_server import ModbusPlantServer
 from edge_agent.simulate.plant import Plant

@@ -11,8 +11,8 @@ import tty
 from collections.abc import AsyncIterator
 
 import pytest
-from peers import latest_value as value
-from peers import wait_for
+from helpers import latest_value as value
+from helpers import wait_for
 from pymodbus.framer import FramerType
 from pymodbus.server import ModbusSerialServer
 from pymodbus.simulator import DataType, SimData, SimDevice

@@ -6,7 +6,7 @@ import logging
 import struct
 
 import pytest
-from peers import ModbusPeer
+from helpers import ModbusPeer
 from pymodbus.client import AsyncModbusTcpClient
 
 from edge_agent.config import parse_config

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from peers import ModbusPeer, free_port, wait_for
+from helpers import ModbusPeer, free_port, wait_for
 
 from edge_agent.agent import Agent
 from edge_agent.config import parse_config

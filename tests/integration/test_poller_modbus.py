@@ -7,8 +7,8 @@ import logging
 import math
 
 import pytest
-from peers import ModbusPeer, free_port, wait_for
-from peers import latest_value as value
+from helpers import ModbusPeer, free_port, wait_for
+from helpers import latest_value as value
 from pymodbus.constants import ExcCodes
 
 from edge_agent.agent import Agent

@@ -6,11 +6,12 @@ import asyncio
 import logging
 import socket
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import pytest
 import pytest_asyncio
+from helpers import free_port, wait_for
 from pymodbus.client import AsyncModbusTcpClient
 
 from edge_agent.simulate import SimulatorOptions, parse_fault_spec, run_simulator
@@ -51,24 +52,6 @@ TOLERANCE = {
     "valve_position": 1.5,
 }
 ILLEGAL_ADDRESS, GATEWAY_NO_RESPONSE = 2, 11
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], within: float, what: str) -> None:
-    """Poll the device (it cannot notify us) until check() is true; fail after `within` s."""
-    deadline = asyncio.get_running_loop().time() + within
-    for _ in range(round(within / 0.05) + 1):
-        if await check():
-            return
-        if asyncio.get_running_loop().time() > deadline:
-            break
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"not within {within} s: {what}")
 
 
 @dataclass
@@ -159,7 +142,7 @@ async def test_run_seconds_counts_up(sim: Sim) -> None:
     async def ticked() -> bool:
         return await read_run_seconds(sim.client) != first
 
-    await eventually(ticked, 3, "run_seconds increases")
+    await wait_for(ticked, timeout=3, step=0.05, what="run_seconds increases")
     assert await read_run_seconds(sim.client) == first + 1
 
 
@@ -178,7 +161,7 @@ async def test_coil_write_stops_and_restarts_the_pump(sim: Sim) -> None:
             and scaled["motor_current"] == 0
         )
 
-    await eventually(stopped, 4, "flow and current reach 0")
+    await wait_for(stopped, timeout=4, step=0.05, what="flow and current reach 0")
     assert (await c.read_discrete_inputs(0, count=1, device_id=1)).bits[0] is False
 
     assert not (await c.write_coil(0, True, device_id=1)).isError()
@@ -186,7 +169,7 @@ async def test_coil_write_stops_and_restarts_the_pump(sim: Sim) -> None:
     async def flowing() -> bool:
         return (await read_floats(c))["flow"] > 10
 
-    await eventually(flowing, 4, "flow returns")
+    await wait_for(flowing, timeout=4, step=0.05, what="flow returns")
     assert (await c.read_discrete_inputs(0, count=1, device_id=1)).bits[0] is True
 
 
@@ -227,7 +210,7 @@ async def test_faults_show_on_the_wire_and_reset_clears_them() -> None:
         async def cleared() -> bool:
             return not (await client.read_discrete_inputs(0, count=3, device_id=1)).bits[1]
 
-        await eventually(cleared, 2, "fault_active clears")
+        await wait_for(cleared, timeout=2, step=0.05, what="fault_active clears")
         assert (await client.read_coils(0, count=2, device_id=1)).bits[:2] == [True, False]
     finally:
         client.close()

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from peers import free_port
+from helpers import free_port
 
 from edge_agent.agent import Agent
 from edge_agent.config import load_config

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 from asyncua import Client, ua
-from opcua_peer import Pki, wait_for
-from peers import free_port
+from helpers import free_port, wait_for
+from opcua_peer import Pki
 
 from edge_agent.agent import Agent
 from edge_agent.config import load_config, parse_config

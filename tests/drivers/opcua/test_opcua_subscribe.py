@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 from asyncua import ua
 from asyncua.common.callback import CallbackType
-from opcua_peer import NS, UaPeer, device_yaml, wait_for
+from helpers import wait_for
+from opcua_peer import NS, UaPeer, device_yaml
 
 from edge_agent.config import parse_config
 from edge_agent.drivers.opcua.driver import OpcUaDriver

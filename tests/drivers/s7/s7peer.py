@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from typing import Any
 
+from helpers import free_port
 from snap7.server import EVC_DATA_READ
 from snap7.type import SrvArea
 
 from edge_agent.simulate.s7_server import ClosingServer
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now, on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class _CountingServer(ClosingServer):

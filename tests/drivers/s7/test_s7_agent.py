@@ -6,9 +6,9 @@ import asyncio
 import struct
 
 import pytest
-from peers import latest_value as value
-from peers import wait_for
-from s7peer import S7Peer, free_port
+from helpers import free_port, wait_for
+from helpers import latest_value as value
+from s7peer import S7Peer
 
 from edge_agent.agent import Agent
 from edge_agent.config import parse_config

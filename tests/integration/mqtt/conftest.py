@@ -1,28 +1,11 @@
-"""MQTT fixtures: a mosquitto subprocess on a free loopback port per test, TLS material, a publisher runner."""
+"""MQTT fixtures: TLS material (the `broker` fixture is shared: tests/conftest.py)."""
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-
-from mqttpeer import MOSQUITTO, Broker, make_certs
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    """mosquitto on a free 127.0.0.1 port (anonymous, persistence on), stopped after the test."""
-    assert Path(MOSQUITTO).exists(), "mosquitto is not installed: tests/run.sh installs it with apt"
-    b = Broker(tmp_path / "broker")
-    b.start()
-    try:
-        yield b
-    finally:
-        b.kill()
+from mqttpeer import make_certs
 
 
 @pytest.fixture(scope="session")

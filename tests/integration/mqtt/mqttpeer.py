@@ -1,4 +1,5 @@
-"""Real MQTT peers for tests: a mosquitto subprocess, a paho subscriber, a blackholing TCP proxy, TLS certificates."""
+"""MQTT test pieces of the publish tests: a blackholing TCP proxy, TLS certificates, password files, synthetic events
+and a publisher wired as the agent wires it. The broker and the subscriber are shared: tests/helpers.py."""
 
 from __future__ import annotations
 
@@ -6,23 +7,20 @@ import asyncio
 import contextlib
 import datetime as dt
 import ipaddress
-import json
 import os
 import secrets
 import selectors
 import shutil
-import signal
 import socket
 import subprocess
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
+from helpers import Received, free_port
 
 from edge_agent.config import MqttSection, OutboxSection
 from edge_agent.outbox.writer import OutboxWriter
@@ -32,128 +30,7 @@ from edge_agent.scoring.detector import new_event_id
 from edge_agent.types import AnomalyEvent, EventType, Severity
 
 PREFIX = "acme/plant-a/area-1/line-3"  # ISA-95 style levels
-MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now, on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str = "condition", step: float = 0.02) -> None:
-    """Poll until predicate() is true (bounded); AssertionError naming `what` otherwise."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(step)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-@dataclass
-class Broker:
-    """A mosquitto subprocess on a free loopback port, with persistence so a subscriber's session survives kills."""
-
-    workdir: Path
-    port: int = 0
-    password_file: Path | None = None
-    tls: tuple[Path, Path, Path] | None = None  # ca, cert, key
-    require_certificate: bool = False
-    acl: str | None = None  # mosquitto acl_file text
-    proc: subprocess.Popen[bytes] | None = None
-    log: Path = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.port = self.port or free_port()
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.log = self.workdir / "mosquitto.log"
-
-    @property
-    def url(self) -> str:
-        """The agent's mqtt.url for this broker."""
-        return f"{'mqtts' if self.tls else 'mqtt'}://127.0.0.1:{self.port}"
-
-    def _config(self) -> Path:
-        lines = [
-            f"listener {self.port} 127.0.0.1",
-            "persistence true",
-            f"persistence_location {self.workdir}/",
-            "autosave_interval 3600",
-            "max_queued_messages 0",
-            "max_inflight_messages 100",
-            "log_type error",
-            "log_type warning",
-            "log_type notice",
-            f"log_dest file {self.log}",
-        ]
-        if os.geteuid() == 0:
-            lines.append("user root")  # as root mosquitto would switch to 'mosquitto', who cannot read the test's files
-        if self.password_file is not None:
-            lines += ["allow_anonymous false", f"password_file {self.password_file}"]
-        else:
-            lines.append("allow_anonymous true")
-        if self.acl is not None:
-            acl = self.workdir / "acl"
-            acl.write_text(self.acl)
-            lines.append(f"acl_file {acl}")
-        if self.tls is not None:
-            ca, cert, key = self.tls
-            lines += [f"cafile {ca}", f"certfile {cert}", f"keyfile {key}"]
-            if self.require_certificate:
-                lines.append("require_certificate true")
-        conf = self.workdir / "mosquitto.conf"
-        conf.write_text("\n".join(lines) + "\n")
-        return conf
-
-    def start(self) -> None:
-        """Start (or restart) on the same port; returns once it accepts connections."""
-        assert self.proc is None or self.proc.poll() is not None, "already running"
-        conf = self._config()
-        self.proc = subprocess.Popen(
-            [MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mosquitto exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.02)
-        raise RuntimeError("mosquitto did not start listening")
-
-    def kill(self) -> None:
-        """SIGKILL: no goodbye to anyone."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(5)
-
-    def stop(self) -> None:
-        """SIGTERM and wait."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-    def save(self) -> None:
-        """Write the persistence file now (SIGUSR1), so sessions made so far survive a SIGKILL."""
-        assert self.proc is not None
-        db = self.workdir / "mosquitto.db"
-        before = db.stat().st_mtime_ns if db.exists() else 0
-        self.proc.send_signal(signal.SIGUSR1)
-        wait_until(lambda: db.exists() and db.stat().st_mtime_ns != before, 5, "mosquitto to save its database")
-
-    def reload(self) -> None:
-        """SIGHUP: re-read the config (and the password file)."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGHUP)
 
 
 def write_password_file(path: Path, users: dict[str, str]) -> None:
@@ -162,69 +39,6 @@ def write_password_file(path: Path, users: dict[str, str]) -> None:
     for user, pw in users.items():
         subprocess.run([MOSQUITTO_PASSWD, "-b", str(path), user, pw], check=True, capture_output=True)
     os.chmod(path, 0o600)
-
-
-@dataclass
-class Received:
-    """A message as a subscriber saw it."""
-
-    topic: str
-    payload: bytes
-    retain: bool
-    at: float
-
-    def json(self) -> Any:
-        """The payload parsed."""
-        return json.loads(self.payload)
-
-
-class Subscriber:
-    """A paho subscriber with a persistent session (QoS 1), collecting everything it receives."""
-
-    def __init__(self, port: int, topic: str, *, client_id: str | None = None, tls: Any = None, **auth: str) -> None:
-        self.messages: list[Received] = []
-        self._lock = threading.Lock()
-        self.subscribed = threading.Event()
-        self.client = paho.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=client_id or f"test-sub-{secrets.token_hex(3)}",
-            clean_session=False,
-        )
-        self.client.reconnect_delay_set(0.05, 0.2)  # type: ignore[arg-type]
-        if auth:
-            self.client.username_pw_set(auth["username"], auth["password"])
-        if tls is not None:
-            self.client.tls_set_context(tls)
-        self.topic = topic
-        self.client.on_connect = self._on_connect
-        self.client.on_message = self._on_message
-        self.client.connect("127.0.0.1", port, keepalive=5)
-        self.client.loop_start()
-        if not self.subscribed.wait(5):
-            raise RuntimeError("subscriber did not subscribe")
-
-    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
-        if not reason.is_failure:
-            client.subscribe(self.topic, qos=1)
-            self.subscribed.set()
-
-    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
-        with self._lock:
-            self.messages.append(Received(msg.topic, bytes(msg.payload), bool(msg.retain), time.time()))
-
-    def on(self, topic_part: str) -> list[Received]:
-        """Messages whose topic contains `topic_part`."""
-        with self._lock:
-            return [m for m in self.messages if topic_part in m.topic]
-
-    def event_ids(self) -> list[str]:
-        """event_ids of every event received, duplicates included, in arrival order."""
-        return [m.json()["event_id"] for m in self.on("/events/")]
-
-    def close(self) -> None:
-        """Disconnect and stop the network thread."""
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 class BlackholeProxy:
@@ -452,3 +266,20 @@ async def running(pub: Publishing) -> AsyncIterator[Publishing]:
     finally:
         pub.sink.stop()
         await asyncio.wait_for(task, 10)
+
+
+def check_delivery(received: list[Received], expected: list[str], *, max_duplicates: int) -> dict[str, Any]:
+    """Every expected event_id arrived, exactly once after de-duplication, in order per topic; returns id → payload."""
+    first: dict[str, Any] = {}
+    per_topic: dict[str, list[int]] = {}
+    for m in received:
+        doc = m.json()
+        if doc["event_id"] in first:
+            continue
+        first[doc["event_id"]] = doc
+        per_topic.setdefault(m.topic, []).append(doc["seq"])
+    assert set(first) == set(expected), f"missing {set(expected) - set(first)}, unexpected {set(first) - set(expected)}"
+    for topic, seqs in per_topic.items():
+        assert seqs == sorted(seqs), f"out of order on {topic}"
+    assert len(received) - len(first) <= max_duplicates
+    return first

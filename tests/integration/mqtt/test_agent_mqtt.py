@@ -9,8 +9,7 @@ import os
 from pathlib import Path
 
 import jsonschema
-from mqttpeer import Broker, Subscriber
-from peers import free_port, wait_for
+from helpers import Broker, Subscriber, free_port, wait_for
 
 from edge_agent.agent import Agent
 from edge_agent.config import load_config

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import ssl
 import subprocess
@@ -17,18 +18,16 @@ from typing import Any
 
 import psutil
 import pytest
+from helpers import Broker, Subscriber, block_until
 from mqttpeer import (
     PREFIX,
     BlackholeProxy,
-    Broker,
     Publishing,
-    Received,
-    Subscriber,
+    check_delivery,
     make_event,
     mqtt_config,
     publisher,
     running,
-    wait_until,
     write_password_file,
 )
 
@@ -37,23 +36,7 @@ from edge_agent.types import AnomalyEvent, EventType
 
 pytestmark = pytest.mark.integration
 DRIVER = Path(__file__).parent / "driver.py"
-
-
-def check_delivery(received: list[Received], expected: list[str], *, max_duplicates: int) -> dict[str, Any]:
-    """Every expected event_id arrived, exactly once after de-duplication, in order per topic; returns id → payload."""
-    first: dict[str, Any] = {}
-    per_topic: dict[str, list[int]] = {}
-    for m in received:
-        doc = m.json()
-        if doc["event_id"] in first:
-            continue
-        first[doc["event_id"]] = doc
-        per_topic.setdefault(m.topic, []).append(doc["seq"])
-    assert set(first) == set(expected), f"missing {set(expected) - set(first)}, unexpected {set(first) - set(expected)}"
-    for topic, seqs in per_topic.items():
-        assert seqs == sorted(seqs), f"out of order on {topic}"
-    assert len(received) - len(first) <= max_duplicates
-    return first
+TESTS = Path(__file__).resolve().parents[2]
 
 
 async def produce(pub: Publishing, out: list[AnomalyEvent], n: int, every: float, models: tuple[str, ...]) -> None:
@@ -83,7 +66,7 @@ async def test_broker_killed_while_events_flow(broker: Broker, tmp_path: Path) -
         await produce(pub, events, 40, 0.005, models)
         await asyncio.wait_for(pub.sink.wait_drained(), 20)
     expected = [e.event_id for e in events]
-    await asyncio.to_thread(wait_until, lambda: set(sub.event_ids()) >= set(expected), 10, "every event")
+    await asyncio.to_thread(block_until, lambda: set(sub.event_ids()) >= set(expected), 10, "every event")
     sub.close()
     got = check_delivery(sub.on("/events/"), expected, max_duplicates=WIRE_INFLIGHT)
     assert any(d["historical"] for d in got.values()), "events that waited out the outage are historical"
@@ -91,10 +74,13 @@ async def test_broker_killed_while_events_flow(broker: Broker, tmp_path: Path) -
 
 
 def _spawn(url: str, outbox: Path, *args: str) -> subprocess.Popen[str]:
+    # driver.py imports mqttpeer beside it (the script's folder) and helpers from tests/
+    path = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH", "")) if p)
     return subprocess.Popen(
         [sys.executable, str(DRIVER), url, str(outbox), PREFIX, *args],
         stdout=subprocess.PIPE,
         text=True,
+        env={**os.environ, "PYTHONPATH": path},
     )
 
 
@@ -142,7 +128,7 @@ def test_agent_killed_during_outage_and_restarted(broker: Broker, tmp_path: Path
         assert [e["anomaly_id"] for e in ends] == [committed[-1]["anomaly_id"]]
         assert ends[0]["seq"] > committed[-1]["seq"]  # the sequence continues across the restart
         expected = [c["event_id"] for c in committed] + [ends[0]["event_id"]]
-        wait_until(lambda: set(sub.event_ids()) >= set(expected), 10, "every committed event")
+        block_until(lambda: set(sub.event_ids()) >= set(expected), 10, "every committed event")
         got = check_delivery(sub.on("/events/"), expected, max_duplicates=WIRE_INFLIGHT)
         assert got[ends[0]["event_id"]]["reason"] == "agent_restart"
         starts = {d["anomaly_id"] for d in got.values() if d["type"] == "anomaly.start"}
@@ -152,7 +138,7 @@ def test_agent_killed_during_outage_and_restarted(broker: Broker, tmp_path: Path
 
         agent.send_signal(signal.SIGKILL)  # killed while connected: the broker publishes the last will
         agent.wait(5)
-        wait_until(lambda: sub.on("/status") and sub.on("/status")[-1].json()["state"] == "offline", 5, "the LWT")
+        block_until(lambda: sub.on("/status") and sub.on("/status")[-1].json()["state"] == "offline", 5, "the LWT")
         assert sub.on("/status")[-1].json()["reason"] == "connection_lost"
     finally:
         agent.kill()
@@ -182,7 +168,7 @@ async def test_network_cut_without_closing_the_socket(broker: Broker, tmp_path: 
             proxy.restore()
             await asyncio.wait_for(pub.sink.wait_drained(), 15)
         expected = [e.event_id for e in events]
-        await asyncio.to_thread(wait_until, lambda: set(sub.event_ids()) >= set(expected), 10, "every event")
+        await asyncio.to_thread(block_until, lambda: set(sub.event_ids()) >= set(expected), 10, "every event")
         check_delivery(sub.on("/events/"), expected, max_duplicates=WIRE_INFLIGHT)
     finally:
         sub.close()
@@ -219,7 +205,7 @@ async def test_refused_credentials_then_fixed(tmp_path: Path, caplog: pytest.Log
             broker.reload()
             await asyncio.wait_for(pub.sink.wait_drained(), 10)
         expected = [e.event_id for e in events]
-        await asyncio.to_thread(wait_until, lambda: set(sub.event_ids()) >= set(expected), 5, "every event")
+        await asyncio.to_thread(block_until, lambda: set(sub.event_ids()) >= set(expected), 5, "every event")
         check_delivery(sub.on("/events/"), expected, max_duplicates=0)
         assert "what-the-agent-has" not in caplog.text
         sub.close()
@@ -251,7 +237,7 @@ async def test_certificate_that_does_not_verify_then_fixed(
             await asyncio.to_thread(broker.start)
             await asyncio.wait_for(pub.sink.wait_drained(), 10)
         expected = [e.event_id for e in events]
-        await asyncio.to_thread(wait_until, lambda: set(sub.event_ids()) >= set(expected), 5, "every event")
+        await asyncio.to_thread(block_until, lambda: set(sub.event_ids()) >= set(expected), 5, "every event")
         check_delivery(sub.on("/events/"), expected, max_duplicates=0)
     finally:
         sub.close()
@@ -296,7 +282,7 @@ async def test_outbox_full_during_long_outage(broker: Broker, tmp_path: Path, rs
         await asyncio.wait_for(pub.sink.wait_drained(), 20)
         await asyncio.sleep(1.2)  # one status refresh
     expected = tail[-depth:]
-    await asyncio.to_thread(wait_until, lambda: len(set(sub.event_ids())) >= depth, 10, "the kept events")
+    await asyncio.to_thread(block_until, lambda: len(set(sub.event_ids())) >= depth, 10, "the kept events")
     got = check_delivery(sub.on("/events/"), expected, max_duplicates=0)
     assert list(got) == expected  # the newest ones, in order
     online = [m.json() for m in sub.on("/status") if m.json()["state"] == "online"]

@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-from mqttpeer import Broker, free_port, make_event, mqtt_config, publisher, running
+from helpers import Broker, free_port
+from mqttpeer import make_event, mqtt_config, publisher, running
 from prometheus_client.parser import text_string_to_metric_families
 
 from edge_agent.observe import HealthServer, Metrics, outbox_metrics, publisher_metrics

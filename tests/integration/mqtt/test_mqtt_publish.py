@@ -13,16 +13,14 @@ from typing import Any
 import jsonschema
 import numpy as np
 import pytest
+from helpers import Broker, Subscriber, block_until
 from mqttpeer import (
     PREFIX,
     SHA,
-    Broker,
-    Subscriber,
     make_event,
     mqtt_config,
     publisher,
     running,
-    wait_until,
     write_password_file,
 )
 
@@ -70,7 +68,7 @@ async def test_telemetry_merges_every_scan_group_and_subscription_of_a_device(br
         await asyncio.sleep(0.25)
         pub.outbox.put_telemetry(group(("fast.b",), [20.0]))  # a pushed change of one tag
         await asyncio.wait_for(pub.sink.wait_drained(), 10)
-        await asyncio.to_thread(wait_until, lambda: len(sub.on("/telemetry/")) == 2, 5)
+        await asyncio.to_thread(block_until, lambda: len(sub.on("/telemetry/")) == 2, 5)
     sub.close()
     first, second = ({t["name"]: t["value"] for t in m.json()["tags"]} for m in sub.on("/telemetry/"))
     assert first == {"fast.a": 1.0, "fast.b": 2.0}
@@ -99,9 +97,9 @@ async def test_payloads_from_the_broker_match_the_schemas(
         pub.outbox.put_telemetry(batch())
         pub.outbox.put_telemetry(batch())  # within telemetry_interval: not published
         await asyncio.wait_for(pub.sink.wait_drained(), 10)
-        await asyncio.to_thread(wait_until, lambda: len(sub.on("/events/")) == 2 and sub.on("/telemetry/"), 5)
+        await asyncio.to_thread(block_until, lambda: len(sub.on("/events/")) == 2 and sub.on("/telemetry/"), 5)
         assert pub.outbox.stats().outbox.open_anomalies == 0  # the end closed the start
-    await asyncio.to_thread(wait_until, lambda: any(b'"offline"' in m.payload for m in sub.on("/status")), 5)
+    await asyncio.to_thread(block_until, lambda: any(b'"offline"' in m.payload for m in sub.on("/status")), 5)
     sub.close()
 
     events = sub.on("/events/")
@@ -130,7 +128,7 @@ async def test_payloads_from_the_broker_match_the_schemas(
     }
 
     late = Subscriber(broker.port, f"{PREFIX}/status")  # retained: a subscriber arriving later still sees it
-    await asyncio.to_thread(wait_until, lambda: bool(late.messages), 5)
+    await asyncio.to_thread(block_until, lambda: bool(late.messages), 5)
     late.close()
     assert late.messages[-1].retain and late.messages[-1].json()["state"] == "offline"
 
@@ -161,7 +159,7 @@ async def test_tls_client_certificate_and_password(
             for i in range(1, 21):
                 pub.outbox.put_event(make_event(EventType.START, seq=i))
             await asyncio.wait_for(pub.sink.wait_drained(), 10)
-        await asyncio.to_thread(wait_until, lambda: len(sub.event_ids()) == 20, 5)
+        await asyncio.to_thread(block_until, lambda: len(sub.event_ids()) == 20, 5)
         sub.close()
         assert secret not in caplog.text and secret not in repr(pub.sink) and secret not in repr(mqtt)
         assert secret not in str(mqtt.model_dump())
@@ -183,7 +181,7 @@ async def test_historical_rule_by_age_and_by_restart(broker: Broker, tmp_path: P
         fresh = make_event(EventType.START, seq=2)
         again.outbox.put_event(fresh)
         await asyncio.wait_for(again.sink.wait_drained(), 10)
-    await asyncio.to_thread(wait_until, lambda: len(sub.event_ids()) == 2, 5)
+    await asyncio.to_thread(block_until, lambda: len(sub.event_ids()) == 2, 5)
     sub.close()
     got = {m.json()["event_id"]: m.json()["historical"] for m in sub.on("/events/")}
     assert got == {old.event_id: True, fresh.event_id: False}
@@ -204,7 +202,7 @@ async def test_cancelled_run_still_writes_and_says_offline(broker: Broker, tmp_p
     with pytest.raises(asyncio.CancelledError):
         await task
     assert outbox_stats(tmp_path / "outbox.db").last_seq == 5
-    await asyncio.to_thread(wait_until, lambda: sub.messages and sub.messages[-1].json()["state"] == "offline", 5)
+    await asyncio.to_thread(block_until, lambda: sub.messages and sub.messages[-1].json()["state"] == "offline", 5)
     sub.close()
 
 
@@ -221,7 +219,7 @@ async def test_drain_sends_a_backlog_and_refuses_a_held_outbox(broker: Broker, t
     sub = Subscriber(broker.port, f"{PREFIX}/events/#")
     result = await drain(mqtt_config(broker.url), OutboxSection(path=path), agent_id="agent-1", max_seconds=10)
     assert (result.sent, result.left, result.complete) == (50, 0, True)
-    await asyncio.to_thread(wait_until, lambda: len(sub.event_ids()) == 50, 5)
+    await asyncio.to_thread(block_until, lambda: len(sub.event_ids()) == 50, 5)
     sub.close()
     assert outbox_stats(path).total == 0
 
@@ -258,7 +256,7 @@ async def test_mqtt5_rejection_is_dropped_and_counted_without_blocking_events(tm
                 await asyncio.sleep(0.005)
             await asyncio.wait_for(pub.sink.wait_drained(), 10)
             assert pub.outbox.stats().outbox.dropped["rejected.telemetry"] == 3 and pub.sink.stats().rejected == 3
-        await asyncio.to_thread(wait_until, lambda: len(set(sub.event_ids())) == 3, 5)
+        await asyncio.to_thread(block_until, lambda: len(set(sub.event_ids())) == 3, 5)
         sub.close()
     finally:
         broker.kill()

@@ -6,8 +6,8 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from mqttpeer import PREFIX, Broker, Subscriber, make_event, mqtt_config, publisher, running, wait_until
-from test_mqtt_faults import check_delivery
+from helpers import Broker, Subscriber, block_until
+from mqttpeer import PREFIX, check_delivery, make_event, mqtt_config, publisher, running
 
 from edge_agent.outbox import Entry, Outbox
 from edge_agent.publish.mqtt import STATUS_SLACK, WIRE_INFLIGHT
@@ -47,7 +47,7 @@ async def test_backlog_replayed_through_a_broker_restart(broker: Broker, tmp_pat
         await asyncio.to_thread(broker.start)
         await asyncio.wait_for(pub.sink.wait_drained(), 60)
         assert pub.sink.stats().connects == 2
-    await asyncio.to_thread(wait_until, lambda: set(sub.event_ids()) >= set(expected), 30, "every event")
+    await asyncio.to_thread(block_until, lambda: set(sub.event_ids()) >= set(expected), 30, "every event")
     sub.close()
     # duplicates: what the publisher had on the wire when the link dropped, and what the broker had in flight
     # towards the subscriber (redelivered after its restart)
