@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]
 PROTOCOLS = ("pymodbus", "asyncua", "snap7")
 # what `--help` must not import: every protocol library, MQTT, the TFLite runtime, numpy, the config's pydantic and YAML
 HEAVY = (*PROTOCOLS, "paho", "ai_edge_litert", "tflite_runtime", "numpy", "pydantic", "yaml", "prometheus_client")

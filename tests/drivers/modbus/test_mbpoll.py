@@ -22,7 +22,7 @@ from helpers import free_port
 from edge_agent.simulate.modbus_server import ModbusPlantServer
 from edge_agent.simulate.plant import Plant
 
-EXAMPLE = Path(__file__).parents[2] / "examples" / "simulator-modbus.yaml"
+EXAMPLE = Path(__file__).parents[3] / "examples" / "simulator-modbus.yaml"
 
 
 async def mbpoll(port: int, table: str, ref: int, count: int) -> list[int]:

@@ -36,7 +36,7 @@ from edge_agent.types import AnomalyEvent, EventType
 
 pytestmark = pytest.mark.integration
 DRIVER = Path(__file__).parent / "driver.py"
-TESTS = Path(__file__).resolve().parents[2]
+TESTS = Path(__file__).resolve().parents[1]
 
 
 async def produce(pub: Publishing, out: list[AnomalyEvent], n: int, every: float, models: tuple[str, ...]) -> None:

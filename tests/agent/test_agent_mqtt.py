@@ -16,7 +16,7 @@ from edge_agent.config import load_config
 from edge_agent.records import load_schema
 from edge_agent.simulate import SimulatorOptions, parse_fault_spec, run_simulator
 
-EXAMPLE = Path(__file__).parents[3] / "examples" / "simulator.yaml"
+EXAMPLE = Path(__file__).parents[2] / "examples" / "simulator.yaml"
 
 
 async def test_fault_reaches_a_subscriber_with_its_end_and_status(broker: Broker, tmp_path: Path) -> None:
