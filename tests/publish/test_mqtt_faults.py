@@ -34,7 +34,6 @@ from mqttpeer import (
 from edge_agent.publish.mqtt import WIRE_INFLIGHT
 from edge_agent.types import AnomalyEvent, EventType
 
-pytestmark = pytest.mark.integration
 DRIVER = Path(__file__).parent / "driver.py"
 TESTS = Path(__file__).resolve().parents[1]
 

@@ -8,15 +8,12 @@ import math
 import time
 from pathlib import Path
 
-import pytest
 from helpers import Broker, free_port
 from mqttpeer import make_event, mqtt_config, publisher, running
 from prometheus_client.parser import text_string_to_metric_families
 
 from edge_agent.observe import HealthServer, Metrics, outbox_metrics, publisher_metrics
 from edge_agent.types import EventType, Score
-
-pytestmark = pytest.mark.integration
 
 LATENCIES = ("edge_agent_mqtt_publish_seconds", "edge_agent_mqtt_delivery_seconds")
 

@@ -32,8 +32,6 @@ from edge_agent.publish.tools import drain
 from edge_agent.records import load_schema
 from edge_agent.types import EventType, Quality, SampleBatch, Score
 
-pytestmark = pytest.mark.integration
-
 
 def validate(kind: str, doc: Any) -> None:
     """Raise if `doc` does not match the shipped schema `kind` (formats checked too)."""

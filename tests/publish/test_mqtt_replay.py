@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import pytest
 from helpers import Broker, Subscriber, block_until
 from mqttpeer import PREFIX, check_delivery, make_event, mqtt_config, publisher, running
 
@@ -13,8 +12,6 @@ from edge_agent.outbox import Entry, Outbox
 from edge_agent.publish.mqtt import STATUS_SLACK, WIRE_INFLIGHT
 from edge_agent.records import encode, event_payload
 from edge_agent.types import EventType
-
-pytestmark = pytest.mark.integration
 
 BACKLOG = 9000
 BROKER_INFLIGHT = 100  # mosquitto's max_inflight_messages towards the subscriber (mqttpeer's config)

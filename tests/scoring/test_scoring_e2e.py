@@ -15,7 +15,6 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
 from helpers import free_port
 
 from edge_agent.agent import Agent
@@ -24,8 +23,6 @@ from edge_agent.scoring.bundle import load_bundle
 from edge_agent.scoring.monitor import load_models
 from edge_agent.simulate import SimulatorOptions, parse_fault_spec, run_simulator
 from edge_agent.types import AnomalyEvent, EventType, Score
-
-pytestmark = pytest.mark.integration
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "simulator.yaml"
 FAULT_AT = 6.0

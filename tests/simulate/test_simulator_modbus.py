@@ -16,7 +16,7 @@ from pymodbus.client import AsyncModbusTcpClient
 
 from edge_agent.simulate import SimulatorOptions, parse_fault_spec, run_simulator
 
-pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
+pytestmark = pytest.mark.asyncio
 
 # The register map contract, written out independently of the server code.
 SIGNALS = (

@@ -19,7 +19,7 @@ from edge_agent.drivers.opcua.driver import OpcUaDriver
 from edge_agent.errors import DeviceError
 from edge_agent.types import Quality, SampleBatch
 
-pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
+pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")

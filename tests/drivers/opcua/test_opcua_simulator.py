@@ -20,7 +20,7 @@ from edge_agent.simulate.opcua_server import NAMESPACE_URI, OpcUaPlantServer
 from edge_agent.simulate.plant import Plant
 from edge_agent.types import Quality
 
-pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
+pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 EXAMPLE = Path(__file__).parents[3] / "examples" / "simulator-opcua.yaml"
 PLAUSIBLE = {

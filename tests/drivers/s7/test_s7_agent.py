@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import struct
 
-import pytest
 from helpers import free_port, wait_for
 from helpers import latest_value as value
 from s7peer import S7Peer
@@ -13,8 +12,6 @@ from s7peer import S7Peer
 from edge_agent.agent import Agent
 from edge_agent.config import parse_config
 from edge_agent.types import Quality
-
-pytestmark = pytest.mark.integration
 
 
 def config(port: int) -> str:

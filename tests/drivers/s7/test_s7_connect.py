@@ -17,8 +17,6 @@ from edge_agent.config import parse_config
 from edge_agent.drivers.s7.driver import S7Driver
 from edge_agent.errors import DeviceError
 
-pytestmark = pytest.mark.integration
-
 
 class SilentPeer:
     """Accepts connections on 127.0.0.1, keeps what they send, never answers."""

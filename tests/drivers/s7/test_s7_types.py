@@ -19,8 +19,6 @@ from edge_agent.drivers.s7.driver import S7Driver
 from edge_agent.errors import DeviceError
 from edge_agent.types import Quality
 
-pytestmark = pytest.mark.integration
-
 
 def config_for(port: int, tags: list[str], extra: str = "") -> str:
     return (
