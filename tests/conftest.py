@@ -7,6 +7,12 @@ from pathlib import Path
 
 import pytest
 from helpers import MOSQUITTO, Broker, ModbusPeer
+from hypothesis import HealthCheck, settings
+
+# No wall clock in property tests either: hypothesis' default 200 ms deadline per example, and its too_slow
+# health check, fail a correct test on a busy machine.
+settings.register_profile("edge-agent", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("edge-agent")
 
 TESTS = Path(__file__).resolve().parent
 

@@ -3,6 +3,8 @@
 - `free_port()`: a loopback TCP port nobody listens on.
 - `wait_for(pred)` (async, `await` it) and `block_until(pred, timeout)` (blocks the calling thread): poll until a
   condition holds, and fail the test after a bounded time. Tests wait for things; they never assert durations.
+- `in_virtual_time`: runs an async test on an event loop whose clock jumps to the next timer, so a test of timing
+  logic (the poller's schedule, backoff) sees the same thing on a busy machine as on an idle one.
 - `latest_value(agent, tag)`: a tag's newest value and quality in a running agent.
 - `ModbusPeer`: a pymodbus TCP server with hand-placed registers (the `modbus_peer` fixture in tests/conftest.py).
 - `Broker`, `Subscriber`: a mosquitto subprocess and a paho subscriber (the `broker` fixture in tests/conftest.py).
@@ -14,18 +16,20 @@ drivers/s7/s7peer.py, publish/mqttpeer.py).
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import json
 import logging
 import os
 import secrets
+import selectors
 import shutil
 import signal
 import socket
 import subprocess
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,6 +98,59 @@ def block_until(predicate: Callable[[], bool], timeout: float, what: str = "cond
             return
         time.sleep(step)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class _JumpingSelector:
+    """The loop's selector: answers I/O at once, and when nothing is ready moves the loop's clock to its next timer."""
+
+    def __init__(self) -> None:
+        self._real = selectors.DefaultSelector()
+        self.loop: VirtualTimeLoop | None = None
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        events = self._real.select(None if timeout is None else 0)
+        if not events and timeout and self.loop is not None:
+            self.loop.jump()
+        return events
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+class VirtualTimeLoop(asyncio.SelectorEventLoop):
+    """An event loop on a clock of its own: sleeps take no real time, and the next timer is always on time.
+
+    Code under test takes the clock from the loop (e.g. DevicePoller(clock=loop.time)).
+    """
+
+    def __init__(self, start: float = 1000.0) -> None:
+        selector = _JumpingSelector()
+        super().__init__(selector)  # type: ignore[arg-type]
+        selector.loop = self
+        self._now = start
+
+    def time(self) -> float:
+        return self._now
+
+    def jump(self) -> None:
+        """To the earliest timer's time exactly (no I/O is pending, or it would have been answered)."""
+        scheduled = self._scheduled  # type: ignore[attr-defined]
+        if scheduled:
+            self._now = max(self._now, scheduled[0].when())
+
+
+def in_virtual_time(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
+    """Run an async test on a fresh VirtualTimeLoop (a plain test to pytest: fixtures and parameters still apply)."""
+
+    @functools.wraps(test)
+    def run(*args: Any, **kwargs: Any) -> None:
+        loop = VirtualTimeLoop()
+        try:
+            loop.run_until_complete(test(*args, **kwargs))
+        finally:
+            loop.close()
+
+    return run
 
 
 def _blocks(size: int, holes: Iterable[tuple[int, int]], bits: bool) -> list[SimData]:

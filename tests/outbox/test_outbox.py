@@ -215,7 +215,11 @@ def test_mark_historical() -> None:
 # ---------------------------------------------------------------- properties
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(
     batches=st.lists(st.lists(st.integers(60, 400), min_size=1, max_size=20), min_size=1, max_size=15),
     max_bytes=st.integers(500, 5000),
