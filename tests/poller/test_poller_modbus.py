@@ -53,7 +53,8 @@ async def test_server_restart_mid_run(modbus_peer: ModbusPeer, caplog: pytest.Lo
         await modbus_peer.stop()
         await wait_for(lambda: lost(value(agent, "plc.v")))
         assert not agent.stats().devices[0].connected
-        await asyncio.sleep(0.5)  # several failed reconnects while down
+        # several failed reconnects while down
+        await wait_for(lambda: agent.stats().devices[0].failures >= 3, timeout=20, what="3 failed reconnects")
         assert agent.stats().devices[0].failures >= 3
         modbus_peer.holding[0] = 22
         await modbus_peer.start()
@@ -78,8 +79,8 @@ async def test_device_down_at_startup_comes_back_by_itself() -> None:
     stop = asyncio.Event()
     task = asyncio.create_task(agent.run(stop))
     try:
-        await asyncio.sleep(0.4)
         # consumers see the tag as unreachable from the start, not merely absent
+        await wait_for(lambda: agent.stats().devices[0].failures >= 1 and lost(value(agent, "late.v")), timeout=20)
         assert lost(value(agent, "late.v")) and agent.stats().devices[0].failures >= 1
         await peer.start(port)
         await wait_for(lambda: value(agent, "late.v") == (7.0, Quality.GOOD))
@@ -103,7 +104,7 @@ async def test_failing_device_does_not_stop_the_others(modbus_peer: ModbusPeer) 
     try:
         await wait_for(lambda: value(agent, "good.v") == (5.0, Quality.GOOD))
         reads = agent.stats().devices[0].reads
-        await asyncio.sleep(0.3)
+        await wait_for(lambda: agent.stats().devices[0].reads >= reads + 3, timeout=20, what="3 more reads")
         assert agent.stats().devices[0].reads >= reads + 3
         assert lost(value(agent, "gone.v")) and lost(value(agent, "flaky.v"))
     finally:

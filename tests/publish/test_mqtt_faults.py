@@ -18,7 +18,7 @@ from typing import Any
 
 import psutil
 import pytest
-from helpers import Broker, Subscriber, block_until
+from helpers import Broker, Subscriber, block_until, wait_for
 from mqttpeer import (
     PREFIX,
     BlackholeProxy,
@@ -144,8 +144,11 @@ def test_agent_killed_during_outage_and_restarted(broker: Broker, tmp_path: Path
         sub.close()
 
 
-async def test_network_cut_without_closing_the_socket(broker: Broker, tmp_path: Path) -> None:
-    """A blackholed link is noticed within 2 × keepalive; events wait in the outbox and all arrive once it is back."""
+async def test_network_cut_without_closing_the_socket(
+    broker: Broker, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A blackholed link is noticed by the keepalive (TCP alone would take minutes); events wait in the outbox and
+    all arrive once it is back."""
     keepalive = 1.0
     proxy = BlackholeProxy(broker.port)
     sub = Subscriber(broker.port, f"{PREFIX}/events/#")
@@ -155,14 +158,11 @@ async def test_network_cut_without_closing_the_socket(broker: Broker, tmp_path: 
         async with running(pub):
             await produce(pub, events, 20, 0.005, ("pump",))
             await asyncio.wait_for(pub.sink.wait_drained(), 10)
-            cut = time.monotonic()
             proxy.blackhole()
             await produce(pub, events, 100, 0.005, ("pump",))
-            async with asyncio.timeout(2 * keepalive + 3):
-                while pub.sink.connected:
-                    await asyncio.sleep(0.02)
-            detected = time.monotonic() - cut
-            assert detected <= 2 * keepalive + 1.5, f"took {detected:.2f}s"
+            await wait_for(lambda: not pub.sink.connected, timeout=30, what="the cut to be noticed")
+            lost = [r.getMessage() for r in caplog.records if "lost (" in r.getMessage()]
+            assert lost and "lost (Keep alive timeout)" in lost[0], lost  # noticed by the keepalive, not by TCP
             assert pub.outbox.depth >= 100  # every row stays in the outbox until its PUBACK
             proxy.restore()
             await asyncio.wait_for(pub.sink.wait_drained(), 15)

@@ -8,7 +8,7 @@ import math
 import time
 from pathlib import Path
 
-from helpers import Broker, free_port
+from helpers import Broker, free_port, wait_for
 from mqttpeer import make_event, mqtt_config, publisher, running
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -127,10 +127,10 @@ async def test_outbox_oldest_age_grows_during_an_outage_and_clears_after(broker:
     broker.kill()
     pub = publisher(mqtt_config(broker.url, reconnect_max=0.2, status_interval=1), tmp_path / "outbox.db")
     async with running(pub):
+        written = time.time()  # before the row exists: its age can only be less than the time since
         pub.outbox.put_event(make_event(EventType.START, seq=1))
         await pub.outbox.flush()
-        written = time.time()
-        await asyncio.sleep(2.2)  # at least one housekeeping pass after the write
+        await wait_for(lambda: age() >= 1.0, timeout=20, what="a housekeeping pass to see the row 1 s old")
         assert 1.0 <= age() <= time.time() - written + 0.5
         broker.start()
         await asyncio.wait_for(pub.sink.wait_drained(), 10)

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from helpers import free_port
+from helpers import free_port, wait_for
 
 from edge_agent.agent import Agent
 from edge_agent.config import load_config
@@ -141,7 +141,7 @@ async def test_startup_calibration_adapts_the_model(tmp_path: Path) -> None:
         async with asyncio.timeout(20):
             while monitor.calibrating:
                 await asyncio.sleep(0.2)
-        await asyncio.sleep(1.0)
+        await wait_for(lambda: monitor.windows_scored >= 3, timeout=20, what="3 windows scored after calibrating")
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)

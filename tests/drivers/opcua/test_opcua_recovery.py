@@ -123,7 +123,8 @@ async def test_100_reconnects_leak_no_task_socket_or_session(ua_peer: UaPeer) ->
     tasks, fds, sessions = client_tasks(), open_fds(), InternalSession._current_connections
     for i in range(100):
         await cycle(i)
-    await asyncio.sleep(0.2)  # let cancelled tasks and closed transports finish
+    # let cancelled tasks and closed transports finish
+    await wait_for(lambda: client_tasks() == tasks and open_fds() <= fds, timeout=20, what="tasks and fds to settle")
     assert client_tasks() == tasks
     assert open_fds() <= fds
     # politely closed sessions are gone at once; the 50 cut ones wait for the session timeout on the server

@@ -35,8 +35,8 @@ async def test_plc_down_at_startup_comes_back_by_itself() -> None:
     stop = asyncio.Event()
     task = asyncio.create_task(agent.run(stop))
     try:
-        await asyncio.sleep(0.4)
         # down from the start: the tags are there, marked comms-lost, until the PLC answers
+        await wait_for(lambda: agent.stats().devices[0].failures >= 1 and value(agent, "plc.v") is not None, timeout=20)
         down = value(agent, "plc.v")
         assert down is not None and down[1] is Quality.COMMS_LOST and agent.stats().devices[0].failures >= 1
         await peer.start(port)
@@ -58,7 +58,8 @@ async def test_plc_restart_mid_run(s7_peer: S7Peer) -> None:
         await s7_peer.stop()
         await wait_for(lambda: (value(agent, "plc.v") or (0.0, Quality.GOOD))[1] is Quality.COMMS_LOST)
         assert not agent.stats().devices[0].connected
-        await asyncio.sleep(0.4)  # several failed reconnects while down
+        # several failed reconnects while down
+        await wait_for(lambda: agent.stats().devices[0].failures >= 2, timeout=20, what="2 failed reconnects")
         s7_peer.db[1][0:4] = struct.pack(">f", 22.0)
         await s7_peer.start()
         await wait_for(lambda: value(agent, "plc.v") == (22.0, Quality.GOOD))
