@@ -12,7 +12,7 @@ from edge_agent.errors import ConfigError
 from edge_agent.fields import parse_duration, parse_size
 
 TESTS = Path(__file__).resolve().parents[1]
-# the shared cases in tests/testcases/*/ and each driver's own in tests/drivers/*/testcases/*/
+# the config language's cases in tests/config/testcases/*/ and each driver's own in tests/drivers/*/testcases/*/
 CASES = sorted(p.parent for p in TESTS.glob("**/testcases/*/config.yaml"))
 
 

@@ -15,8 +15,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
-from peers import free_port
+from helpers import free_port, wait_for
 
 from edge_agent.agent import Agent
 from edge_agent.config import load_config
@@ -24,8 +23,6 @@ from edge_agent.scoring.bundle import load_bundle
 from edge_agent.scoring.monitor import load_models
 from edge_agent.simulate import SimulatorOptions, parse_fault_spec, run_simulator
 from edge_agent.types import AnomalyEvent, EventType, Score
-
-pytestmark = pytest.mark.integration
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "simulator.yaml"
 FAULT_AT = 6.0
@@ -142,7 +139,7 @@ async def test_startup_calibration_adapts_the_model(tmp_path: Path) -> None:
         async with asyncio.timeout(20):
             while monitor.calibrating:
                 await asyncio.sleep(0.2)
-        await asyncio.sleep(1.0)
+        await wait_for(lambda: monitor.windows_scored >= 3, timeout=20, what="3 windows scored after calibrating")
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)

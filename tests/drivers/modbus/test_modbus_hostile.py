@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import free_port, wait_for
+from helpers import latest_value as value
 from hostile import HostileModbus, Lie
-from peers import free_port, wait_for
-from peers import latest_value as value
 
 from edge_agent.agent import Agent
 from edge_agent.config import parse_config

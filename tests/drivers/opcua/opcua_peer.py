@@ -8,12 +8,11 @@ and values with bad and uncertain status codes.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import logging
 import shutil
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 from asyncua import Server, ua
 from asyncua.crypto.permission_rules import User, UserRole
 from cryptography.hazmat.primitives.serialization import Encoding
-from peers import free_port
+from helpers import free_port
 
 from edge_agent.drivers.opcua.certs import CertPurpose, generate_certificate, load_certificate
 
@@ -242,10 +241,3 @@ def device_yaml(
     for tag in tags:
         lines.append(f'      - {{name: {tag[0]}, node: "{tag[1]}"}}' if isinstance(tag, tuple) else f"      - {tag}")
     return "\n".join(lines) + "\n"
-
-
-async def wait_for(pred: Callable[[], bool], timeout: float = 5.0, step: float = 0.02) -> None:
-    """Poll `pred` until it holds (bounded)."""
-    async with asyncio.timeout(timeout):
-        while not pred():
-            await asyncio.sleep(step)

@@ -14,7 +14,7 @@ from edge_agent.config import parse_config
 from edge_agent.drivers.opcua.driver import OpcUaDriver
 from edge_agent.types import Quality, SampleBatch
 
-pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
+pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
 async def read_once(text: str) -> tuple[OpcUaDriver, SampleBatch]:

@@ -10,7 +10,8 @@ from collections.abc import AsyncIterator
 import pytest
 import pytest_asyncio
 from asyncua.server.internal_session import InternalSession
-from opcua_peer import NS, Pki, UaPeer, device_yaml, wait_for
+from helpers import wait_for
+from opcua_peer import NS, Pki, UaPeer, device_yaml
 
 from edge_agent.agent import Agent
 from edge_agent.config import parse_config
@@ -18,7 +19,7 @@ from edge_agent.drivers.opcua.driver import OpcUaDriver
 from edge_agent.errors import DeviceError
 from edge_agent.types import Quality, SampleBatch
 
-pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
+pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
@@ -122,7 +123,8 @@ async def test_100_reconnects_leak_no_task_socket_or_session(ua_peer: UaPeer) ->
     tasks, fds, sessions = client_tasks(), open_fds(), InternalSession._current_connections
     for i in range(100):
         await cycle(i)
-    await asyncio.sleep(0.2)  # let cancelled tasks and closed transports finish
+    # let cancelled tasks and closed transports finish
+    await wait_for(lambda: client_tasks() == tasks and open_fds() <= fds, timeout=20, what="tasks and fds to settle")
     assert client_tasks() == tasks
     assert open_fds() <= fds
     # politely closed sessions are gone at once; the 50 cut ones wait for the session timeout on the server

@@ -24,7 +24,7 @@ from edge_agent.drivers.opcua.driver import OpcUaDriver
 from edge_agent.errors import ConfigError, DeviceError
 from edge_agent.types import Quality
 
-pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
+pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 TAGS = [("s.double", f"nsu={NS};s=Double")]
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 from asyncua import Client, ua
-from opcua_peer import Pki, wait_for
-from peers import free_port
+from helpers import free_port, wait_for
+from opcua_peer import Pki
 
 from edge_agent.agent import Agent
 from edge_agent.config import load_config, parse_config
@@ -20,7 +20,7 @@ from edge_agent.simulate.opcua_server import NAMESPACE_URI, OpcUaPlantServer
 from edge_agent.simulate.plant import Plant
 from edge_agent.types import Quality
 
-pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
+pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 EXAMPLE = Path(__file__).parents[3] / "examples" / "simulator-opcua.yaml"
 PLAUSIBLE = {

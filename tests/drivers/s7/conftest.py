@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-
 from s7peer import S7Peer
 
 # the server logs every read of a missing DB or past an area's end at WARNING: that is what the tests do

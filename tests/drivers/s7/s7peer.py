@@ -3,25 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import socket
+import threading
 import time
 from typing import Any
 
+from helpers import free_port
 from snap7.server import EVC_DATA_READ
 from snap7.type import SrvArea
 
 from edge_agent.simulate.s7_server import ClosingServer
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on right now, on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class _CountingServer(ClosingServer):
-    """Counts request PDUs and can answer slowly (a busy CPU), both for the tests."""
+    """Counts request PDUs and can answer slowly (a busy CPU) or when the test says so, all for the tests."""
 
     def __init__(self, peer: S7Peer) -> None:
         super().__init__()
@@ -31,6 +25,13 @@ class _CountingServer(ClosingServer):
         self._peer.requests += 1
         if self._peer.delay:
             time.sleep(self._peer.delay)
+        hold = self._peer.hold
+        if hold is not None:
+            self._peer.holding += 1
+            try:
+                hold.wait(30)  # bounded: a test that never releases still ends
+            finally:
+                self._peer.holding -= 1
         return super()._process_request(request_data, client_address)
 
 
@@ -39,7 +40,8 @@ class S7Peer:
 
     Only the DBs named in `dbs` exist (others answer "object does not exist"); M, I and Q have the
     given sizes. `requests` counts request PDUs (setup included); `read_items()` counts the items
-    the server answered since the last call, from its event log.
+    the server answered since the last call, from its event log. `delay` makes every answer take that
+    long; with `hold` set to an Event, requests wait until it is set (`holding` of them right now).
     """
 
     def __init__(self, *, dbs: dict[int, int] | None = None, m: int = 256, i: int = 64, q: int = 64) -> None:
@@ -47,6 +49,8 @@ class S7Peer:
         self.m, self.i, self.q = bytearray(m), bytearray(i), bytearray(q)
         self.requests = 0
         self.delay = 0.0
+        self.hold: threading.Event | None = None
+        self.holding = 0
         self.port = 0
         self._server: _CountingServer | None = None
 

@@ -5,16 +5,13 @@ from __future__ import annotations
 import asyncio
 import struct
 
-import pytest
-from peers import latest_value as value
-from peers import wait_for
-from s7peer import S7Peer, free_port
+from helpers import free_port, wait_for
+from helpers import latest_value as value
+from s7peer import S7Peer
 
 from edge_agent.agent import Agent
 from edge_agent.config import parse_config
 from edge_agent.types import Quality
-
-pytestmark = pytest.mark.integration
 
 
 def config(port: int) -> str:
@@ -38,8 +35,8 @@ async def test_plc_down_at_startup_comes_back_by_itself() -> None:
     stop = asyncio.Event()
     task = asyncio.create_task(agent.run(stop))
     try:
-        await asyncio.sleep(0.4)
         # down from the start: the tags are there, marked comms-lost, until the PLC answers
+        await wait_for(lambda: agent.stats().devices[0].failures >= 1 and value(agent, "plc.v") is not None, timeout=20)
         down = value(agent, "plc.v")
         assert down is not None and down[1] is Quality.COMMS_LOST and agent.stats().devices[0].failures >= 1
         await peer.start(port)
@@ -61,7 +58,8 @@ async def test_plc_restart_mid_run(s7_peer: S7Peer) -> None:
         await s7_peer.stop()
         await wait_for(lambda: (value(agent, "plc.v") or (0.0, Quality.GOOD))[1] is Quality.COMMS_LOST)
         assert not agent.stats().devices[0].connected
-        await asyncio.sleep(0.4)  # several failed reconnects while down
+        # several failed reconnects while down
+        await wait_for(lambda: agent.stats().devices[0].failures >= 2, timeout=20, what="2 failed reconnects")
         s7_peer.db[1][0:4] = struct.pack(">f", 22.0)
         await s7_peer.start()
         await wait_for(lambda: value(agent, "plc.v") == (22.0, Quality.GOOD))

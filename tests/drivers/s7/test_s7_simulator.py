@@ -16,8 +16,6 @@ from edge_agent.simulate.plant import SIGNALS, Plant
 from edge_agent.simulate.s7_server import S7PlantServer
 from edge_agent.types import Quality
 
-pytestmark = pytest.mark.integration
-
 EXAMPLES = Path(__file__).parents[3] / "examples"
 
 

@@ -1,0 +1,416 @@
+"""The deploy files: the compose file and the Kubernetes manifests against their published schemas (shipped
+offline by check-jsonschema and kubernetes-validate), every ConfigMap, Secret and PVC a workload refers to
+shipped too, the systemd unit's settings, the configs they carry through the agent's own loader, and the
+contract of Dockerfile.arm64.
+
+What runs a program (systemd-analyze, the image's health check, bash): test_deploy_tools.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.resources
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from shipped import DEPLOY, DOCKERFILE, ROOT, UNIT, instructions
+
+from edge_agent.config import parse_config
+from edge_agent.errors import ConfigError
+
+COMPOSE = DEPLOY / "docker-compose.yml"
+K8S_FILES = sorted((DEPLOY / "k8s").glob("*.yaml"))
+# k3s / KubeEdge releases in the field span several minors: the oldest supported and the newest schemas
+K8S_VERSIONS = ("1.28", "latest")
+
+
+def _kv() -> Any:
+    """kubernetes-validate (dev dependency): Kubernetes' JSON schemas for every minor, offline."""
+    return pytest.importorskip("kubernetes_validate", reason="dev dependency missing: pip install kubernetes-validate")
+
+
+def _k8s_version(version: str) -> str:
+    return str(_kv().utils.latest_version()) if version == "latest" else version
+
+
+# ---------------------------------------------------------------- compose
+
+
+def _compose_schema() -> dict[str, Any]:
+    # check-jsonschema (dev dependency) vendors the compose-spec schema (compose-spec/compose-spec, Apache-2.0)
+    pytest.importorskip("check_jsonschema", reason="dev dependency missing: pip install check-jsonschema")
+    ref = importlib.resources.files("check_jsonschema.builtin_schemas.vendor").joinpath("compose-spec.json")
+    return json.loads(ref.read_text(encoding="utf-8"))
+
+
+def _compose_errors(doc: Any) -> list[str]:
+    schema = _compose_schema()
+    jsonschema = pytest.importorskip("jsonschema")
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
+
+
+def _compose() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))
+
+
+def test_compose_file_matches_the_compose_spec() -> None:
+    assert _compose_errors(_compose()) == []
+
+
+@pytest.mark.parametrize(
+    ("break_it", "expected"),
+    [
+        (lambda d: d["services"]["edge-agent"].update(restartt="always"), "restartt"),
+        (lambda d: d["services"]["edge-agent"]["healthcheck"].update(retries=[3]), "[3] is not of type"),
+        (lambda d: d["services"]["edge-agent"].update(volumes="/var/lib/edge-agent"), "is not of type"),
+        (lambda d: d.update(secrets={"mqtt_password": {"path": "./secrets/mqtt_password"}}), "path"),
+    ],
+    ids=["unknown-key", "wrong-type", "volumes-not-a-list", "secret-without-file"],
+)
+def test_compose_schema_rejects_a_broken_file(break_it: Any, expected: str) -> None:
+    doc = copy.deepcopy(_compose())
+    break_it(doc)
+    errors = _compose_errors(doc)
+    assert errors, "the broken compose file passed the schema"
+    assert any(expected in e for e in errors), errors
+
+
+def test_compose_agent_is_hardened_and_kept_healthy() -> None:
+    agent = _compose()["services"]["edge-agent"]
+    assert agent["read_only"] is True
+    assert any(t.startswith("/tmp") for t in agent["tmpfs"])
+    assert agent["cap_drop"] == ["ALL"]
+    assert "no-new-privileges:true" in agent["security_opt"]
+    assert agent["user"] == "10001:10001"
+    assert agent["restart"] == "unless-stopped"
+    assert "healthz" in " ".join(agent["healthcheck"]["test"])
+    assert any(v.endswith(":/var/lib/edge-agent") for v in agent["volumes"])
+    assert any(v.endswith(":/etc/edge-agent/config.yaml:ro") for v in agent["volumes"])
+    assert [s["source"] for s in agent["secrets"]] == ["mqtt_password"]
+    assert agent["environment"]["EDGE_AGENT__MQTT__URL"].startswith("mqtt://mosquitto:")
+    assert agent["depends_on"]["mosquitto"]["condition"] == "service_healthy"
+
+
+# ---------------------------------------------------------------- Kubernetes
+
+
+def _k8s_docs() -> list[tuple[str, dict[str, Any]]]:
+    docs = []
+    for path in K8S_FILES:
+        for doc in yaml.safe_load_all(path.read_text(encoding="utf-8")):
+            if doc:
+                docs.append((f"{path.name}:{doc['kind']}/{doc['metadata']['name']}", doc))
+    return docs
+
+
+def test_there_are_manifests_for_every_piece() -> None:
+    kinds = {doc["kind"] for _, doc in _k8s_docs()}
+    assert {"Namespace", "ConfigMap", "Secret", "PersistentVolumeClaim", "Deployment", "DaemonSet"} <= kinds
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize(("name", "doc"), _k8s_docs(), ids=[n for n, _ in _k8s_docs()])
+def test_manifest_matches_the_kubernetes_schema(name: str, doc: dict[str, Any], version: str) -> None:
+    # strict: unknown fields are errors too (a typo such as imagePullPolcy would be ignored by the API server)
+    _kv().validate(doc, _k8s_version(version), strict=True)
+
+
+def _deployment() -> dict[str, Any]:
+    return next(doc for _, doc in _k8s_docs() if doc["kind"] == "Deployment")
+
+
+@pytest.mark.parametrize(
+    ("break_it", "expected"),
+    [
+        (lambda d: d["spec"]["template"]["spec"]["containers"][0].update(imagePullPolcy="Always"), "imagePullPolcy"),
+        (lambda d: d["spec"].update(replicas="one"), "'one' is not of type"),
+        (lambda d: d["spec"].pop("selector"), "'selector' is a required property"),
+        (
+            lambda d: d["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["httpGet"].pop("port"),
+            "'port' is a required property",
+        ),
+    ],
+    ids=["unknown-field", "wrong-type", "missing-selector", "probe-without-port"],
+)
+def test_kubernetes_schema_rejects_a_broken_manifest(break_it: Any, expected: str) -> None:
+    doc = copy.deepcopy(_deployment())
+    break_it(doc)
+    kv = _kv()
+    with pytest.raises(kv.ValidationError) as err:
+        kv.validate(doc, _k8s_version("latest"), strict=True)
+    assert expected in str(err.value)
+
+
+@pytest.mark.parametrize("kind", ["Deployment", "DaemonSet"])
+def test_workloads_are_locked_down_and_probed(kind: str) -> None:
+    doc = next(doc for _, doc in _k8s_docs() if doc["kind"] == kind)
+    pod = doc["spec"]["template"]["spec"]
+    assert pod["nodeSelector"]["kubernetes.io/arch"] == "arm64"
+    assert pod["automountServiceAccountToken"] is False
+    (agent,) = pod["containers"]
+    ctx = agent["securityContext"]
+    assert ctx["readOnlyRootFilesystem"] is True
+    assert ctx["allowPrivilegeEscalation"] is False
+    assert ctx["capabilities"]["drop"] == ["ALL"]
+    assert ctx.get("runAsNonRoot", pod["securityContext"].get("runAsNonRoot")) is True
+    assert {"cpu", "memory"} <= set(agent["resources"]["limits"])
+    assert agent["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert agent["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    mounts = {m["mountPath"]: m["name"] for m in agent["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert (
+        "persistentVolumeClaim" in volumes[mounts["/var/lib/edge-agent"]]
+        or "hostPath" in volumes[mounts["/var/lib/edge-agent"]]
+    )
+    assert "emptyDir" in volumes[mounts["/tmp"]]
+    assert "configMap" in volumes[mounts["/etc/edge-agent"]]
+    assert "secret" in volumes[mounts["/run/secrets/edge-agent"]]
+    for init in pod.get("initContainers", []):  # may run as root to chown, but with nothing else
+        assert init["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN"]}
+        assert init["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+# Where a pod spec sits in each workload kind, and which kinds define the objects pods refer to by name.
+_POD_SPEC_PATHS = {
+    "Pod": ("spec",),
+    "Deployment": ("spec", "template", "spec"),
+    "DaemonSet": ("spec", "template", "spec"),
+    "StatefulSet": ("spec", "template", "spec"),
+    "ReplicaSet": ("spec", "template", "spec"),
+    "Job": ("spec", "template", "spec"),
+    "CronJob": ("spec", "jobTemplate", "spec", "template", "spec"),
+}
+_REFERABLE = ("ConfigMap", "Secret", "PersistentVolumeClaim")
+
+
+def _pod_references(pod: dict[str, Any]) -> Iterator[tuple[str, str, str | None, bool]]:
+    """(kind, name, key or None, optional) for every ConfigMap, Secret and PVC a pod spec refers to."""
+    for vol in pod.get("volumes", []):
+        if "configMap" in vol:
+            ref = vol["configMap"]
+            keys = [i["key"] for i in ref.get("items", [])] or [None]
+            yield from (("ConfigMap", ref["name"], k, ref.get("optional", False)) for k in keys)
+        if "secret" in vol:
+            ref = vol["secret"]
+            keys = [i["key"] for i in ref.get("items", [])] or [None]
+            yield from (("Secret", ref["secretName"], k, ref.get("optional", False)) for k in keys)
+        if "persistentVolumeClaim" in vol:
+            yield ("PersistentVolumeClaim", vol["persistentVolumeClaim"]["claimName"], None, False)
+        for source in vol.get("projected", {}).get("sources", []):
+            for kind, field in (("ConfigMap", "configMap"), ("Secret", "secret")):
+                if field in source:
+                    ref = source[field]
+                    keys = [i["key"] for i in ref.get("items", [])] or [None]
+                    yield from ((kind, ref["name"], k, ref.get("optional", False)) for k in keys)
+    for secret in pod.get("imagePullSecrets", []):
+        yield ("Secret", secret["name"], None, False)
+    for container in pod.get("initContainers", []) + pod.get("containers", []):
+        for env in container.get("env", []):
+            source = env.get("valueFrom", {})
+            for kind, field in (("ConfigMap", "configMapKeyRef"), ("Secret", "secretKeyRef")):
+                if field in source:
+                    ref = source[field]
+                    yield (kind, ref["name"], ref["key"], ref.get("optional", False))
+        for env_from in container.get("envFrom", []):
+            for kind, field in (("ConfigMap", "configMapRef"), ("Secret", "secretRef")):
+                if field in env_from:
+                    ref = env_from[field]
+                    yield (kind, ref["name"], None, ref.get("optional", False))
+
+
+def _unresolved_references(docs: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    """Every reference from a workload to a ConfigMap, Secret, PVC (or a key of one) no shipped manifest defines."""
+    defined: dict[tuple[str, str, str], set[str]] = {}
+    for _, doc in docs:
+        if doc["kind"] in _REFERABLE:
+            meta = doc["metadata"]
+            keys = set(doc.get("data", {})) | set(doc.get("stringData", {})) | set(doc.get("binaryData", {}))
+            defined[(doc["kind"], meta.get("namespace", "default"), meta["name"])] = keys
+    problems = []
+    for where, doc in docs:
+        if doc["kind"] not in _POD_SPEC_PATHS:
+            continue
+        namespace = doc["metadata"].get("namespace", "default")
+        pod: Any = doc
+        for part in _POD_SPEC_PATHS[doc["kind"]]:
+            pod = pod[part]
+        # a StatefulSet's claim templates define the PVCs its pods mount
+        own_claims = {t["metadata"]["name"] for t in doc["spec"].get("volumeClaimTemplates", [])}
+        for kind, name, key, optional in _pod_references(pod):
+            if optional or (kind == "PersistentVolumeClaim" and name in own_claims):
+                continue
+            keys = defined.get((kind, namespace, name))
+            if keys is None:
+                problems.append(f"{where}: {kind} {namespace}/{name} is not defined by any manifest in deploy/k8s")
+            elif key is not None and key not in keys:
+                problems.append(f"{where}: {kind} {namespace}/{name} has no key {key!r}")
+    return problems
+
+
+def test_every_reference_from_a_workload_resolves() -> None:
+    # a pod that mounts a ConfigMap, Secret or PVC nobody ships is stuck in ContainerCreating on the node
+    assert _unresolved_references(_k8s_docs()) == []
+
+
+def _pod_spec_of(docs: list[tuple[str, dict[str, Any]]], kind: str) -> dict[str, Any]:
+    doc = next(doc for _, doc in docs if doc["kind"] == kind)
+    pod: dict[str, Any] = doc
+    for part in _POD_SPEC_PATHS[kind]:
+        pod = pod[part]
+    return pod
+
+
+def _volume(pod: dict[str, Any], field: str) -> dict[str, Any]:
+    return next(v[field] for v in pod["volumes"] if field in v)
+
+
+@pytest.mark.parametrize(
+    ("kind", "break_it", "expected"),
+    [
+        ("DaemonSet", lambda p: _volume(p, "configMap").update(name="edge-agent-nowhere"), "ConfigMap edge-agent/"),
+        ("Deployment", lambda p: _volume(p, "secret").update(secretName="mqtt-typo"), "Secret edge-agent/mqtt-typo"),
+        (
+            "Deployment",
+            lambda p: _volume(p, "persistentVolumeClaim").update(claimName="skid-2-state"),
+            "PersistentVolumeClaim edge-agent/skid-2-state",
+        ),
+        (
+            "DaemonSet",
+            lambda p: p["containers"][0]["env"][1]["valueFrom"]["secretKeyRef"].update(key="user"),
+            "has no key 'user'",
+        ),
+        ("Deployment", lambda p: _volume(p, "configMap")["items"][0].update(key="conf.yaml"), "no key 'conf.yaml'"),
+        (
+            "DaemonSet",
+            lambda p: p["containers"][0].update(envFrom=[{"configMapRef": {"name": "site-env"}}]),
+            "ConfigMap edge-agent/site-env",
+        ),
+    ],
+    ids=["configmap-volume", "secret-volume", "pvc", "secret-key", "configmap-key", "env-from"],
+)
+def test_a_dangling_reference_is_caught(kind: str, break_it: Any, expected: str) -> None:
+    docs = copy.deepcopy(_k8s_docs())
+    break_it(_pod_spec_of(docs, kind))
+    problems = _unresolved_references(docs)
+    assert any(expected in p for p in problems), problems
+
+
+# ---------------------------------------------------------------- the configs the files carry
+
+
+def _secret_env(tmp_path: Path) -> dict[str, str]:
+    secret = tmp_path / "mqtt_password"
+    secret.write_text("s3cret\n", encoding="utf-8")
+    return {"MQTT_USERNAME": "skid-1", "EDGE_AGENT__MQTT__PASSWORD_FILE": str(secret)}
+
+
+def test_sample_container_config_loads(tmp_path: Path) -> None:
+    text = (DEPLOY / "config" / "edge-agent.yaml").read_text(encoding="utf-8")
+    cfg = parse_config(text, source="edge-agent.yaml", environ=_secret_env(tmp_path))
+    assert cfg.mqtt is not None and cfg.mqtt.password_file is not None
+    assert str(cfg.outbox.path) == "/var/lib/edge-agent/outbox.db"
+    assert cfg.observe.listen == "0.0.0.0:9108"
+    assert [str(m.file) for m in cfg.models] == ["/opt/edge-agent/models/pump-skid-ae.tflite"]
+    assert (ROOT / "models" / "pump-skid-ae.tflite").exists()  # what the image copies to /opt/edge-agent/models
+
+
+def _tag_maps() -> list[tuple[str, dict[str, Any]]]:
+    return [(name, doc) for name, doc in _k8s_docs() if doc["kind"] == "ConfigMap" and "config.yaml" in doc["data"]]
+
+
+def _env_of_workload_mounting(configmap: str, node: str) -> dict[str, str]:
+    """The literal env of the agent container that mounts `configmap`, $(VAR)s expanded as the kubelet does."""
+    docs = [doc for _, doc in _k8s_docs() if doc["kind"] in ("Deployment", "DaemonSet")]
+    pod = next(
+        d["spec"]["template"]["spec"]
+        for d in docs
+        if any(v.get("configMap", {}).get("name") == configmap for v in d["spec"]["template"]["spec"]["volumes"])
+    )
+    env: dict[str, str] = {}
+    for var in pod["containers"][0].get("env", []):
+        if "value" in var:
+            env[var["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), var["value"])
+        elif var.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "spec.nodeName":
+            env[var["name"]] = node
+    return env
+
+
+@pytest.mark.parametrize(("name", "cm"), _tag_maps(), ids=[n for n, _ in _tag_maps()])
+def test_configmap_tag_map_loads(name: str, cm: dict[str, Any], tmp_path: Path) -> None:
+    # with the env its workload gives it: EDGE_AGENT__… overrides must name real keys too
+    env = {**_env_of_workload_mounting(cm["metadata"]["name"], "ipc-07"), **_secret_env(tmp_path)}
+    cfg = parse_config(cm["data"]["config.yaml"], source=name, environ=env)
+    assert cfg.mqtt is not None and cfg.mqtt.url.startswith("mqtts://")
+    assert cfg.observe.listen == "0.0.0.0:9108"
+    assert str(cfg.outbox.path) == "/var/lib/edge-agent/outbox.db"
+    if "EDGE_AGENT__AGENT__ID" in env:  # the DaemonSet: one tag map, the node names the agent and its topics
+        assert cfg.agent.id == "ipc-07"
+        assert cfg.mqtt.topic_prefix.endswith("/ipc-07")
+
+
+def test_a_broken_tag_map_is_refused(tmp_path: Path) -> None:
+    cm = next(doc for _, doc in _k8s_docs() if doc["kind"] == "ConfigMap")
+    text = cm["data"]["config.yaml"].replace('address: "40001"', 'address: "29999"')
+    with pytest.raises(ConfigError):
+        parse_config(text, source="configmap", environ=_secret_env(tmp_path))
+
+
+# ---------------------------------------------------------------- systemd
+
+
+def _unit_keys() -> dict[str, list[str]]:
+    keys: dict[str, list[str]] = {}
+    for line in UNIT.read_text(encoding="utf-8").splitlines():
+        if "=" in line and not line.startswith(("#", "[")):
+            k, v = line.split("=", 1)
+            keys.setdefault(k.strip(), []).append(v.strip())
+    return keys
+
+
+def test_systemd_unit_is_hardened() -> None:
+    keys = _unit_keys()
+    for key, value in {
+        "DynamicUser": "yes",
+        "ProtectSystem": "strict",
+        "StateDirectory": "edge-agent",
+        "Restart": "on-failure",
+        "NoNewPrivileges": "yes",
+        "PrivateTmp": "yes",
+        "CapabilityBoundingSet": "",
+        "RestartPreventExitStatus": "2",
+    }.items():
+        assert keys.get(key) == [value], key
+    assert any("run /etc/edge-agent/config.yaml" in v for v in keys["ExecStart"])
+
+
+# ---------------------------------------------------------------- Dockerfile.arm64
+
+
+def test_dockerfile_contract() -> None:
+    ins = instructions()
+    assert ins[0] == ("ARG", "BASE_IMAGE=python:3.11-slim-bookworm")
+    froms = [rest for word, rest in ins if word == "FROM"]
+    assert len(froms) >= 2 and all(f.startswith("${BASE_IMAGE}") for f in froms)
+    runtime = ins[max(i for i, (w, _) in enumerate(ins) if w == "FROM") :]
+    assert ("USER", "10001:10001") in runtime
+    assert ("ENTRYPOINT", '["edge-agent"]') in runtime
+    assert ("CMD", '["run", "/etc/edge-agent/config.yaml"]') in runtime
+    assert ("VOLUME", '["/var/lib/edge-agent"]') in runtime
+    assert any(w == "COPY" and "/opt/edge-agent/models/" in r for w, r in runtime)
+    assert any(w == "HEALTHCHECK" and "/healthz" in r for w, r in runtime)
+    pip_installs = [r for w, r in ins if w == "RUN" and "pip install" in r]
+    assert pip_installs and all(r.count("pip install") == r.count("--only-binary=:all:") for r in pip_installs)
+    # nothing of the build machine (its CA certificates, mirrors, proxies) belongs in the Dockerfile
+    assert not re.search(r"ca-certificates/|PIP_INDEX_URL|http_proxy|trusted-host", DOCKERFILE.read_text())
+
+
+def test_dockerignore_keeps_what_the_build_copies() -> None:
+    patterns = (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
+    for needed in ("pyproject.toml", "README.md", "edge_agent/", "models/", "deploy/config/edge-agent.yaml"):
+        assert f"!{needed}" in patterns, needed
