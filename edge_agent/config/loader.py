@@ -5,6 +5,7 @@ Loading never touches the network. Errors come back all at once, each as `FILE:L
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import operator
 import os
@@ -40,13 +41,16 @@ _ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 _SafeLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: ~10× faster
 
+MAX_ALIAS_VALUES = 100_000  # values aliases may repeat in one file: a config repeats little; a bomb repeats billions
+
 
 class _Loader(_SafeLoader):  # type: ignore[misc,valid-type]
     """SafeLoader that remembers lines and rejects duplicate keys."""
 
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
-        self.duplicates: list[tuple[int, str, _LineDict]] = []
+        self.duplicates: list[tuple[int, list[str | int]]] = []  # (line, path) of keys given twice
+        self.path: list[str | int] = []  # where the value being built goes
 
 
 def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> _LineDict:
@@ -56,14 +60,20 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> _LineDict:
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=True)
         if key in out:
-            loader.duplicates.append((key_node.start_mark.line + 1, str(key), out))
+            loader.duplicates.append((key_node.start_mark.line + 1, [*loader.path, key]))
+        loader.path.append(key)
         out[key] = loader.construct_object(value_node, deep=True)
+        loader.path.pop()
         out.lines[key] = key_node.start_mark.line + 1
     return out
 
 
 def _construct_sequence(loader: _Loader, node: yaml.SequenceNode) -> _LineList:
-    out = _LineList(loader.construct_object(child, deep=True) for child in node.value)
+    out = _LineList()
+    for i, child in enumerate(node.value):
+        loader.path.append(i)
+        out.append(loader.construct_object(child, deep=True))
+        loader.path.pop()
     out.line, out.lines = node.start_mark.line + 1, [c.start_mark.line + 1 for c in node.value]
     return out
 
@@ -81,7 +91,75 @@ _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _constr
 _Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
 
 
+@dataclasses.dataclass
+class _Open:
+    """A list or mapping the parser is inside of, while _alias_bomb counts."""
+
+    anchor: str | None
+    mapping: bool
+    size: int = 1  # values in it so far, aliases expanded (itself included)
+    children: int = 0  # in a mapping: keys and values
+    key: Any = None  # in a mapping: the last key, for the path
+
+    def at(self) -> str | int:
+        """Where the next child goes, in a path."""
+        if not self.mapping:
+            return self.children
+        return self.key if self.children % 2 else "?"
+
+    def add(self, event: yaml.Event, size: int) -> None:
+        if self.mapping and self.children % 2 == 0:  # a key
+            self.key = event.value if isinstance(event, yaml.ScalarEvent) else "?"
+        self.size += size
+        self.children += 1
+
+
+def _alias_bomb(text: str, source: str) -> ConfigIssue | None:
+    """The alias at which the values aliases repeat pass MAX_ALIAS_VALUES, counted over the parser's events.
+
+    Building the values costs nothing (an alias shares what it names), but every walk of the tree afterwards
+    (${ENV}, validation) visits each repetition: 5 aliases of 5 aliases of … are billions of values.
+    """
+    if "*" not in text:  # no alias
+        return None
+    sizes: dict[str, int] = {}  # values under each anchor, aliases expanded
+    stack: list[_Open] = []
+    repeated = 0
+    try:
+        for event in yaml.parse(text, Loader=_SafeLoader):
+            if isinstance(event, yaml.CollectionStartEvent):
+                stack.append(_Open(event.anchor, isinstance(event, yaml.MappingStartEvent)))
+                continue
+            if isinstance(event, yaml.CollectionEndEvent):
+                done = stack.pop()
+                anchor, size = done.anchor, done.size
+            elif isinstance(event, yaml.AliasEvent):
+                anchor, size = None, sizes.get(event.anchor or "", 1)  # an anchor still open: the loader refuses it
+                repeated += size
+                if repeated > MAX_ALIAS_VALUES:
+                    line = event.start_mark.line + 1 if event.start_mark else 1
+                    return ConfigIssue(
+                        f"{source}:{line}",
+                        format_path([o.at() for o in stack]),
+                        f"alias *{event.anchor} repeats more than {MAX_ALIAS_VALUES} values; refused as an alias bomb",
+                    )
+            elif isinstance(event, yaml.ScalarEvent):
+                anchor, size = event.anchor, 1
+            else:
+                continue
+            if anchor is not None:
+                sizes[anchor] = size
+            if stack:
+                stack[-1].add(event, size)
+    except yaml.YAMLError:
+        return None  # loading the file reports it
+    return None
+
+
 def _parse_yaml(text: str, source: str) -> tuple[Any, list[ConfigIssue]]:
+    bomb = _alias_bomb(text, source)
+    if bomb is not None:
+        return None, [bomb]
     loader = _Loader(text)
     try:
         data = loader.get_single_data()
@@ -92,27 +170,10 @@ def _parse_yaml(text: str, source: str) -> tuple[Any, list[ConfigIssue]]:
     finally:
         loader.dispose()
     issues = [
-        ConfigIssue(
-            f"{source}:{line}",
-            format_path([*_path_of(data, mapping), key]),
-            "key given twice; the later one would silently win",
-        )
-        for line, key, mapping in loader.duplicates
+        ConfigIssue(f"{source}:{line}", format_path(path), "key given twice; the later one would silently win")
+        for line, path in loader.duplicates
     ]
     return data, issues
-
-
-def _path_of(tree: Any, target: Any, path: list[str | int] | None = None) -> list[str | int]:
-    """The path from the root to the node `target` (by identity), or [] when not found."""
-    path = path or []
-    if tree is target:
-        return path
-    children = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else ()
-    for k, child in children:
-        found = _path_of(child, target, [*path, k])
-        if found or child is target:
-            return found
-    return []
 
 
 def _annotation_at(tree: Any, path: Sequence[str | int]) -> Any:
@@ -166,8 +227,18 @@ def _substitute(
     path: list[str | int],
     line: int,
     whole: list[list[str | int]] | None = None,
+    seen: set[int] | None = None,
 ) -> Any:
-    """${VAR} and ${VAR:-default} replaced in every string; `whole` collects values that were one reference."""
+    """${VAR} and ${VAR:-default} replaced in every string; `whole` collects values that were one reference.
+
+    A list or mapping that aliases share is one object in the tree: it is substituted once, where it is first
+    met (`seen` holds their ids), however often the aliases repeat it.
+    """
+    if isinstance(node, dict | list):
+        seen = set() if seen is None else seen
+        if id(node) in seen:
+            return node
+        seen.add(id(node))
     if isinstance(node, dict):
         for k in list(node):
             node[k] = _substitute(
@@ -178,6 +249,7 @@ def _substitute(
                 [*path, k],
                 node.lines.get(k, line) if isinstance(node, _LineDict) else line,
                 whole,
+                seen,
             )
         return node
     if isinstance(node, list):
@@ -190,6 +262,7 @@ def _substitute(
                 [*path, i],
                 node.lines[i] if isinstance(node, _LineList) else line,
                 whole,
+                seen,
             )
         return node
     if not isinstance(node, str) or "$" not in node:
