@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated, Any
 
@@ -32,7 +33,10 @@ def parse_duration(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError("a duration is a number of seconds or a string like 250ms, 1s, 5m")
     if isinstance(value, int | float):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an int past 1e308
+            raise ValueError("a duration this long is not a finite number of seconds") from None
     if isinstance(value, str):
         m = _DURATION_RE.match(value)
         if m:
@@ -48,9 +52,11 @@ def parse_size(value: Any) -> int:
         return value
     if isinstance(value, str):
         m = _SIZE_RE.match(value)
-        if m:
-            return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
-    raise ValueError(f"{value!r} is not a size: write e.g. 4096, 64KiB, 512MiB, 1GB")
+        size = float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()] if m else math.nan
+        if math.isfinite(size):  # 400 digits are a float of inf
+            return int(size)
+    shown = f"{value[:20]!r}… ({len(value)} characters)" if isinstance(value, str) and len(value) > 40 else repr(value)
+    raise ValueError(f"{shown} is not a size: write e.g. 4096, 64KiB, 512MiB, 1GB")
 
 
 def format_duration(seconds: float) -> str:

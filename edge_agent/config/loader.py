@@ -42,23 +42,53 @@ _ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _SafeLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: ~10× faster
 
 MAX_ALIAS_VALUES = 100_000  # values aliases may repeat in one file: a config repeats little; a bomb repeats billions
+MAX_DEPTH = 64  # lists and mappings inside each other (a config needs 6 or so)
+MAX_INT_BITS = 64  # no setting takes a larger number, and larger ones cannot always be printed or made floats
+_YAML = "tag:yaml.org,2002:"
+
+
+class _Refused(yaml.constructor.ConstructorError):
+    """A value the loader will not build: its line, the path of the value in the tree, and why."""
+
+    def __init__(self, node: yaml.Node, problem: str, path: Sequence[str | int]) -> None:
+        super().__init__(None, None, problem, node.start_mark)
+        self.line, self.message, self.path = node.start_mark.line + 1, problem, list(path)
 
 
 class _Loader(_SafeLoader):  # type: ignore[misc,valid-type]
-    """SafeLoader that remembers lines and rejects duplicate keys."""
+    """SafeLoader that remembers lines, rejects duplicate keys, keys that are no names and integers past 64 bits."""
 
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
         self.duplicates: list[tuple[int, list[str | int]]] = []  # (line, path) of keys given twice
-        self.path: list[str | int] = []  # where the value being built goes
+        self.path: list[str | int] = []  # where the value being built goes, for errors
+
+
+def _short(tag: str) -> str:
+    return "!!" + tag[len(_YAML) :] if tag.startswith(_YAML) else tag
+
+
+def _nested(loader: _Loader, node: yaml.Node, kind: type[yaml.Node], what: str) -> None:
+    if not isinstance(node, kind):
+        raise _Refused(node, f"{_short(node.tag)} needs {what}", loader.path)
+    if len(loader.path) >= MAX_DEPTH:
+        raise _Refused(node, f"lists and mappings are nested more than {MAX_DEPTH} deep", [])
 
 
 def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> _LineDict:
+    _nested(loader, node, yaml.MappingNode, "a mapping")
     loader.flatten_mapping(node)
     out = _LineDict()
     out.line, out.lines = node.start_mark.line + 1, {}
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=True)
+        if isinstance(key, list | dict):
+            kind = "list" if isinstance(key, list) else "mapping"
+            raise _Refused(key_node, f"a key must be a plain value such as a name, not a {kind}", loader.path)
+        if not isinstance(key, str):  # every key of a config is a name; `1:`, `on:`, `~:` are not read as one
+            kind = {bool: "a boolean", int: "an integer", float: "a number"}.get(type(key), "null")
+            text = str(key_node.value)
+            raise _Refused(key_node, f"a key must be a name; YAML reads {text} as {kind}: write '{text}'", loader.path)
         if key in out:
             loader.duplicates.append((key_node.start_mark.line + 1, [*loader.path, key]))
         loader.path.append(key)
@@ -69,6 +99,7 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> _LineDict:
 
 
 def _construct_sequence(loader: _Loader, node: yaml.SequenceNode) -> _LineList:
+    _nested(loader, node, yaml.SequenceNode, "a list")
     out = _LineList()
     for i, child in enumerate(node.value):
         loader.path.append(i)
@@ -80,15 +111,49 @@ def _construct_sequence(loader: _Loader, node: yaml.SequenceNode) -> _LineList:
 
 def _construct_int(loader: _Loader, node: yaml.ScalarNode) -> int | str:
     # YAML 1.1 reads 00001 as octal 1; a Modicon coil address is meant, so keep the text
-    text = str(node.value)
+    text = str(loader.construct_scalar(node))
     if re.fullmatch(r"0\d+", text):
         return text
-    return typing.cast(int, loader.construct_yaml_int(node))
+    digits = text.replace("_", "")
+    shown = f"{digits[:20]}… ({len(digits)} digits)" if len(digits) > 24 else digits
+    too_large = _Refused(node, f"{shown} is too large a number for any setting", loader.path)
+    if len(digits) > MAX_INT_BITS + 3:  # not even 0b and 64 binary digits: do not convert (base 60 is quadratic)
+        raise too_large
+    try:
+        value = int(loader.construct_yaml_int(node))
+    except ValueError:
+        raise _Refused(node, f"{text!r} is not a !!int", loader.path) from None
+    if abs(value).bit_length() > MAX_INT_BITS:
+        raise too_large
+    return value
+
+
+def _construct_checked(tag: str) -> Any:
+    """The SafeLoader's constructor of !!float or !!bool, refusing text that is not one (`!!bool maybe`)."""
+    construct = _SafeLoader.yaml_constructors[tag]
+
+    def checked(loader: _Loader, node: yaml.Node) -> Any:
+        try:
+            return construct(loader, node)
+        except (ValueError, KeyError):
+            raise _Refused(node, f"{node.value!r} is not a {_short(tag)}", loader.path) from None
+
+    return checked
+
+
+def _construct_str(loader: _Loader, node: yaml.Node) -> str:
+    text = str(loader.construct_yaml_str(node))
+    if "\0" in text:  # only an escape (\0, \x00) writes one; no name, host or path holds it
+        raise _Refused(node, "a NUL character (\\0) has no place in a config", loader.path)
+    return text
 
 
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_sequence)
-_Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+_Loader.add_constructor(_YAML + "int", _construct_int)
+_Loader.add_constructor(_YAML + "str", _construct_str)
+for _tag in ("float", "bool"):
+    _Loader.add_constructor(_YAML + _tag, _construct_checked(_YAML + _tag))
 
 
 @dataclasses.dataclass
@@ -163,10 +228,17 @@ def _parse_yaml(text: str, source: str) -> tuple[Any, list[ConfigIssue]]:
     loader = _Loader(text)
     try:
         data = loader.get_single_data()
+    except _Refused as exc:
+        return None, [ConfigIssue(f"{source}:{exc.line}", format_path(exc.path), exc.message)]
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         line = mark.line + 1 if mark else 1
         return None, [ConfigIssue(f"{source}:{line}", "", f"invalid YAML: {exc.problem}")]
+    except yaml.reader.ReaderError as exc:  # a character YAML does not allow (control characters): no mark
+        line = text.count("\n", 0, exc.position) + 1
+        return None, [ConfigIssue(f"{source}:{line}", "", f"invalid YAML: {str(exc).splitlines()[0]}")]
+    except yaml.YAMLError as exc:
+        return None, [ConfigIssue(f"{source}:1", "", f"invalid YAML: {str(exc).splitlines()[0]}")]
     finally:
         loader.dispose()
     issues = [
@@ -329,11 +401,14 @@ def _resolve_secrets(cfg: Config, tree: Any, source: str, issues: list[ConfigIss
     mqtt = cfg.mqtt
     if mqtt is None or mqtt.password_file is None:
         return cfg
+    where, _, _ = _locate(tree, ("mqtt", "password_file"), source, {})
     try:
-        secret = mqtt.password_file.read_text(encoding="utf-8").strip()
+        secret = _read_text(mqtt.password_file, MAX_SECRET_BYTES).strip()
     except OSError as exc:
-        where, _, _ = _locate(tree, ("mqtt", "password_file"), source, {})
         issues.append(ConfigIssue(where, "mqtt.password_file", f"cannot read the secret: {exc.strerror}"))
+        return cfg
+    except ValueError as exc:
+        issues.append(ConfigIssue(where, "mqtt.password_file", f"the secret is {exc}"))
         return cfg
     return cfg.model_copy(update={"mqtt": mqtt.model_copy(update={"password": SecretStr(secret)})})
 
@@ -423,13 +498,40 @@ def _under(base: Path, path: Path | None) -> Path | None:
     return path if path is None or path.is_absolute() else base / path
 
 
+MAX_CONFIG_BYTES = 16 * 1024**2  # a config of 10,000 tags is 1 MB; /dev/zero is endless
+MAX_SECRET_BYTES = 64 * 1024
+
+
+class _NotText(ValueError):
+    """Bytes that are not UTF-8, at a line."""
+
+    def __init__(self, line: int, message: str) -> None:
+        super().__init__(message)
+        self.line = line
+
+
+def _read_text(path: Path, limit: int) -> str:
+    """A file's UTF-8 text, read up to `limit` bytes (OSError; ValueError saying why it is no text or too large)."""
+    with path.open("rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"larger than {limit // 1024} KiB")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise _NotText(line, f"not UTF-8 text: {exc.reason} (byte 0x{data[exc.start]:02x})") from None
+
+
 def load_config(path: str | Path, *, environ: Mapping[str, str] | None = None) -> Config:
     """Read and validate a config file; raise ConfigError with every problem found."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        text = _read_text(p, MAX_CONFIG_BYTES)
     except OSError as exc:
         raise ConfigError([ConfigIssue(str(p), "", f"cannot read the config file: {exc.strerror}")]) from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError([ConfigIssue(str(p), "", f"not UTF-8 text: {exc.reason}")]) from None
+    except _NotText as exc:
+        raise ConfigError([ConfigIssue(f"{p}:{exc.line}", "", f"the file is {exc}")]) from None
+    except ValueError as exc:
+        raise ConfigError([ConfigIssue(str(p), "", f"the file is {exc}")]) from None
     return parse_config(text, source=str(p), environ=environ, base_dir=p.parent)

@@ -122,3 +122,85 @@ devices:
     assert [d.name for d in cfg.devices] == ["plc-1", "plc-2"]
     assert cfg.devices[1].planner.max_registers == 60  # type: ignore[attr-defined]
     assert cfg.devices[1].tags[0].poll_interval == 0.1
+
+
+# ---------------------------------------------------------------- item 7: tracebacks
+
+
+HOSTILE_YAML = {
+    "control character": (b"devices: []\n\x01\n", "c.yaml:2: invalid YAML: unacceptable character #x0001: "),
+    "integer of 5000 digits": (
+        "devices: []\nagent: {id: " + "9" * 5000 + "}\n",
+        "c.yaml:2: agent.id: 99999999999999999999… (5000 digits) is too large a number for any setting",
+    ),
+    "hex integer of 4000 digits": (
+        "devices: []\nagent: {id: 0x" + "f" * 4000 + "}\n",
+        "c.yaml:2: agent.id: 0xffffffffffffffffff… (4002 digits) is too large a number for any setting",
+    ),
+    "integer past 64 bits": (
+        "devices: []\nagent: {id: 18446744073709551616}\n",
+        "c.yaml:2: agent.id: 18446744073709551616 is too large a number for any setting",
+    ),
+    "sequence as a mapping key": (
+        "? [a, b]\n: 1\n",
+        "c.yaml:1: a key must be a plain value such as a name, not a list",
+    ),
+    "mapping as a key, nested": (
+        "devices:\n  - name: x\n    ? {a: 1}\n    : 1\n",
+        "c.yaml:3: devices[0]: a key must be a plain value such as a name, not a mapping",
+    ),
+    "integer as a key": (
+        "devices:\n  - {name: x, 1: 2}\n",
+        "c.yaml:2: devices[0]: a key must be a name; YAML reads 1 as an integer: write '1'",
+    ),
+    "boolean as a key": (
+        "on: 1\ndevices: []\n",
+        "c.yaml:1: a key must be a name; YAML reads on as a boolean: write 'on'",
+    ),
+    "nested 300 deep": (
+        "devices: " + "[" * 300 + "]" * 300 + "\n",
+        "c.yaml:1: lists and mappings are nested more than 64 deep",
+    ),
+    "!!int that is no integer": ("devices: []\nagent: {id: !!int abc}\n", "c.yaml:2: agent.id: 'abc' is not a !!int"),
+    "!!float that is no number": ("devices: []\nagent: {id: !!float x}\n", "c.yaml:2: agent.id: 'x' is not a !!float"),
+    "!!bool that is no boolean": (
+        "devices: []\nagent: {id: !!bool maybe}\n",
+        "c.yaml:2: agent.id: 'maybe' is not a !!bool",
+    ),
+    "!!map on a scalar": ("devices: []\nagent: !!map x\n", "c.yaml:2: agent: !!map needs a mapping"),
+    "!!seq on a mapping": ("devices: !!seq {a: 1}\n", "c.yaml:1: devices: !!seq needs a list"),
+    "NUL in a path": (
+        MODBUS + 'models: [{name: m, file: "m\\0.tflite"}]\n',
+        "c.yaml:7: models[0].file: a NUL character",
+    ),
+    "NUL in a key": ('devices: []\n"a\\x00": 1\n', "c.yaml:2: a NUL character (\\0) has no place in a config"),
+    "a byte that is no UTF-8": (
+        b"devices:\n  - name: \xff\n",
+        "c.yaml:2: the file is not UTF-8 text: invalid start byte",
+    ),
+    "a secret that is a program": (
+        MODBUS + "mqtt: {password_file: " + sys.executable + "}\n",
+        "c.yaml:7: mqtt.password_file: the secret is ",  # larger than 64 KiB, or no UTF-8
+    ),
+    "size of 400 digits": (
+        MODBUS + "outbox: {max_bytes: " + "9" * 400 + "MiB}\n",
+        "c.yaml:7: outbox.max_bytes: '99999999999999999999'… (403 characters) is not a size: write e.g. 4096, 64KiB, "
+        "512MiB, 1GB",
+    ),
+}
+
+
+@pytest.mark.parametrize(("text", "first"), list(HOSTILE_YAML.values()), ids=list(HOSTILE_YAML))
+def test_hostile_yaml_is_a_located_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str | bytes, first: str
+) -> None:
+    code, lines = check(tmp_path, text, capsys)
+    assert code == 2, lines
+    assert lines[0].startswith(first), lines
+    assert lines[-1] == f"c.yaml: {len(lines) - 1} error{'s' if len(lines) > 2 else ''}, nothing started"
+
+
+def test_an_endless_config_file_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    """/dev/zero never ends: the loader reads no more than MAX_CONFIG_BYTES."""
+    assert main(["check", "/dev/zero"]) == 2
+    assert capsys.readouterr().err.splitlines()[0] == "/dev/zero: the file is larger than 16384 KiB"
