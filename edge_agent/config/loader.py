@@ -56,12 +56,23 @@ class _Refused(yaml.constructor.ConstructorError):
 
 
 class _Loader(_SafeLoader):  # type: ignore[misc,valid-type]
-    """SafeLoader that remembers lines, rejects duplicate keys, keys that are no names and integers past 64 bits."""
+    """SafeLoader that remembers lines, rejects duplicate keys and builds plain values only.
+
+    Plain values: text, numbers of at most 64 bits, booleans, null, lists and mappings. A date written plainly
+    stays text; the tags that build other things (!!binary, !!timestamp, !!set, !!omap, !!pairs) are refused.
+    """
 
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
         self.duplicates: list[tuple[int, list[str | int]]] = []  # (line, path) of keys given twice
         self.path: list[str | int] = []  # where the value being built goes, for errors
+
+
+# YAML 1.1 reads 2024-01-01 as a date, which no setting takes: keep it as the text it is
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _YAML + "timestamp"]
+    for first, resolvers in _SafeLoader.yaml_implicit_resolvers.items()
+}
 
 
 def _short(tag: str) -> str:
@@ -148,12 +159,22 @@ def _construct_str(loader: _Loader, node: yaml.Node) -> str:
     return text
 
 
+def _refuse_tag(loader: _Loader, node: yaml.Node) -> Any:
+    raise _Refused(
+        node,
+        f"the tag {_short(node.tag)} is not allowed in a config: write text, numbers, true/false, lists and mappings",
+        loader.path,
+    )
+
+
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_sequence)
 _Loader.add_constructor(_YAML + "int", _construct_int)
 _Loader.add_constructor(_YAML + "str", _construct_str)
 for _tag in ("float", "bool"):
     _Loader.add_constructor(_YAML + _tag, _construct_checked(_YAML + _tag))
+for _tag in ("binary", "timestamp", "set", "omap", "pairs"):
+    _Loader.add_constructor(_YAML + _tag, _refuse_tag)
 
 
 @dataclasses.dataclass

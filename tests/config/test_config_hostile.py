@@ -204,3 +204,84 @@ def test_an_endless_config_file_is_refused(capsys: pytest.CaptureFixture[str]) -
     """/dev/zero never ends: the loader reads no more than MAX_CONFIG_BYTES."""
     assert main(["check", "/dev/zero"]) == 2
     assert capsys.readouterr().err.splitlines()[0] == "/dev/zero: the file is larger than 16384 KiB"
+
+
+# ---------------------------------------------------------------- item 8: values silently accepted
+
+
+@pytest.mark.parametrize(
+    ("tag", "message"),
+    [
+        ("scale: .nan", "devices[0].tags[0].scale: nan is not a finite number"),
+        ("scale: .inf", "devices[0].tags[0].scale: inf is not a finite number"),
+        ("offset: -.inf", "devices[0].tags[0].offset: -inf is not a finite number"),
+        ("scale: 1.0e+999", "devices[0].tags[0].scale: inf is not a finite number"),
+        ("scale: 1e999", "devices[0].tags[0].scale: '1e999' is not a finite number"),
+        ("scale: true", "devices[0].tags[0].scale: a boolean (true/false, yes/no, on/off) is not a number"),
+        ("name: !!binary aGVsbG8=", "devices[0].tags[0].name: the tag !!binary is not allowed in a config"),
+        ("name: !!timestamp 2024-01-01", "devices[0].tags[0].name: the tag !!timestamp is not allowed in a config"),
+        ("name: !!set {a}", "devices[0].tags[0].name: the tag !!set is not allowed in a config"),
+        ("name: !!omap [a: 1]", "devices[0].tags[0].name: the tag !!omap is not allowed in a config"),
+    ],
+)
+def test_modbus_tag_values_are_numbers_text_or_refused(tag: str, message: str) -> None:
+    fields = {"name": "a", "address": '"40001"'} | dict([tag.split(": ", 1)])
+    text = MODBUS.replace('{name: a, address: "40001"}', "{" + ", ".join(f"{k}: {v}" for k, v in fields.items()) + "}")
+    assert errors(text)[0].startswith(f"c.yaml:6: {message}")
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ("rack: true", "devices[0].rack: a boolean (true/false, yes/no, on/off) is not a number"),
+        ("slot: false", "devices[0].slot: a boolean (true/false, yes/no, on/off) is not a number"),
+        ("port: yes", "devices[0].port: a boolean (true/false, yes/no, on/off) is not a number"),
+        ("pdu_size: on", "devices[0].pdu_size: a boolean (true/false, yes/no, on/off) is not a number"),
+    ],
+)
+def test_s7_rack_and_slot_are_no_booleans(section: str, message: str) -> None:
+    text = f"devices:\n  - {{name: s7, type: s7, host: h, {section}, tags: [{{name: a, address: MW0, type: int}}]}}\n"
+    assert errors(text) == [f"c.yaml:2: {message}"]
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ("mqtt: {qos: true}", "mqtt.qos: a boolean (true/false, yes/no, on/off) is not a number"),
+        ("models: [{name: m, file: m.tflite, threshold: .nan}]", "models[0].threshold: nan is not a finite number"),
+        ("models: [{name: m, file: m.tflite, threshold: on}]", "models[0].threshold: a boolean"),
+        ("models: [{name: m, file: m.tflite, hop: .inf}]", "models[0].hop: inf is not a finite number"),
+        ("outbox: {max_age: .inf}", "outbox.max_age: inf is not a finite number"),
+        ("outbox: {max_age: " + "9" * 400 + "s}", "outbox.max_age: inf is not a finite number"),
+        ("buffers: {max_samples_per_tag: true}", "buffers.max_samples_per_tag: a boolean"),
+    ],
+)
+def test_sections_take_finite_numbers_not_booleans(section: str, message: str) -> None:
+    assert errors(MODBUS + section + "\n")[0].startswith(f"c.yaml:7: {message}")
+
+
+def test_a_plain_date_is_text_as_written() -> None:
+    """YAML 1.1 reads 2024-01-01 as a date, which no setting takes: the loader keeps it as the text it is."""
+    cfg = parse_config(MODBUS + "agent: {site: 2024-01-01}\n", environ={})
+    assert cfg.agent.site == "2024-01-01"
+
+
+def test_env_values_and_overrides_are_checked_like_the_file() -> None:
+    """${ENV} and EDGE_AGENT__ overrides still become numbers, and the same rules apply to them."""
+    text = MODBUS.replace('address: "40001"}', 'address: "40001", scale: "${S}"}')
+    cfg = parse_config(text, environ={"S": "2.5", "EDGE_AGENT__MQTT__QOS": "2"})
+    assert cfg.devices[0].tags[0].scale == 2.5  # type: ignore[attr-defined]
+    assert cfg.mqtt is not None and cfg.mqtt.qos == 2
+    assert errors(text, {"S": ".nan"}) == ["c.yaml:6: devices[0].tags[0].scale: nan is not a finite number"]
+    assert errors(text, {"S": "true"}) == [
+        "c.yaml:6: devices[0].tags[0].scale: a boolean (true/false, yes/no, on/off) is not a number"
+    ]
+    assert errors(text, {"S": "!!binary aGVsbG8="}) == [
+        "c.yaml:6: devices[0].tags[0].scale: Input should be a valid number, unable to parse string as a number"
+    ]
+    assert errors(MODBUS, {"EDGE_AGENT__MQTT__QOS": "true"}) == [
+        "env EDGE_AGENT__MQTT__QOS: mqtt.qos: a boolean (true/false, yes/no, on/off) is not a number"
+    ]
+    assert errors(MODBUS, {"EDGE_AGENT__OUTBOX__MAX_AGE": ".inf"}) == [
+        "env EDGE_AGENT__OUTBOX__MAX_AGE: outbox.max_age: inf is not a finite number"
+    ]
