@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from edge_agent.config.schema import Config
 from edge_agent.drivers import REGISTRY
 from edge_agent.errors import ConfigIssue
+from edge_agent.fields import NotANumber
 
 # ---------------------------------------------------------------- the YAML tree, as the loader builds it
 
@@ -48,8 +49,8 @@ def _locate(
             line = node.lines[part] if isinstance(node, _LineList) else line
             parts.append(part)
             node = node[part]
-        elif isinstance(part, str) and (not last or part in REGISTRY):
-            continue  # a union tag such as 'modbus' or a validator name: not in the file
+        elif isinstance(part, str) and (not last or part in REGISTRY or not isinstance(node, dict | list)):
+            continue  # a union tag such as 'modbus', 'float' (of float | 'auto') or a validator name: not in the file
         else:
             parts.append(part)
             break
@@ -94,6 +95,8 @@ _BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "l
 
 def _message(err: Mapping[str, Any], parent_loc: tuple[str | int, ...], node: Any) -> str:
     kind, msg = err["type"], str(err["msg"])
+    if isinstance(err.get("input"), NotANumber):
+        return "a boolean (true/false, yes/no, on/off) is not a number"
     if kind == "extra_forbidden":
         key = err["loc"][-1]
         known = _known_fields(Config, parent_loc)
@@ -107,6 +110,8 @@ def _message(err: Mapping[str, Any], parent_loc: tuple[str | int, ...], node: An
     if kind == "too_short":
         n = err["ctx"]["min_length"]
         return f"needs at least {n} item{'s' if n != 1 else ''}"
+    if kind == "finite_number":
+        return f"{err['input']!r} is not a finite number"
     if kind in _BOUNDS:
         return f"{err['input']!r} is out of range: must be {_BOUNDS[kind]} {next(iter(err['ctx'].values()))}"
     if kind == "union_tag_invalid":
