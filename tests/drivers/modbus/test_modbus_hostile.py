@@ -179,11 +179,16 @@ async def test_coils_answered_as_registers_never_crash_the_poller(
     ],
 )
 async def test_a_malformed_frame_is_one_line_not_a_traceback(
-    hostile: HostileModbus, caplog: pytest.LogCaptureFixture, lie: Lie, why: str
+    hostile: HostileModbus, caplog: pytest.LogCaptureFixture, lie: Lie, why: str, request: pytest.FixtureRequest
 ) -> None:
     """Issue 11 item 5: a lying byte count logged asyncio's 'Fatal error: protocol.data_received() call failed'
     with pymodbus's traceback at every reconnect; now the poller's one line, and the device comms-lost."""
     caplog.set_level(logging.INFO)
+    # as every edge-agent command sets it (cli/logs.py): pymodbus' own lines repeat the poller's; another
+    # test may have left this logger at DEBUG
+    pymodbus_log = logging.getLogger("pymodbus")
+    request.addfinalizer(lambda level=pymodbus_log.level: pymodbus_log.setLevel(level))
+    pymodbus_log.setLevel(logging.CRITICAL)
     fill(hostile)
     hostile.lie(3, lie)
     agent = Agent(parse_config(config(hostile.port)))
