@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 
 from edge_agent.errors import ModelError
@@ -22,6 +22,9 @@ SCHEMA_VERSION = 1
 # seconds between samples a bundle may ask for: below 1 ms no PLC poll keeps up (the windows would be
 # made of repeated samples and alarm on noise); above a day a window never fills
 MIN_SAMPLE_INTERVAL, MAX_SAMPLE_INTERVAL = 0.001, 86400.0
+# windows are normalised in float32: a mean or scale beyond its range, or a scale whose inverse is,
+# turns every value into inf or NaN (float32 holds ±3.4e38)
+FLOAT32_BOUND, MIN_SCALE = 1e38, 1e-30
 
 
 class _Meta(BaseModel):
@@ -30,11 +33,23 @@ class _Meta(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
 
 
+def _divisible(scale: float) -> float:
+    if scale < MIN_SCALE:
+        raise ValueError(f"{scale:g} is below {MIN_SCALE:g}: the agent divides by it in float32")
+    return scale
+
+
+def _printable(tag: str) -> str:
+    if not tag.isprintable():  # a line break in a tag name would break every message that names it
+        raise ValueError("holds a control character")
+    return tag
+
+
 class Normalisation(_Meta):
     """x_normalised = (x − mean) / scale, per input tag."""
 
-    mean: list[float]
-    scale: list[Annotated[float, Field(gt=0)]]
+    mean: list[Annotated[float, Field(ge=-FLOAT32_BOUND, le=FLOAT32_BOUND)]]
+    scale: list[Annotated[float, Field(gt=0, le=FLOAT32_BOUND), AfterValidator(_divisible)]]
 
 
 class ScoreSpec(_Meta):
@@ -72,7 +87,7 @@ class BundleMetadata(_Meta):
     name: str
     version: str = "1"
     description: str = ""
-    inputs: list[Annotated[str, Field(min_length=1)]] = Field(
+    inputs: list[Annotated[str, Field(min_length=1), AfterValidator(_printable)]] = Field(
         min_length=1, description="tag names, in input order, each once"
     )
     window: int = Field(ge=1, description="samples per window")
