@@ -24,7 +24,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from edge_agent.drivers.base import DriverBase, ScanGroup, group_by_interval
-from edge_agent.drivers.opcua import certs
+from edge_agent.drivers.opcua import certs, logs
 from edge_agent.drivers.opcua.codecs import _KIND, _from_datavalue, _status_name
 from edge_agent.drivers.opcua.config import Mode, OpcUaDevice, OpcUaTag, SecurityPolicy, _uri_problem, _why
 from edge_agent.errors import DeviceError
@@ -164,6 +164,9 @@ class OpcUaSession(DriverBase):
             self._lost = _describe(exc, cfg.timeout)
 
         client.connection_lost_callback = lost
+        logs.install()
+        logs.ONE_LINE.forget(self.name)  # a new session: its first failure is logged again
+        device = logs.DEVICE.set(self.name)  # asyncua's tasks started now name this device in their log lines
         try:
             async with asyncio.timeout(cfg.timeout * 8 + 2.0):
                 await self._prepare(client)
@@ -177,6 +180,8 @@ class OpcUaSession(DriverBase):
             if isinstance(exc, Exception) and _is_device_failure(exc):
                 raise DeviceError(self.name, self._connect_failure(exc)) from exc
             raise
+        finally:
+            logs.DEVICE.reset(device)
         self._client = client
         self._generation += 1
         self._fast = _fast_path_available(client)
