@@ -200,7 +200,7 @@ class OpcUaSubscriptions(OpcUaSession):
         # cost a buffer write each, so changes are dealt into rounds, and each tag's order is kept
         rounds: list[_Round] = []
         depth: dict[int, int] = {}
-        problems: list[tuple[int, str]] = []
+        problems: list[tuple[int, str | _Unusable]] = []
         good: list[int] = []
         for col, status, vt, v, is_array, src, srv in items:
             if col >= len(tags):
@@ -231,7 +231,7 @@ class OpcUaSubscriptions(OpcUaSession):
                     if x is not None:
                         r.exact[len(r.cols) - 1] = x
                 except _Unusable as exc:
-                    problems.append((col, str(exc)))
+                    problems.append((col, exc))
             r.vals.append(value)
             r.quals.append(q)
             r.kinds.append(kind)

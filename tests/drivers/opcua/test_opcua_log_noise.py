@@ -1,4 +1,4 @@
-"""What an OPC UA device logs at the default level: no library tracebacks at a server restart."""
+"""What an OPC UA device logs at the default level: no library tracebacks at a server restart, a bad tag once."""
 
 from __future__ import annotations
 
@@ -101,6 +101,55 @@ async def test_the_publish_loops_crash_is_one_line_and_its_traceback_at_debug(
     line = next(r for r in publish if r.levelno >= logging.INFO)
     assert line.levelno in (logging.INFO, logging.WARNING), line.levelname
     assert "device ua" in line.getMessage() and "\n" not in line.getMessage()
+
+
+@pytest.mark.parametrize("mode", ["read", "subscribe"])
+async def test_an_array_tag_is_logged_once_however_its_length_changes(
+    ua_peer: UaPeer, caplog_opcua: pytest.LogCaptureFixture, mode: str
+) -> None:
+    """A node whose array changes length said `is an array of N values` again for every N (31 times in 100 s)."""
+    tags = [("a.whole", f"nsu={NS};s=Array"), ("a.level", f"nsu={NS};s=Level")]
+    driver = OpcUaDriver(parse_config(device_yaml(ua_peer.url, tags, mode=mode, interval="50ms")).devices[0])  # type: ignore[arg-type]
+    seen: list[Quality] = []
+
+    def sink(batch: object) -> None:
+        seen.extend(s.quality for s in batch.samples() if s.tag == "a.whole")  # type: ignore[attr-defined]
+
+    async def show(value: object) -> None:
+        """The server's array becomes `value`; the driver sees it (a read, or a data change)."""
+        before = len(seen)
+        await ua_peer.write("Array", value)
+        if mode == "read":
+            sink(await driver.read(driver.groups[0]))
+        else:
+            await wait_for(lambda: len(seen) > before)
+
+    def warnings() -> list[str]:
+        return [
+            r.getMessage() for r in caplog_opcua.records if r.levelno == logging.WARNING and "a.whole" in r.getMessage()
+        ]
+
+    await driver.connect()
+    try:
+        if mode == "subscribe":
+            await driver.subscribe(sink)
+            await wait_for(lambda: len(seen) == 1)
+        for n in [2, 3, 4, 5, 6, 7, 8, 9, 10, 1, 2, 3]:
+            await show([float(i) for i in range(n)])
+        assert len(warnings()) == 1, warnings()
+        assert "is an array of" in warnings()[0] and "set index: N on the tag" in warnings()[0]
+        assert driver.request_errors >= 12  # each bad value counted, logged once
+        assert set(seen) == {Quality.BAD}
+        # it recovers (a scalar now): one line; it breaks again: one more warning
+        await show(7.5)
+        assert seen[-1] is Quality.GOOD
+        assert [r.getMessage() for r in caplog_opcua.records if "a.whole reads again" in r.getMessage()]
+        for n in (4, 6, 8):
+            await show([0.0] * n)
+        assert len(warnings()) == 2, warnings()
+    finally:
+        await driver.close()
+        await ua_peer.write("Array", [1.0, 2.0, 3.0, 4.0, 5.0])
 
 
 async def test_real_errors_stay_visible_in_one_line(caplog: pytest.LogCaptureFixture) -> None:
