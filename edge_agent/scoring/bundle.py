@@ -8,9 +8,10 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
 from edge_agent.errors import ModelError
 from edge_agent.scoring.base import plugin_for
@@ -18,18 +19,37 @@ from edge_agent.scoring.tflite_metadata import FlatbufferError, read_metadata_by
 
 METADATA_NAME = "edge_agent"
 SCHEMA_VERSION = 1
+# seconds between samples a bundle may ask for: below 1 ms no PLC poll keeps up (the windows would be
+# made of repeated samples and alarm on noise); above a day a window never fills
+MIN_SAMPLE_INTERVAL, MAX_SAMPLE_INTERVAL = 0.001, 86400.0
+# windows are normalised in float32: a mean or scale beyond its range, or a scale whose inverse is,
+# turns every value into inf or NaN (float32 holds ±3.4e38)
+FLOAT32_BOUND, MIN_SCALE = 1e38, 1e-30
 
 
 class _Meta(BaseModel):
-    # readers ignore fields added by newer minor versions; the major version is checked
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    # readers ignore fields added by newer minor versions; the major version is checked.
+    # No NaN or infinity anywhere: a NaN mean or scale blinds the model, an infinite threshold never alarms
+    model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
+
+
+def _divisible(scale: float) -> float:
+    if scale < MIN_SCALE:
+        raise ValueError(f"{scale:g} is below {MIN_SCALE:g}: the agent divides by it in float32")
+    return scale
+
+
+def _printable(tag: str) -> str:
+    if not tag.isprintable():  # a line break in a tag name would break every message that names it
+        raise ValueError("holds a control character")
+    return tag
 
 
 class Normalisation(_Meta):
     """x_normalised = (x − mean) / scale, per input tag."""
 
-    mean: list[float]
-    scale: list[float]
+    mean: list[Annotated[float, Field(ge=-FLOAT32_BOUND, le=FLOAT32_BOUND)]]
+    scale: list[Annotated[float, Field(gt=0, le=FLOAT32_BOUND), AfterValidator(_divisible)]]
 
 
 class ScoreSpec(_Meta):
@@ -67,9 +87,13 @@ class BundleMetadata(_Meta):
     name: str
     version: str = "1"
     description: str = ""
-    inputs: list[str] = Field(min_length=1, description="tag names, in input order")
+    inputs: list[Annotated[str, Field(min_length=1), AfterValidator(_printable)]] = Field(
+        min_length=1, description="tag names, in input order, each once"
+    )
     window: int = Field(ge=1, description="samples per window")
-    sample_interval: float = Field(gt=0, description="seconds between samples")
+    sample_interval: float = Field(
+        description=f"seconds between samples, {MIN_SAMPLE_INTERVAL:g} … {MAX_SAMPLE_INTERVAL:g}"
+    )
     normalisation: Normalisation
     score: ScoreSpec = ScoreSpec()
     detector: DetectorSpec = DetectorSpec()
@@ -77,16 +101,73 @@ class BundleMetadata(_Meta):
     training: dict[str, Any] = Field(default_factory=dict)
     created: str = ""
 
+    @field_validator("inputs")
+    @classmethod
+    def _distinct(cls, inputs: list[str]) -> list[str]:
+        seen: dict[str, int] = {}
+        for tag in inputs:
+            seen[tag] = seen.get(tag, 0) + 1
+        twice = [tag for tag, n in seen.items() if n > 1]
+        if twice:
+            raise ValueError(
+                f"{twice[0]} is listed {seen[twice[0]]} times"
+                + (f" ({len(twice) - 1} more tags too)" if twice[1:] else "")
+                + "; each input is a different tag"
+            )
+        return inputs
+
+    @field_validator("sample_interval")
+    @classmethod
+    def _sane_interval(cls, seconds: float) -> float:
+        if not MIN_SAMPLE_INTERVAL <= seconds <= MAX_SAMPLE_INTERVAL:
+            raise ValueError(
+                f"{seconds:g} s is outside {MIN_SAMPLE_INTERVAL:g} s … {MAX_SAMPLE_INTERVAL:g} s (1 ms … 1 day)"
+            )
+        return seconds
+
     @model_validator(mode="after")
     def _consistent(self) -> BundleMetadata:
         n = len(self.inputs)
         if len(self.normalisation.mean) != n or len(self.normalisation.scale) != n:
-            raise ValueError(f"normalisation has {len(self.normalisation.mean)} means for {n} inputs")
-        if any(s <= 0 for s in self.normalisation.scale):
-            raise ValueError("normalisation scales must be positive")
+            raise ValueError(
+                f"normalisation has {len(self.normalisation.mean)} means and {len(self.normalisation.scale)} scales "
+                f"for {n} inputs"
+            )
         if self.schema_version // 100 != SCHEMA_VERSION // 100:
             raise ValueError(f"schema version {self.schema_version} is not readable by this agent")
         return self
+
+
+_MESSAGES = {
+    "finite_number": "must be a finite number",
+    "greater_than": "must be above {gt}",
+    "greater_than_equal": "must be at least {ge}",
+    "less_than_equal": "must be at most {le}",
+    "missing": "missing",
+    "string_too_short": "cannot be empty",
+}
+
+
+def one_line(exc: ValidationError) -> str:
+    """A validation error as one line: `where: what (got value)`, for the first few problems."""
+
+    def describe(err: ErrorDetails) -> str:
+        where = ""
+        for part in err["loc"]:
+            where += f"[{part}]" if isinstance(part, int) else (f".{part}" if where else str(part))
+        template = _MESSAGES.get(err["type"])
+        ctx = err.get("ctx") or {}
+        text = template.format(**ctx) if template else err["msg"].removeprefix("Value error, ")
+        got = err.get("input")
+        if err["type"] != "missing" and isinstance(got, int | float | str) and not isinstance(got, bool):
+            shown = f"{got:g}" if isinstance(got, float) else repr(got)  # an int may be too big for a float
+            shown = shown if len(shown) <= 40 else shown[:39] + "…"
+            text += f" (got {shown})" if shown not in text else ""
+        return f"{where}: {text}" if where else text
+
+    errors = exc.errors()
+    more = f"; and {len(errors) - 3} more" if len(errors) > 3 else ""
+    return "; ".join(describe(e) for e in errors[:3]) + more
 
 
 def now_iso() -> str:
@@ -138,8 +219,11 @@ def read_metadata(data: bytes, where: str = "model") -> BundleMetadata:
         raise ModelError(f"{where}: no '{METADATA_NAME}' metadata; make bundles with `edge-agent train` or calibrate")
     try:
         meta = BundleMetadata.model_validate(json.loads(raw))
-    except (ValueError, ValidationError) as exc:
-        raise ModelError(f"{where}: invalid {METADATA_NAME} metadata: {exc}") from exc
+    except ValidationError as exc:
+        raise ModelError(f"{where}: invalid {METADATA_NAME} metadata: {one_line(exc)}") from None
+    except (ValueError, RecursionError) as exc:  # not JSON (or not UTF-8, or nested past the parser's depth)
+        why = " ".join(str(exc).split()) or type(exc).__name__
+        raise ModelError(f"{where}: invalid {METADATA_NAME} metadata: not JSON: {why}") from None
     try:
         plugin_for(meta.score.kind)
     except ModelError as exc:

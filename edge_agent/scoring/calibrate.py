@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import numpy.typing as npt
+from pydantic import ValidationError
 
-from edge_agent.scoring.bundle import Bundle, Normalisation, ThresholdSpec, bundle_from_bytes, embed_metadata, now_iso
+from edge_agent.scoring.bundle import (
+    Bundle,
+    Normalisation,
+    ThresholdSpec,
+    bundle_from_bytes,
+    embed_metadata,
+    now_iso,
+    one_line,
+)
 from edge_agent.scoring.detector import WindowScorer
 from edge_agent.scoring.runtime import ModelRuntime
 
@@ -62,8 +71,14 @@ def normal_scores(bundle: Bundle, data: F64, *, min_scale_ratio: float = MIN_SCA
         raise ValueError(f"calibration data has {data.shape[1]} columns for {len(meta.inputs)} inputs")
     if len(data) < meta.window + 10:
         raise ValueError(f"calibration needs at least {meta.window + 10} rows (window {meta.window}), got {len(data)}")
+    empty = [tag for tag, n in zip(meta.inputs, np.isfinite(data).sum(axis=0), strict=True) if n == 0]
+    if empty:
+        raise ValueError(f"the calibration data has no value of {', '.join(empty)}")
     mean, scale = fit_normalisation(data, min_scale_ratio=min_scale_ratio)
-    norm = Normalisation(mean=mean, scale=scale)
+    try:
+        norm = Normalisation(mean=mean, scale=scale)
+    except ValidationError as exc:
+        raise ValueError(f"cannot normalise the calibration data: {one_line(exc)}") from None
     staged = meta.model_copy(update={"normalisation": norm})
     scorer = WindowScorer(bundle_from_bytes(embed_metadata(bundle.data, staged)), runtime=ModelRuntime(bundle))
     scores = score_series(scorer, data)
@@ -94,14 +109,17 @@ def calibrate(
     """A new bundle whose normalisation and threshold come from `data` (rows × inputs of normal operation)."""
     norm, scores = normal_scores(bundle, data, min_scale_ratio=min_scale_ratio)
     value = threshold_of(scores, quantile, margin)
-    threshold = ThresholdSpec(
-        value=value,
-        quantile=quantile,
-        margin=margin,
-        calibrated_on=source,
-        rows=len(data),
-        calibrated_at=now_iso(),
-        base_sha256=bundle.sha256,  # lets startup calibration tell a saved copy of this bundle from a stale one
-    )
+    try:
+        threshold = ThresholdSpec(
+            value=value,
+            quantile=quantile,
+            margin=margin,
+            calibrated_on=source,
+            rows=len(data),
+            calibrated_at=now_iso(),
+            base_sha256=bundle.sha256,  # lets startup calibration tell a saved copy of this bundle from a stale one
+        )
+    except ValidationError as exc:  # a margin of nan or inf: the bundle would never alarm
+        raise ValueError(f"no usable threshold (quantile {quantile:g} × margin {margin:g}): {one_line(exc)}") from None
     final = bundle.metadata.model_copy(update={"normalisation": norm, "threshold": threshold})
     return bundle_from_bytes(embed_metadata(bundle.data, final))

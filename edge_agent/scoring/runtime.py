@@ -54,22 +54,24 @@ class ModelRuntime:
 
     def __init__(self, bundle: Bundle, *, num_threads: int = 1) -> None:
         meta = bundle.metadata
+        where = bundle.path or meta.name  # errors name the file, as load_bundle's do
         cls, self.runtime_name = interpreter_class()
         try:
             self._interp = cls(model_content=bundle.data, num_threads=num_threads)
             self._interp.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
-            raise ModelError(f"{bundle.path or meta.name}: the runtime cannot load the model: {exc}") from exc
+            why = " ".join(str(exc).split())  # the runtime's messages may span lines
+            raise ModelError(f"{where}: the runtime cannot load the model: {why}") from exc
         inputs, outputs = self._interp.get_input_details(), self._interp.get_output_details()
         if len(inputs) != 1 or len(outputs) != 1:
-            raise ModelError(f"{meta.name}: expected one input and one output tensor, got {len(inputs)}/{len(outputs)}")
+            raise ModelError(f"{where}: expected one input and one output tensor, got {len(inputs)}/{len(outputs)}")
         self.input, self.output = _Tensor(inputs[0]), _Tensor(outputs[0])
         want, kind = (meta.window, len(meta.inputs)), plugin_for(meta.score.kind)
         want_out = kind.output_shape(meta)  # what the kind's scorer reads per window
         if self.input.shape[1:] != want or self.output.shape[1:] != want_out:
             expected = f"window × inputs {want}" + ("" if want_out == want else f" → {want_out} ({kind.key})")
             raise ModelError(
-                f"{meta.name}: tensors {self.input.shape}→{self.output.shape} do not match the metadata's {expected}"
+                f"{where}: tensors {self.input.shape}→{self.output.shape} do not match the metadata's {expected}"
             )
         self.batch = self.input.shape[0]
 

@@ -33,7 +33,15 @@ _EXACT_LIMIT = 2**53  # integers beyond this do not survive float64
 
 
 class _Unusable(Exception):
-    """A value with a good status that cannot become a sample (an array, a structure, …)."""
+    """A value with a good status that cannot become a sample (an array, a structure, …).
+
+    `key` names the trouble without the details that change from value to value (an array's
+    length): a tag is logged again only when its key changes, not at every new length.
+    """
+
+    def __init__(self, message: str, key: str = "") -> None:
+        super().__init__(message)
+        self.key = key or message
 
 
 def _iso(ts: float) -> str:
@@ -43,13 +51,15 @@ def _iso(ts: float) -> str:
 def _pick(v: Any, index: int | None, ranged: bool) -> Any:
     """One element of an array value, for a tag with `index`; `ranged`: the request carried IndexRange `index`."""
     if index is None:
-        raise _Unusable(f"is an array of {len(v)} values; set index: N on the tag to read one element")
+        raise _Unusable(
+            f"is an array of {len(v)} values; set index: N on the tag to read one element", "is an array, no index"
+        )
     n = len(v)
     if n == 1 and ranged:
         return v[0]  # the server applied the IndexRange and sent just that element
     if index < n:
         return v[index]  # the whole array: the server ignored the IndexRange (or none was asked for)
-    raise _Unusable(f"has no element {index}: the array has {n}")
+    raise _Unusable(f"has no element {index}: the array has {n}", f"has no element {index}")
 
 
 def _convert(vt: int, v: Any) -> tuple[float, Value | None, str]:

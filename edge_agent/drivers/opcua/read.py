@@ -47,7 +47,7 @@ class OpcUaReads(OpcUaSession):
         quality = np.full(n, Quality.BAD, dtype=np.uint8)
         exact: dict[int, Value] = {}
         kinds = ["float"] * n
-        problems: list[tuple[int, str]] = []
+        problems: list[tuple[int, str | _Unusable]] = []
         tags = self._tags[group]
         plan = self._plans[group]
         for chunk in plan.chunks:
@@ -63,7 +63,7 @@ class OpcUaReads(OpcUaSession):
                         v = _pick(v, tags[col].index, bool(rv.IndexRange)) if is_array else _not_array(tags[col].index)
                     values[col], x, kinds[col] = _convert(vt, v)
                 except _Unusable as exc:
-                    problems.append((col, str(exc)))
+                    problems.append((col, exc))
                     continue
                 quality[col] = Quality.GOOD
                 if x is not None:

@@ -24,8 +24,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from edge_agent.drivers.base import DriverBase, ScanGroup, group_by_interval
-from edge_agent.drivers.opcua import certs
-from edge_agent.drivers.opcua.codecs import _KIND, _from_datavalue, _status_name
+from edge_agent.drivers.opcua import certs, logs
+from edge_agent.drivers.opcua.codecs import _KIND, _from_datavalue, _status_name, _Unusable
 from edge_agent.drivers.opcua.config import Mode, OpcUaDevice, OpcUaTag, SecurityPolicy, _uri_problem, _why
 from edge_agent.errors import DeviceError
 from edge_agent.types import SampleBatch
@@ -114,7 +114,7 @@ class OpcUaSession(DriverBase):
         self._bad: dict[str, str] = {}  # tag -> why it is not good (logged once)
         self._sink: Sink | None = None
         self._fast = True  # Read requests encoded once and answers decoded here (see _send_encoded)
-        self.request_errors = 0
+        self.request_errors = 0  # bad values of single tags (and refused requests), each counted
         self._warned_plain_password = False
 
     def _plan(self, group: ScanGroup) -> _Plan:
@@ -164,6 +164,9 @@ class OpcUaSession(DriverBase):
             self._lost = _describe(exc, cfg.timeout)
 
         client.connection_lost_callback = lost
+        logs.install()
+        logs.ONE_LINE.forget(self.name)  # a new session: its first failure is logged again
+        device = logs.DEVICE.set(self.name)  # asyncua's tasks started now name this device in their log lines
         try:
             async with asyncio.timeout(cfg.timeout * 8 + 2.0):
                 await self._prepare(client)
@@ -177,6 +180,8 @@ class OpcUaSession(DriverBase):
             if isinstance(exc, Exception) and _is_device_failure(exc):
                 raise DeviceError(self.name, self._connect_failure(exc)) from exc
             raise
+        finally:
+            logs.DEVICE.reset(device)
         self._client = client
         self._generation += 1
         self._fast = _fast_path_available(client)
@@ -353,18 +358,26 @@ class OpcUaSession(DriverBase):
         if client is not None:
             await _teardown(client, self.config.timeout)
 
-    def _report(self, tags: Sequence[OpcUaTag], problems: list[tuple[int, str]], good: Iterable[int]) -> None:
-        """Log each tag's trouble once, and its recovery once; a bad node never fails the device."""
+    def _report(
+        self, tags: Sequence[OpcUaTag], problems: Sequence[tuple[int, str | _Unusable]], good: Iterable[int]
+    ) -> None:
+        """Count each tag's trouble; log it once when it starts (DEBUG while it lasts) and once when it ends.
+
+        A tag is logged again when the kind of trouble changes (`_Unusable.key`), not when only its details
+        do (an array whose length changes at every read); a bad node never fails the device.
+        """
         fresh = []
-        for col, why in problems:
-            name = tags[col].name
-            if self._bad.get(name) != why:
-                self._bad[name] = why
-                fresh.append(
-                    f"{name} ({tags[col].node}{f'[{tags[col].index}]' if tags[col].index is not None else ''}) {why}"
-                )
+        for col, problem in problems:
+            tag = tags[col]
+            why = str(problem)
+            key = problem.key if isinstance(problem, _Unusable) else why
+            self.request_errors += 1
+            if self._bad.get(tag.name) == key:
+                log.debug("device %s: %s %s (still)", self.name, tag.name, why)
+                continue
+            self._bad[tag.name] = key
+            fresh.append(f"{tag.name} ({tag.node}{f'[{tag.index}]' if tag.index is not None else ''}) {why}")
         if fresh:
-            self.request_errors += len(fresh)
             more = f"; and {len(fresh) - 5} more" if len(fresh) > 5 else ""
             log.warning("device %s: %s%s", self.name, "; ".join(fresh[:5]), more)
         if self._bad:

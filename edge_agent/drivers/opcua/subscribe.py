@@ -17,6 +17,7 @@ from asyncua.common.utils import Buffer
 from asyncua.ua.ua_binary import struct_from_binary, struct_to_binary
 
 from edge_agent.drivers.base import ScanGroup
+from edge_agent.drivers.opcua import logs
 from edge_agent.drivers.opcua.codecs import (
     _PUBLISH_REQUEST,
     Change,
@@ -77,6 +78,7 @@ class OpcUaSubscriptions(OpcUaSession):
         generation = self._generation
         if self._fast:
             _install_fast_publish(client, self.name)
+        device = logs.DEVICE.set(self.name)  # the publish loop asyncua starts here names this device in its log lines
         try:
             for group in self.subscriptions:
                 await self._subscribe_group(client, group, generation)
@@ -84,6 +86,8 @@ class OpcUaSubscriptions(OpcUaSession):
             raise DeviceError(
                 self.name, f"cannot create the subscriptions: {_describe(exc, self.config.timeout)}"
             ) from exc
+        finally:
+            logs.DEVICE.reset(device)
 
     async def _subscribe_group(self, client: Client, group: ScanGroup, generation: int) -> None:
         cfg = self.config
@@ -196,7 +200,7 @@ class OpcUaSubscriptions(OpcUaSession):
         # cost a buffer write each, so changes are dealt into rounds, and each tag's order is kept
         rounds: list[_Round] = []
         depth: dict[int, int] = {}
-        problems: list[tuple[int, str]] = []
+        problems: list[tuple[int, str | _Unusable]] = []
         good: list[int] = []
         for col, status, vt, v, is_array, src, srv in items:
             if col >= len(tags):
@@ -227,7 +231,7 @@ class OpcUaSubscriptions(OpcUaSession):
                     if x is not None:
                         r.exact[len(r.cols) - 1] = x
                 except _Unusable as exc:
-                    problems.append((col, str(exc)))
+                    problems.append((col, exc))
             r.vals.append(value)
             r.quals.append(q)
             r.kinds.append(kind)
