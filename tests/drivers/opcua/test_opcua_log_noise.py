@@ -9,7 +9,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
-from opcua_peer import NS, Pki, UaPeer, device_yaml, wait_for
+from helpers import wait_for
+from opcua_peer import NS, Pki, UaPeer, device_yaml
 
 from edge_agent.agent import Agent
 from edge_agent.config import parse_config
