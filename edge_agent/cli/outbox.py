@@ -26,8 +26,10 @@ def cmd_outbox(args: argparse.Namespace) -> int:
                     f"{st.path}: {st.total} messages ({', '.join(f'{k} {v}' for k, v in st.depth.items())}), "
                     f"{st.bytes} of {st.max_bytes} bytes, oldest {oldest}, open anomalies {st.open_anomalies}"
                 )
+                print(f"  limits: max_bytes {st.max_bytes}, max_age {st.max_age:g}s, when_full {st.when_full}")
                 print(
-                    f"  dropped: {', '.join(f'{k} {v}' for k, v in st.dropped_by_kind().items())}; "
+                    f"  dropped: {', '.join(f'{k} {v}' for k, v in st.dropped_by_kind().items())} "
+                    f"(by reason: {', '.join(f'{k} {v}' for k, v in st.dropped_by_reason().items())}); "
                     f"last event seq {st.last_seq}"
                 )
             return EXIT_OK

@@ -14,7 +14,11 @@ ROW_OVERHEAD = 48  # bytes counted per row beyond payload and topic (row header,
 
 
 class OutboxError(EdgeAgentError):
-    """The outbox cannot be used (directory not writable, another process holds it)."""
+    """The outbox cannot be used (directory not writable, disk full, another process holds it)."""
+
+
+class OutboxBusy(OutboxError):
+    """Another process (an agent or a drain) holds the outbox: a second publisher would send every row twice."""
 
 
 class Kind(IntEnum):
@@ -30,7 +34,8 @@ class Kind(IntEnum):
         return self.name.lower()
 
 
-# bounds reached, too old, the publisher's in-memory queue overflowed, refused for good by the broker (MQTT 5)
+# bounds reached, too old, the in-memory queue overflowed (the disk did not keep up, or is full), refused for
+# good by the broker (MQTT 5)
 DROP_REASONS = ("full", "age", "memory", "rejected")
 
 
@@ -73,6 +78,8 @@ class OutboxStats:
     depth: Mapping[str, int]  # per kind
     bytes: int
     max_bytes: int
+    max_age: float
+    when_full: str
     oldest: float | None  # creation time of the oldest stored message
     in_flight: int
     dropped: Mapping[str, int]  # "<reason>.<kind>" → count, persisted
@@ -102,6 +109,8 @@ class OutboxStats:
             "depth_by_kind": dict(self.depth),
             "bytes": self.bytes,
             "max_bytes": self.max_bytes,
+            "max_age": self.max_age,
+            "when_full": self.when_full,
             "oldest": iso(self.oldest) if self.oldest is not None else None,
             "in_flight": self.in_flight,
             "dropped": self.dropped_by_kind(),

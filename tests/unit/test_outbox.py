@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from edge_agent.config import WhenFull
 from edge_agent.outbox import Entry, Kind, Outbox, OutboxError, export, outbox_stats
 from edge_agent.outbox.rows import ROW_OVERHEAD
 from edge_agent.records import encode, mark_historical
@@ -250,6 +251,21 @@ def test_survives_kill_9(tmp_path: Path) -> None:
     b.close()
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_stats_show_the_files_own_limits(tmp_path: Path) -> None:
+    """`outbox stats PATH` shows the limits the file was written under, not the defaults."""
+    path = tmp_path / "outbox.db"
+    box = Outbox(path, max_bytes=2 * 1024**2, max_age=3600, when_full=WhenFull.DROP_NEWEST)
+    box.open()
+    box.put([Entry("t", b"{}")])
+    box.close()
+    st = outbox_stats(path)
+    assert (st.max_bytes, st.max_age, st.when_full) == (2 * 1024**2, 3600, "drop_newest")
+    out = subprocess.run(
+        [sys.executable, "-m", "edge_agent", "outbox", "stats", str(path)], capture_output=True, text=True, check=True
+    ).stdout
+    assert "of 2097152 bytes" in out and "max_age 3600s" in out and "when_full drop_newest" in out
 
 
 # ---------------------------------------------------------------- properties
