@@ -32,6 +32,11 @@ def cmd_outbox(args: argparse.Namespace) -> int:
                     f"(by reason: {', '.join(f'{k} {v}' for k, v in st.dropped_by_reason().items())}); "
                     f"last event seq {st.last_seq}"
                 )
+                if st.corrupt_files:
+                    print(
+                        f"  damaged files moved aside: {st.corrupt_files}, "
+                        f"committed transactions lost with them: {st.lost_transactions}"
+                    )
             return EXIT_OK
         if args.outbox_command == "export":
             if args.out in (None, "-"):

@@ -140,7 +140,7 @@ def publisher_metrics(st: PublisherStats) -> Iterable[Metric]:
 
 
 def outbox_metrics(st: WriterStats) -> Iterable[Metric]:
-    """The outbox's depth, bytes, oldest age, memory queue and drops (from memory)."""
+    """The outbox's depth, bytes, oldest age, memory queue, drops and damage (from memory)."""
     ob = st.outbox
     depth = GaugeMetricFamily("edge_agent_outbox_depth", "Messages waiting in the outbox file", labels=["kind"])
     for kind, n in (ob.depth if ob is not None else {"event": 0, "score": 0, "telemetry": 0}).items():
@@ -159,6 +159,16 @@ def outbox_metrics(st: WriterStats) -> Iterable[Metric]:
     if ob is not None:
         yield GaugeMetricFamily("edge_agent_outbox_bytes", "Bytes stored in the outbox", value=ob.bytes)
         yield GaugeMetricFamily("edge_agent_outbox_max_bytes", "The outbox's bound", value=ob.max_bytes)
+        yield CounterMetricFamily(
+            "edge_agent_outbox_corrupt_files",
+            "Damaged outbox files moved aside (their readable rows were recovered)",
+            value=ob.corrupt_files,
+        )
+        yield CounterMetricFamily(
+            "edge_agent_outbox_lost_transactions",
+            "Committed transactions lost with damaged outbox files",
+            value=ob.lost_transactions,
+        )
     age = max(0.0, time.time() - st.oldest) if st.oldest is not None and ob is not None and ob.total else 0.0
     yield GaugeMetricFamily(
         "edge_agent_outbox_oldest_age_seconds",

@@ -1,9 +1,11 @@
-"""The outbox file under the queue: opening it, transactions, the counters mirrored in memory, retries on a
-full disk, and stats. `store.Outbox` is the queue built on it.
+"""The outbox file under the queue: opening it (and what to do when it is damaged), transactions, the
+counters mirrored in memory, retries on a full disk, and stats. `store.Outbox` is the queue built on it.
 
-Every drop is counted in the file itself, with the limits it was written under. A file that is not a
-database, fails the integrity check or cannot be opened is moved aside as `<name>.corrupt-<UTC timestamp>`
-with an error log, and a new outbox is created. A full disk (`disk`): a write that fails is
+Every drop is counted in the file itself, with the limits it was written under and its row count per kind
+after every transaction (so what a damaged file held can be counted). A file that is not a database, fails
+the integrity check, or whose WAL or main file is damaged in a way SQLite would not report (`walcheck`), is
+moved aside as `<name>.corrupt-<UTC timestamp>`; the rows that still read go into a new file, and one error
+log says what was recovered and what was lost (`recover`). A full disk (`disk`): a write that fails is
 retried once after a checkpoint; deletes and checkpoints get room from a reserve file. One process at a
 time: `<name>.lock` is flocked while open (stats and export read without it).
 """
@@ -11,9 +13,7 @@ time: `<name>.lock` is flocked while open (stats and export read without it).
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import logging
-import os
 import sqlite3
 import threading
 import time
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Self, TypeVar
 
 from edge_agent.config import WhenFull
-from edge_agent.outbox import schema
+from edge_agent.outbox import recover, schema, walcheck
 from edge_agent.outbox.disk import DEFAULT_CHECKPOINT, Disk, describe, is_environment, is_full
 from edge_agent.outbox.rows import Kind, OutboxError, OutboxStats, Row, counter_names
 from edge_agent.types import OpenAnomaly
@@ -83,6 +83,7 @@ class OutboxFile:
         self._conn: sqlite3.Connection | None = None
         self._sync = ""
         self._disk = Disk(self.path)
+        self._checksums = schema.Checksums()
         self._page_size = 4096
         self._checkpoint_pages = DEFAULT_CHECKPOINT
         self._unsaved: dict[str, int] = {}  # counters a full disk kept from being written: they go with the next put
@@ -93,9 +94,11 @@ class OutboxFile:
         self.open_count = 0
         self.run = 0
         self.corrupt_files = 0
+        self.lost_transactions = 0
         self.last_seq = 0
         self._inflight: dict[int, tuple[Kind, int]] = {}  # id → (kind, size)
         self._cursor: dict[Kind, int] = dict.fromkeys(Kind, 0)  # highest id handed out per kind
+        self._skip: set[int] = set()  # rows that failed their checksum and could not be deleted yet
 
     def __repr__(self) -> str:
         return f"Outbox({str(self.path)!r}, depth={sum(self.depth.values())}, bytes={self.bytes})"
@@ -131,31 +134,50 @@ class OutboxFile:
 
     def _open_file(self) -> None:
         try:
-            self._connect()
-            return
-        except sqlite3.DatabaseError as exc:
-            if not self.path.exists() or _is_busy(exc) or is_environment(exc):
-                raise OutboxError(f"outbox {self.path}: {describe(exc)}") from None
-            cause = str(exc)
-        moved = self._move_aside()
-        log.error("outbox %s is unusable (%s); moved it to %s and started a new one", self.path, cause, moved)
-        self._connect()
-        self.corrupt_files += 1
-        self._save({"corrupt_files": self.corrupt_files})
-
-    def _move_aside(self) -> Path:
-        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
-        target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+            damage = walcheck.inspect(self.path)
+        except (OSError, ValueError, MemoryError) as exc:
+            log.warning("outbox %s: cannot check its WAL before opening it (%s)", self.path, exc)
+            damage = None
+        if damage is None:
+            try:
+                self._connect()
+                return
+            except sqlite3.DatabaseError as exc:
+                if not self.path.exists() or _is_busy(exc) or is_environment(exc):
+                    raise OutboxError(f"outbox {self.path}: {describe(exc)}") from None
+                damage = walcheck.Damage(str(exc))
+        moved = recover.move_aside(self.path)
+        found = recover.salvage(moved, damage)
         try:
-            os.replace(self.path, target)
-        except OSError as exc:
-            raise OutboxError(f"outbox {self.path} is unusable and cannot be moved aside: {exc.strerror}") from None
-        for suffix in ("-wal", "-shm"):  # a stale WAL must not be replayed into the new file
-            side = self.path.with_name(self.path.name + suffix)
-            if side.exists():
-                with contextlib.suppress(OSError):
-                    os.replace(side, target.with_name(target.name + suffix))
-        return target
+            self._connect()
+        except sqlite3.DatabaseError as exc:
+            recover.report(self.path, moved, damage, found, copied=False)
+            raise OutboxError(f"outbox {self.path}: cannot start a new file: {describe(exc)}") from None
+        recover.report(self.path, moved, damage, found, copied=self._adopt(found))
+
+    def _adopt(self, found: recover.Salvage) -> bool:
+        """Copy what was recovered from a damaged file into this new one, with the loss counted; True if copied."""
+        old = found.counters
+        values = {name: old.get(name, 0) for name in counter_names()}
+        for kind, n in (found.lost_rows() or {}).items():
+            values[f"corrupt.{kind.label}"] += n
+        for kind, n in found.invalid.items():
+            values[f"corrupt.{kind.label}"] += n
+        values["seq"] = max(old.get("seq", 0), self.last_seq)
+        values["runs"] = max(old.get("runs", 0), self.run)
+        values["corrupt_files"] = old.get("corrupt_files", 0) + 1
+        values["lost_transactions"] = old.get("lost_transactions", 0) + found.lost_transactions
+        copied = True
+        try:
+            with self._tx("FULL") as conn:
+                schema.insert(conn, found.rows)
+                conn.executemany("INSERT OR REPLACE INTO open_anomalies VALUES (?, ?, ?)", found.open_anomalies)
+                conn.executemany(schema.SET_COUNTER, list(values.items()))
+        except sqlite3.Error:
+            copied = False
+            self._save({k: v for k, v in values.items() if k != "seq"})
+        self._load()
+        return copied
 
     def close(self) -> None:
         """Close the file (rows not acknowledged stay for the next run)."""
@@ -193,6 +215,7 @@ class OutboxFile:
         counters = dict(conn.execute("SELECT name, value FROM counters").fetchall())
         self.counters = {k: int(counters.get(k, 0)) for k in counter_names()}
         self.corrupt_files = int(counters.get("corrupt_files", 0))
+        self.lost_transactions = int(counters.get("lost_transactions", 0))
         self.last_seq = int(counters.get("seq", 0))
         self.run = int(counters.get("runs", 0)) + 1
         self.depth = dict.fromkeys(Kind, 0)
@@ -202,9 +225,10 @@ class OutboxFile:
             self.bytes += int(size)
         self.open_count = int(conn.execute("SELECT count(*) FROM open_anomalies").fetchone()[0])
         self._inflight.clear()
+        self._skip.clear()
         self._cursor = dict.fromkeys(Kind, 0)
         limits = limit_counters(self.max_bytes, self.max_age, self.when_full)
-        self._save({"runs": self.run, **limits})
+        self._save({"runs": self.run, **limits, **self._row_counts(Delta())})
 
     def _require(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -239,6 +263,10 @@ class OutboxFile:
             if not is_full(exc):
                 raise
             self._unsaved.update(values)
+
+    def _row_counts(self, delta: Delta) -> dict[str, int]:
+        # rows per kind after a transaction, stored with it: what a damaged file held can then be counted
+        return {f"rows.{k.label}": self.depth[k] + delta.depth[k] for k in Kind}
 
     # ------------------------------------------------------------ a full disk
 
@@ -290,8 +318,8 @@ class OutboxFile:
         with self._tx(sync) as conn:
             schema.delete(conn, ids)
             values = {k: self.counters.get(k, 0) + v for k, v in delta.counters.items()}
-            if values:
-                conn.executemany(schema.SET_COUNTER, list(values.items()))
+            values.update(self._row_counts(delta))
+            conn.executemany(schema.SET_COUNTER, list(values.items()))
         self._apply(delta)
 
     def open_anomalies(self) -> list[OpenAnomaly]:
@@ -329,6 +357,7 @@ class OutboxFile:
             open_anomalies=self.open_count,
             runs=self.run,
             corrupt_files=self.corrupt_files,
+            lost_transactions=self.lost_transactions,
             last_seq=self.last_seq,
         )
 

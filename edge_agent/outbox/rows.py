@@ -35,8 +35,8 @@ class Kind(IntEnum):
 
 
 # bounds reached, too old, the in-memory queue overflowed (the disk did not keep up, or is full), refused for
-# good by the broker (MQTT 5)
-DROP_REASONS = ("full", "age", "memory", "rejected")
+# good by the broker (MQTT 5), damaged on disk (failed its checksum, or lost with a damaged file)
+DROP_REASONS = ("full", "age", "memory", "rejected", "corrupt")
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +86,7 @@ class OutboxStats:
     open_anomalies: int
     runs: int
     corrupt_files: int
+    lost_transactions: int  # committed transactions lost with damaged files (their rows are counted when known)
     last_seq: int
 
     @property
@@ -118,6 +119,7 @@ class OutboxStats:
             "open_anomalies": self.open_anomalies,
             "runs": self.runs,
             "corrupt_files": self.corrupt_files,
+            "lost_transactions": self.lost_transactions,
             "last_seq": self.last_seq,
         }
 

@@ -14,10 +14,12 @@ Rules the rest of the agent relies on:
 - Durability: every `put` is one transaction whose commit fsyncs the WAL (synchronous=FULL); how often
   the publisher commits is `outbox.sync` (full: as soon as messages arrive, batched: every
   commit_interval). Deletes after acks are not fsynced: a crash then costs a duplicate, never a loss.
+- Integrity: every row carries a crc32 of its topic and payload, checked when it is taken; a row that fails
+  it is dropped and counted (reason `corrupt`), never published.
 - A full disk (`disk`): writes fail and the caller keeps messages in memory; deletes and checkpoints get
   room from a reserve file, so acknowledged rows are still deleted.
-- A file that is not a database, fails the integrity check or cannot be opened is moved aside (`file`).
-  One process at a time (`<name>.lock`).
+- Damage: a damaged file is moved aside and what still reads is recovered into a new one, with the loss
+  logged and counted (`file`, `walcheck`, `recover`). One process at a time (`<name>.lock`).
 """
 
 from __future__ import annotations
@@ -36,7 +38,10 @@ log = logging.getLogger("edge_agent.outbox")
 
 _EVICT_CHUNK = 512
 _SMALL_DELETE = 16  # ids per transaction when even the reserve cannot take a bigger one
-_TAKE = "SELECT id, topic, payload, qos, created, run, size FROM messages WHERE kind = ? AND id > ? ORDER BY id LIMIT ?"
+_TAKE = (
+    "SELECT id, CAST(topic AS BLOB), payload, qos, created, run, size, crc FROM messages "
+    "WHERE kind = ? AND id > ? ORDER BY id LIMIT ?"
+)
 
 
 class Outbox(OutboxFile):
@@ -70,7 +75,8 @@ class Outbox(OutboxFile):
         for key, n in dropped.items():
             if n:
                 delta.counters[key] = delta.counters.get(key, 0) + n
-        rows: list[tuple[int, int, float, int, int, str, bytes]] = []
+        rows: list[tuple[int, int, float, int, int, str, bytes, int]] = []
+        crc = self._checksums.of
         with self._tx("FULL") as conn:
             added = 0
             for kind in Kind:
@@ -87,6 +93,7 @@ class Outbox(OutboxFile):
                         e.size,
                         e.topic,
                         e.payload,
+                        crc(e.topic, e.payload),
                     )
                     for e in group
                 )
@@ -113,8 +120,8 @@ class Outbox(OutboxFile):
             values.update(self._unsaved)
             if seq > self.last_seq:
                 values["seq"] = seq
-            if values:
-                conn.executemany(schema.SET_COUNTER, list(values.items()))
+            values.update(self._row_counts(delta))
+            conn.executemany(schema.SET_COUNTER, list(values.items()))
         delta.bytes += sum(r[4] for r in rows)
         self._apply(delta)
         self._unsaved.clear()
@@ -169,11 +176,16 @@ class Outbox(OutboxFile):
         return freed
 
     def take(self, n: int) -> list[Row]:
-        """Up to n rows not in flight: events first, then scores, then telemetry, each in insertion order."""
+        """Up to n rows not in flight: events first, then scores, then telemetry, each in insertion order.
+
+        A row whose checksum fails is not handed out: it is deleted and counted (reason `corrupt`).
+        """
         with self._lock:
             conn = self._require()
             out: list[Row] = []
-            inflight = self._inflight
+            bad: list[tuple[int, Kind, int]] = []
+            check = self._checksums.check
+            inflight, skip = self._inflight, self._skip
             for kind in Kind:
                 if len(out) >= n or self.depth[kind] == 0:
                     continue
@@ -181,13 +193,39 @@ class Outbox(OutboxFile):
                     found = conn.execute(_TAKE, (int(kind), self._cursor[kind], n - len(out))).fetchall()
                     if not found:
                         break
-                    for rid, topic, payload, qos, created, run, size in found:
+                    for rid, topic, payload, qos, created, run, size, crc in found:
                         self._cursor[kind] = rid
-                        if rid in inflight:  # handed out before a release lowered the cursor
+                        if rid in inflight or rid in skip:  # handed out before a release lowered the cursor
+                            continue
+                        text = check(topic, payload, crc)
+                        if text is None:
+                            bad.append((rid, kind, size))
                             continue
                         inflight[rid] = (kind, size)
-                        out.append(Row(rid, topic, bytes(payload), kind, qos, created, run))
+                        out.append(Row(rid, text, payload, kind, qos, created, run))
+            if bad:
+                self._drop_corrupt(bad)
             return out
+
+    def _drop_corrupt(self, bad: list[tuple[int, Kind, int]]) -> None:
+        ids = [rid for rid, _, _ in bad]
+        self._skip.update(ids)
+        log.error(
+            "outbox %s: %d stored message(s) failed their checksum (ids %s); dropped and counted, never published",
+            self.path,
+            len(ids),
+            ", ".join(map(str, ids[:10])) + (" …" if len(ids) > 10 else ""),
+        )
+        delta = Delta()
+        for _, kind, size in bad:
+            delta.remove(kind, size)
+            delta.drop("corrupt", kind)
+        try:
+            self._retry_full(lambda: self._remove(ids, delta, "FULL"), reserve=True)
+        except sqlite3.Error as exc:
+            log.error("outbox %s: cannot delete them (%s); they are skipped until the next start", self.path, exc)
+            return
+        self._skip.difference_update(ids)
 
     def ack(self, ids: Iterable[int], *, rejected: bool = False) -> int:
         """Delete acknowledged rows (no fsync: losing an ack only means a duplicate later); returns the count.

@@ -36,6 +36,7 @@ def outbox_stats(path: str | Path) -> OutboxStats:
         box._conn = conn
         box.counters = {k: int(counters.get(k, 0)) for k in counter_names()}
         box.corrupt_files = int(counters.get("corrupt_files", 0))
+        box.lost_transactions = int(counters.get("lost_transactions", 0))
         box.last_seq = int(counters.get("seq", 0))
         box.run = int(counters.get("runs", 0))
         for kind, n, size in conn.execute("SELECT kind, count(*), coalesce(sum(size), 0) FROM messages GROUP BY kind"):
