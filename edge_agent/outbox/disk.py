@@ -55,7 +55,10 @@ def describe(exc: BaseException) -> str:
         return "disk full"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
-    return str(exc)
+    text = str(exc)
+    if isinstance(exc, OutboxError) and text.startswith("outbox "):
+        text = text.split(": ", 1)[-1]  # the path is in the log line already
+    return text
 
 
 class Disk:
@@ -145,15 +148,12 @@ class Disk:
     def release_reserve(self) -> bool:
         """Delete the reserve to make room (True if it freed anything)."""
         try:
+            size = self.reserve_path.stat().st_size
             self.reserve_path.unlink()
         except OSError:
             return False
         self.released = self.missing = True
-        log.warning(
-            "outbox %s: disk full; used its %d KiB reserve so acknowledged rows can still be deleted",
-            self.path,
-            self.reserve_size >> 10,
-        )
+        log.warning("outbox %s: disk full; gave up its %d KiB reserve to make room for SQLite", self.path, size >> 10)
         return True
 
     def checkpoint_pages(self, page_size: int) -> int:

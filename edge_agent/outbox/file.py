@@ -24,13 +24,18 @@ from typing import Self, TypeVar
 
 from edge_agent.config import WhenFull
 from edge_agent.outbox import recover, schema, walcheck
-from edge_agent.outbox.disk import DEFAULT_CHECKPOINT, Disk, describe, is_environment, is_full
+from edge_agent.outbox.disk import DEFAULT_CHECKPOINT, RESERVE_MIN, Disk, describe, is_environment, is_full
 from edge_agent.outbox.rows import Kind, OutboxError, OutboxStats, Row, counter_names
 from edge_agent.types import OpenAnomaly
 
 log = logging.getLogger("edge_agent.outbox")
 
 T = TypeVar("T")
+
+
+class StoreUnavailable(OutboxError):
+    """The file is fine but cannot be opened now (disk full, I/O error, read-only)."""
+
 
 WHEN_FULL_CODES = {WhenFull.DROP_OLDEST: 0, WhenFull.DROP_NEWEST: 1}
 
@@ -125,7 +130,13 @@ class OutboxFile:
             if exclusive:
                 self._disk.lock()
             try:
-                self._open_file()
+                try:
+                    self._open_file()
+                except StoreUnavailable:
+                    # even opening needs room (SQLite maps a 32 KiB -shm): the reserve is there for this too
+                    if not (exclusive and self._disk.release_reserve()):
+                        raise
+                    self._open_file()
             except BaseException:
                 self._disk.unlock()
                 raise
@@ -144,7 +155,11 @@ class OutboxFile:
                 return
             except sqlite3.DatabaseError as exc:
                 if not self.path.exists() or _is_busy(exc) or is_environment(exc):
-                    raise OutboxError(f"outbox {self.path}: {describe(exc)}") from None
+                    cause = describe(exc)
+                    free = self._disk.free()
+                    if free is not None and free < RESERVE_MIN and cause != "disk full":
+                        cause = f"disk full: {cause}"
+                    raise StoreUnavailable(f"outbox {self.path}: {cause}") from None
                 damage = walcheck.Damage(str(exc))
         moved = recover.move_aside(self.path)
         found = recover.salvage(moved, damage)

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from diskfaults import fill, small_fs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -266,6 +267,32 @@ def test_stats_show_the_files_own_limits(tmp_path: Path) -> None:
         [sys.executable, "-m", "edge_agent", "outbox", "stats", str(path)], capture_output=True, text=True, check=True
     ).stdout
     assert "of 2097152 bytes" in out and "max_age 3600s" in out and "when_full drop_newest" in out
+
+
+def test_an_outbox_on_a_full_disk_opens_and_still_deletes(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A healthy outbox on a disk that filled up while the agent was stopped: it is not taken for a corrupt one;
+    it opens (its reserve makes room for SQLite's -shm), rows are handed out and deleted, new writes fail."""
+    with small_fs(tmp_path / "disk", "2m") as disk:
+        path = disk / "outbox.db"
+        b = Outbox(path)
+        b.open()
+        b.put([entry(i) for i in range(100)])
+        b.close()
+        filler = fill(disk)
+        caplog.set_level(logging.WARNING)
+        b.open()
+        assert not list(disk.glob("outbox.db.corrupt-*")) and b.corrupt_files == 0
+        rows = b.take(40)
+        assert numbers(rows) == list(range(40))
+        assert b.ack([r.id for r in rows]) == 40 and b.depth[Kind.EVENT] == 60
+        with pytest.raises(sqlite3.OperationalError, match="full"):
+            b.put([entry(1000 + i, size=3000) for i in range(300)])
+        b.close()
+        filler.unlink()
+        b.open()
+        assert numbers(b.take(100)) == list(range(40, 100))
+        b.close()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 # ---------------------------------------------------------------- properties
