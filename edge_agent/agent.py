@@ -217,8 +217,9 @@ class Agent:
                 await health.stop()
 
     async def _run_with_outbox(self, outbox: OutboxWriter, sink: MqttPublisher, stop: asyncio.Event) -> None:
-        # what earlier runs left (OutboxError: locked by another agent, or not writable): the event
-        # sequence continues after the last number written, and anomalies left open get their end
+        # what earlier runs left (OutboxBusy: locked by another agent; a file that cannot be opened or
+        # written, e.g. on a full disk, is one warning: the outbox runs on its memory queue and retries):
+        # the event sequence continues after the last number written, and anomalies left open get their end
         start = await outbox.open()
         try:
             self.sequence.start_after(start.last_seq)

@@ -31,6 +31,8 @@ MARKS: dict[str, str] = {
     "drivers/s7/test_s7_addresses.py": "unit",
     "observe/": "integration",  # the health server on a loopback port
     "outbox/test_outbox_kill.py": "integration",  # SIGKILLs a writing subprocess
+    "outbox/test_outbox_limits.py": "integration",  # a tmpfs mounted for a full disk; outbox stats in a subprocess
+    "outbox/test_outbox_damage.py": "integration",  # damaged files written by a subprocess
     "poller/test_poller_modbus.py": "integration",  # pymodbus servers
     "publish/": "integration",  # mosquitto, and driver.py in a subprocess
     "publish/test_mqtt_fastpath.py": "unit",  # a socket pair, no server

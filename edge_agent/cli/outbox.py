@@ -26,10 +26,17 @@ def cmd_outbox(args: argparse.Namespace) -> int:
                     f"{st.path}: {st.total} messages ({', '.join(f'{k} {v}' for k, v in st.depth.items())}), "
                     f"{st.bytes} of {st.max_bytes} bytes, oldest {oldest}, open anomalies {st.open_anomalies}"
                 )
+                print(f"  limits: max_bytes {st.max_bytes}, max_age {st.max_age:g}s, when_full {st.when_full}")
                 print(
-                    f"  dropped: {', '.join(f'{k} {v}' for k, v in st.dropped_by_kind().items())}; "
+                    f"  dropped: {', '.join(f'{k} {v}' for k, v in st.dropped_by_kind().items())} "
+                    f"(by reason: {', '.join(f'{k} {v}' for k, v in st.dropped_by_reason().items())}); "
                     f"last event seq {st.last_seq}"
                 )
+                if st.corrupt_files:
+                    print(
+                        f"  damaged files moved aside: {st.corrupt_files}, "
+                        f"committed transactions lost with them: {st.lost_transactions}"
+                    )
             return EXIT_OK
         if args.outbox_command == "export":
             if args.out in (None, "-"):

@@ -140,24 +140,43 @@ def publisher_metrics(st: PublisherStats) -> Iterable[Metric]:
 
 
 def outbox_metrics(st: WriterStats) -> Iterable[Metric]:
-    """The outbox's depth, bytes, oldest age and drops (from memory)."""
+    """The outbox's depth, bytes, oldest age, memory queue, drops and damage (from memory)."""
     ob = st.outbox
-    if ob is None:
-        return
-    depth = GaugeMetricFamily("edge_agent_outbox_depth", "Messages waiting in the outbox", labels=["kind"])
-    for kind, n in ob.depth.items():
+    depth = GaugeMetricFamily("edge_agent_outbox_depth", "Messages waiting in the outbox file", labels=["kind"])
+    for kind, n in (ob.depth if ob is not None else {"event": 0, "score": 0, "telemetry": 0}).items():
         depth.add_metric([kind], n)
     yield depth
-    yield GaugeMetricFamily("edge_agent_outbox_bytes", "Bytes stored in the outbox", value=ob.bytes)
-    yield GaugeMetricFamily("edge_agent_outbox_max_bytes", "The outbox's bound", value=ob.max_bytes)
-    age = max(0.0, time.time() - st.oldest) if st.oldest is not None and ob.total else 0.0
+    yield GaugeMetricFamily(
+        "edge_agent_outbox_pending",
+        "Messages in the outbox's memory queue (waiting for the file, or sent from there while it cannot be written)",
+        value=st.pending,
+    )
+    yield GaugeMetricFamily(
+        "edge_agent_outbox_writable",
+        "1 while the outbox file is open and written, 0 while messages are kept in memory (disk full, not openable)",
+        value=1 if st.store_error is None and ob is not None else 0,
+    )
+    if ob is not None:
+        yield GaugeMetricFamily("edge_agent_outbox_bytes", "Bytes stored in the outbox", value=ob.bytes)
+        yield GaugeMetricFamily("edge_agent_outbox_max_bytes", "The outbox's bound", value=ob.max_bytes)
+        yield CounterMetricFamily(
+            "edge_agent_outbox_corrupt_files",
+            "Damaged outbox files moved aside (their readable rows were recovered)",
+            value=ob.corrupt_files,
+        )
+        yield CounterMetricFamily(
+            "edge_agent_outbox_lost_transactions",
+            "Committed transactions lost with damaged outbox files",
+            value=ob.lost_transactions,
+        )
+    age = max(0.0, time.time() - st.oldest) if st.oldest is not None and ob is not None and ob.total else 0.0
     yield GaugeMetricFamily(
         "edge_agent_outbox_oldest_age_seconds",
         "Age of the oldest message waiting in the outbox (refreshed every mqtt.status_interval)",
         value=age,
     )
     drops = CounterMetricFamily("edge_agent_outbox_dropped", "Messages dropped", labels=["reason", "kind"])
-    for key, n in ob.dropped.items():
+    for key, n in st.dropped.items():
         reason, _, kind = key.partition(".")
         drops.add_metric([reason, kind], n)
     yield drops

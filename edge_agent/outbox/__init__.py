@@ -4,8 +4,19 @@
 and the calls a sink makes to take and acknowledge rows), `tools` the read-only operator commands.
 """
 
-from edge_agent.outbox.rows import DROP_REASONS, Entry, Kind, OutboxError, OutboxStats, Row
+from edge_agent.outbox.rows import DROP_REASONS, Entry, Kind, OutboxBusy, OutboxError, OutboxStats, Row
 from edge_agent.outbox.store import Outbox
 from edge_agent.outbox.tools import export, outbox_stats
 
-__all__ = ["DROP_REASONS", "Entry", "Kind", "Outbox", "OutboxError", "OutboxStats", "Row", "export", "outbox_stats"]
+__all__ = [
+    "DROP_REASONS",
+    "Entry",
+    "Kind",
+    "Outbox",
+    "OutboxBusy",
+    "OutboxError",
+    "OutboxStats",
+    "Row",
+    "export",
+    "outbox_stats",
+]

@@ -14,7 +14,11 @@ ROW_OVERHEAD = 48  # bytes counted per row beyond payload and topic (row header,
 
 
 class OutboxError(EdgeAgentError):
-    """The outbox cannot be used (directory not writable, another process holds it)."""
+    """The outbox cannot be used (directory not writable, disk full, another process holds it)."""
+
+
+class OutboxBusy(OutboxError):
+    """Another process (an agent or a drain) holds the outbox: a second publisher would send every row twice."""
 
 
 class Kind(IntEnum):
@@ -30,8 +34,9 @@ class Kind(IntEnum):
         return self.name.lower()
 
 
-# bounds reached, too old, the publisher's in-memory queue overflowed, refused for good by the broker (MQTT 5)
-DROP_REASONS = ("full", "age", "memory", "rejected")
+# bounds reached, too old, the in-memory queue overflowed (the disk did not keep up, or is full), refused for
+# good by the broker (MQTT 5), damaged on disk (failed its checksum, or lost with a damaged file)
+DROP_REASONS = ("full", "age", "memory", "rejected", "corrupt")
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,12 +78,15 @@ class OutboxStats:
     depth: Mapping[str, int]  # per kind
     bytes: int
     max_bytes: int
+    max_age: float
+    when_full: str
     oldest: float | None  # creation time of the oldest stored message
     in_flight: int
     dropped: Mapping[str, int]  # "<reason>.<kind>" → count, persisted
     open_anomalies: int
     runs: int
     corrupt_files: int
+    lost_transactions: int  # committed transactions lost with damaged files (their rows are counted when known)
     last_seq: int
 
     @property
@@ -102,6 +110,8 @@ class OutboxStats:
             "depth_by_kind": dict(self.depth),
             "bytes": self.bytes,
             "max_bytes": self.max_bytes,
+            "max_age": self.max_age,
+            "when_full": self.when_full,
             "oldest": iso(self.oldest) if self.oldest is not None else None,
             "in_flight": self.in_flight,
             "dropped": self.dropped_by_kind(),
@@ -109,6 +119,7 @@ class OutboxStats:
             "open_anomalies": self.open_anomalies,
             "runs": self.runs,
             "corrupt_files": self.corrupt_files,
+            "lost_transactions": self.lost_transactions,
             "last_seq": self.last_seq,
         }
 

@@ -6,9 +6,13 @@ Threads and who owns what:
 - one worker thread, owned here: every SQLite call (nothing blocking runs on the loop). Sinks take,
   acknowledge and give back rows through this class, so that thread stays the only one touching the file.
 
-The memory queue is bounded (MAX_PENDING): when the disk cannot keep up, new messages are dropped and
-counted (reason `memory`), never held without bound. Rates are on a grid (slot k = floor(t / interval)):
-one scores or telemetry message per interval, not one per interval plus a poll.
+The memory queue (`memory.MemoryQueue`) is bounded (`max_pending`, MAX_PENDING by default): when the disk
+cannot keep up, messages are dropped by the `when_full` policy and counted (reason `memory`), never held
+without bound. When the file cannot be written (disk full) or opened, messages stay there and sinks take
+them from there while the file has nothing to give, so a connected broker still gets them; the writer
+retries every RETRY_DB and writes to the file again by itself once it can (one log line each way).
+Rates are on a grid (slot k = floor(t / interval)): one scores or telemetry message per interval, not one
+per interval plus a poll.
 """
 
 from __future__ import annotations
@@ -20,15 +24,18 @@ import logging
 import math
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from edge_agent.config import MqttSection, OutboxSection
-from edge_agent.outbox.rows import Entry, Kind, OutboxError, OutboxStats, Row
+from edge_agent.outbox.disk import describe
+from edge_agent.outbox.memory import MemoryQueue
+from edge_agent.outbox.rows import Entry, Kind, OutboxBusy, OutboxError, OutboxStats, Row, counter_names
 from edge_agent.outbox.store import Outbox
+from edge_agent.outbox.tools import read_start
 from edge_agent.records import encode, event_payload, score_payload, telemetry_payload
 from edge_agent.types import AnomalyEvent, EventType, OpenAnomaly, SampleBatch, Score
 
@@ -36,8 +43,10 @@ log = logging.getLogger("edge_agent.outbox")
 
 T = TypeVar("T")
 
-MAX_PENDING = 20_000  # messages waiting in memory for the writer; beyond, new ones are dropped and counted
-RETRY_DB = 1.0  # seconds before retrying a failed write
+MAX_PENDING = 20_000  # messages waiting in memory for the writer; beyond, the when_full policy drops and counts
+RETRY_DB = 1.0  # seconds before retrying a failed write (or open)
+RECOVERY_BATCH = 256  # messages per transaction while the file is failing: some get in even when not all fit
+_ERRORS = (OSError, OutboxError, sqlite3.Error)
 EXPIRE_EVERY = 60.0  # seconds between max_age sweeps
 
 
@@ -60,8 +69,10 @@ class WriterStats:
     """A snapshot of the outbox stage: what producers submitted, what waits in memory, and the file's stats."""
 
     submitted: int
-    pending: int
-    dropped_memory: int  # not yet written into the file's counters
+    pending: int  # messages in memory (waiting for the file, or handed to a sink from there)
+    dropped_memory: int  # memory drops not yet written into the file's counters
+    dropped: Mapping[str, int]  # "<reason>.<kind>" → count: the file's counters plus those waiting in memory
+    store_error: str | None  # why the file is not being written (None: it is)
     oldest: float | None  # creation time of the oldest stored message (refreshed by housekeeping)
     outbox: OutboxStats | None  # None while the file is not open
 
@@ -95,9 +106,12 @@ class OutboxWriter:
         self._prefix = mqtt.prefix
         self._clock = clock
         self.submitted = 0
-        self._pending: list[Entry] = []
-        self._dropped_mem: dict[Kind, int] = {}
-        self._done = 0  # entries written (or dropped) so far
+        self.memory = MemoryQueue(MAX_PENDING, self.outbox.when_full)
+        self._done = 0  # entries written, dropped, or delivered from memory so far
+        self._store_error: str | None = None  # set while the file cannot be written (or opened)
+        self._writing = False  # a batch taken from memory is being written: sinks leave memory alone meanwhile
+        self._unacked: dict[bool, list[int]] = {False: [], True: []}  # rejected? → acks the file did not take yet
+        self._ack_failing = False
         self._commit_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self.oldest: float | None = None
         self._score_slot: dict[str, int] = {}
@@ -114,21 +128,39 @@ class OutboxWriter:
 
     # ------------------------------------------------------------ lifecycle
 
-    async def open(self) -> StartState:
-        """Open the file in the worker thread (OutboxError: locked by another agent, or not writable)."""
+    async def open(self, *, strict: bool = False) -> StartState:
+        """Open the file in the worker thread.
+
+        OutboxBusy: another agent holds it. Any other failure (disk full, not writable) is one WARNING: the
+        stage runs on its memory queue and keeps trying to open the file (strict=True raises OutboxError).
+        """
         if self._exec is None:
             self._exec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox")
         self._loop = asyncio.get_running_loop()
         if not self.outbox.is_open:
             try:
                 await self.db(self.outbox.open)
-            except BaseException:
-                self._exec.shutdown(wait=False)
-                self._exec = None
-                raise
-        if self._pending:
+            except BaseException as exc:
+                if strict or not isinstance(exc, _ERRORS) or isinstance(exc, OutboxBusy):
+                    self._exec.shutdown(wait=False)
+                    self._exec = None
+                    raise
+                self._failed(exc, "open")
+                # what earlier runs left, read without writing (best effort): the sequence goes on from there
+                last_seq, left_open = await self.db(read_start, self.outbox.path)
+                return StartState(last_seq, left_open)
+        if len(self.memory):
             self._wake_writer.set()
         return StartState(self.outbox.last_seq, await self.db(self.outbox.open_anomalies))
+
+    @property
+    def max_pending(self) -> int:
+        """The memory queue's bound (messages)."""
+        return self.memory.limit
+
+    @max_pending.setter
+    def max_pending(self, value: int) -> None:
+        self.memory.limit = value
 
     @property
     def path(self) -> Path:
@@ -156,8 +188,16 @@ class OutboxWriter:
 
     async def close(self) -> None:
         """Write what is pending (if the disk lets us), close the file and the worker thread."""
-        with contextlib.suppress(OSError, OutboxError, sqlite3.Error):
-            await self._write_pending()
+        self.memory.release()  # rows a sink took from memory and did not get acknowledged go back
+        if self._exec is not None:
+            await self._write_now()
+        if len(self.memory):
+            log.warning(
+                "outbox %s: stopping with %d messages in memory that could not be written (%s); they are lost",
+                self.outbox.path,
+                len(self.memory),
+                self._store_error or "not written",
+            )
         for _, fut in self._commit_waiters:
             if not fut.done():
                 fut.cancel()
@@ -177,7 +217,7 @@ class OutboxWriter:
         # the record itself is what scoring needs to write the end of an open anomaly after a crash
         opens = (event.model, event.anomaly_id, payload) if event.type is EventType.START else None
         closes = (event.model, event.anomaly_id) if event.type is EventType.END else None
-        self._submit(Entry(topic, payload, Kind.EVENT, self.mqtt.qos, None, event.seq, opens, closes))
+        self._submit(Entry(topic, payload, Kind.EVENT, self.mqtt.qos, self._clock(), event.seq, opens, closes))
 
     def put_score(self, score: Score, *, version: str | None = None, sha256: str | None = None) -> None:
         """Queue a model's score for `{prefix}/scores/{model}`, once per scores_interval (off when unset)."""
@@ -186,7 +226,7 @@ class OutboxWriter:
             return
         payload = score_payload(score, agent=self.agent_id, site=self.site, version=version, sha256=sha256)
         topic = f"{self._prefix}/scores/{topic_level(score.model)}"
-        self._submit(Entry(topic, encode(payload), Kind.SCORE, self.mqtt.scores_qos))
+        self._submit(Entry(topic, encode(payload), Kind.SCORE, self.mqtt.scores_qos, self._clock()))
 
     def put_telemetry(self, batch: SampleBatch) -> None:
         """Queue a device's latest values of all its tags for `{prefix}/telemetry/{device}`, once per
@@ -201,7 +241,7 @@ class OutboxWriter:
             return
         payload = telemetry_payload(batch.device, latest, agent=self.agent_id, site=self.site, ts=batch.ts)
         topic = f"{self._prefix}/telemetry/{topic_level(batch.device)}"
-        self._submit(Entry(topic, encode(payload), Kind.TELEMETRY, self.mqtt.telemetry_qos))
+        self._submit(Entry(topic, encode(payload), Kind.TELEMETRY, self.mqtt.telemetry_qos, self._clock()))
 
     def _new_slot(self, slots: dict[str, int], key: str, interval: float) -> bool:
         slot = math.floor(self._clock() / interval)
@@ -212,21 +252,19 @@ class OutboxWriter:
 
     def _submit(self, entry: Entry) -> None:
         self.submitted += 1
-        if len(self._pending) >= MAX_PENDING:
-            # the disk is not keeping up: count the drop rather than grow without bound
-            self._dropped_mem[entry.kind] = self._dropped_mem.get(entry.kind, 0) + 1
-            self._done += 1
-            return
-        self._pending.append(entry)
+        # beyond the bound (the disk is not keeping up, or is full) the policy drops and counts, never grows
+        self._done += self.memory.add(entry)
         self._wake_writer.set()
+        if self._store_error is not None:
+            self._committed()  # the file takes nothing: sinks take it from memory
 
     async def flush(self) -> None:
         """Wait until every message submitted so far is in the file (committed, or counted as dropped)."""
         target = self.submitted
         if self._done >= target:
             return
-        if not self._running:  # before run(): write it now (the restart bookkeeping does this)
-            await self._write_pending()
+        if not self._running:  # before run(): write it now (the restart bookkeeping does this), or keep it in memory
+            await self._write_now()
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._commit_waiters.append((target, fut))
@@ -235,22 +273,64 @@ class OutboxWriter:
 
     @property
     def pending(self) -> int:
-        """Messages waiting in memory for the next commit."""
-        return len(self._pending)
+        """Messages waiting in memory (for the next commit, or for a sink while the file cannot be written)."""
+        return len(self.memory)
 
     # ------------------------------------------------------------ what sinks call
 
     async def take(self, n: int) -> list[Row]:
-        """Up to `n` rows to publish, events first; they stay stored until ack()."""
-        return await self.db(self.outbox.take, n)
+        """Up to `n` rows to publish, events first; they stay stored until ack().
+
+        While the file cannot be written, rows from the memory queue follow the file's (negative ids).
+        """
+        rows: list[Row] = []
+        if self.outbox.is_open:
+            try:
+                rows = await self.db(self.outbox.take, n)
+            except _ERRORS as exc:
+                log.error("outbox %s: cannot read rows to publish (%s)", self.outbox.path, exc)
+        if len(rows) < n and self._store_error is not None and not self._writing and len(self.memory):
+            rows.extend(self.memory.take(n - len(rows), run=self.outbox.run, now=self._clock()))
+        return rows
 
     async def ack(self, ids: list[int], *, rejected: bool = False) -> None:
-        """Delete rows the broker acknowledged (or, `rejected`, refused for good: counted as dropped)."""
-        await self.db(self.outbox.ack, ids, rejected=rejected)
+        """Delete rows the broker acknowledged (or, `rejected`, refused for good: counted as dropped).
+
+        Deletes the file refuses (it should not: see disk.py) are kept and retried; the rows stay in flight.
+        """
+        delivered = self.memory.ack([i for i in ids if i < 0], rejected=rejected)
+        if delivered:
+            self._done += delivered
+            self._resolve_waiters()
+        stored = [i for i in ids if i > 0]
+        if stored or self._unacked[rejected]:
+            await self._ack_file(stored, rejected=rejected)
+
+    async def _ack_file(self, ids: list[int], *, rejected: bool) -> None:
+        for flag in (rejected, not rejected):
+            backlog, self._unacked[flag] = self._unacked[flag], []
+            todo = backlog + ids if flag == rejected else backlog
+            if not todo or not self.outbox.is_open:
+                self._unacked[flag] = todo
+                continue
+            try:
+                await self.db(self.outbox.ack, todo, rejected=flag)
+            except _ERRORS as exc:
+                self._unacked[flag] = todo
+                if not self._ack_failing:
+                    log.error("outbox %s: cannot delete acknowledged rows (%s); retrying", self.outbox.path, exc)
+                self._ack_failing = True
+                return
+        if self._ack_failing and not any(self._unacked.values()):
+            log.info("outbox %s: acknowledged rows are deleted again", self.outbox.path)
+            self._ack_failing = False
 
     async def release(self, ids: list[int]) -> None:
         """Give rows back unacknowledged: the next take() starts from the oldest again."""
-        await self.db(self.outbox.release, ids)
+        self.memory.release([i for i in ids if i < 0])
+        stored = [i for i in ids if i > 0]
+        if stored and self.outbox.is_open:
+            await self.db(self.outbox.release, stored)
 
     @property
     def run_id(self) -> int:
@@ -266,10 +346,17 @@ class OutboxWriter:
 
     def stats(self) -> WriterStats:
         """A snapshot from memory (no I/O): safe on the event loop."""
+        dropped = dict.fromkeys(counter_names(), 0)
+        if self.outbox.is_open:
+            dropped.update(self.outbox.counters)
+        for key, n in self.memory.dropped.items():
+            dropped[key] = dropped.get(key, 0) + n
         return WriterStats(
             submitted=self.submitted,
-            pending=len(self._pending),
-            dropped_memory=sum(self._dropped_mem.values()),
+            pending=len(self.memory) + len(self.memory.out),
+            dropped_memory=sum(n for k, n in self.memory.dropped.items() if k.startswith("memory.")),
+            dropped=dropped,
+            store_error=self._store_error,
             oldest=self.oldest,
             outbox=self.outbox.quick_stats() if self.outbox.is_open else None,
         )
@@ -277,52 +364,90 @@ class OutboxWriter:
     def status_summary(self) -> dict[str, Any]:
         """The outbox part of the status payload: depth, bytes, drops (from memory; no I/O)."""
         s = self.outbox.quick_stats().as_dict()
-        s["dropped_by_reason"]["memory"] += sum(self._dropped_mem.values())
+        for key, n in self.memory.dropped.items():
+            reason, _, kind = key.partition(".")
+            s["dropped_by_reason"][reason] += n
+            s["dropped"][kind] += n
         s.pop("path", None)
         s["oldest"] = None
+        s["pending"] = len(self.memory) + len(self.memory.out)
+        s["store_error"] = self._store_error
         return s
 
     # ------------------------------------------------------------ tasks
 
     async def _writer(self) -> None:
         wake = self._wake_writer
-        failing = False
         while True:
-            await wake.wait()
-            if self.batched:
-                await asyncio.sleep(self.commit_interval)
+            if self._store_error is None:
+                await wake.wait()
+                if self.batched:
+                    await asyncio.sleep(self.commit_interval)
+            else:
+                await asyncio.sleep(RETRY_DB)  # the file is failing: retry on a clock, not on every message
             wake.clear()
-            try:
-                await self._write_pending()
-            except (OSError, OutboxError, sqlite3.Error) as exc:
-                if not failing:
-                    log.error(
-                        "outbox %s: cannot write (%s); keeping messages in memory, retrying", self.outbox.path, exc
-                    )
-                failing = True
-                await asyncio.sleep(RETRY_DB)
-                wake.set()
-                continue
-            if failing:
-                log.info("outbox %s: writing again", self.outbox.path)
-                failing = False
+            await self._write_now()
+
+    async def _write_now(self) -> bool:
+        """Open the file if needed and write what waits in memory; on failure keep it there (logged once)."""
+        try:
+            if not self.outbox.is_open:
+                await self.db(self.outbox.open)
+            await self._write_pending()
+            if any(self._unacked.values()):
+                await self._ack_file([], rejected=False)
+        except _ERRORS as exc:
+            self._failed(exc, "write")
+            return False
+        if self._store_error is not None and not len(self.memory):
+            log.info(
+                "outbox %s: writing again (the messages kept in memory are in the file or were delivered)",
+                self.outbox.path,
+            )
+            self._store_error = None
+        return True
+
+    def _failed(self, exc: BaseException, what: str) -> None:
+        cause = describe(exc)
+        if self._store_error is None:
+            log.warning(
+                "outbox %s: cannot %s it (%s); keeping up to %d messages in memory and publishing them from there; "
+                "retrying every %gs",
+                self.outbox.path,
+                what,
+                cause,
+                self.memory.limit,
+                RETRY_DB,
+            )
+        else:
+            log.debug("outbox %s: still cannot %s it (%s)", self.outbox.path, what, cause)
+        self._store_error = cause
+        self._committed()  # sinks: rows are to be taken from memory now
 
     async def _write_pending(self) -> None:
-        if not self._pending and not self._dropped_mem:
+        # while the file is failing, small transactions: part of the queue gets in even when not all of it fits
+        limit = None if self._store_error is None else RECOVERY_BATCH
+        for _ in range(1 if limit is None else len(self.memory) // limit + 2):
+            if not len(self.memory) and not self.memory.has_accounting:
+                self._resolve_waiters()
+                return
+            batch = self.memory.drain(limit)
+            accounting = self.memory.accounting()
+            dropped, booked, seq = accounting
+            self._writing = True
+            try:
+                await self.db(self.outbox.put, batch, dropped=dropped, booked=list(booked.values()), seq=seq)
+            except BaseException:
+                self.memory.unshift(batch)
+                self.memory.restore(accounting)
+                raise
+            finally:
+                self._writing = False
+            self._done += len(batch)
             self._resolve_waiters()
-            return
-        batch, self._pending = self._pending, []
-        dropped, self._dropped_mem = self._dropped_mem, {}
-        try:
-            await self.db(self.outbox.put, batch, dropped_in_memory=dropped)
-        except BaseException:
-            self._pending[:0] = batch
-            for k, n in dropped.items():
-                self._dropped_mem[k] = self._dropped_mem.get(k, 0) + n
-            raise
-        self._done += len(batch)
-        self._resolve_waiters()
-        self._committed()
+            self._committed()
+            if limit is None:
+                return
 
     def _committed(self) -> None:
         for wake in self._on_commit:
@@ -347,12 +472,13 @@ class OutboxWriter:
                 try:
                     if await self.db(self.outbox.expire):
                         log.warning("outbox: dropped messages older than %gs", self.outbox.max_age)
-                except (OSError, OutboxError, sqlite3.Error) as exc:
-                    log.error("outbox %s: expiry failed (%s)", self.outbox.path, exc)
+                except _ERRORS as exc:
+                    if self.outbox.is_open:
+                        log.error("outbox %s: expiry failed (%s)", self.outbox.path, exc)
             try:
                 # the oldest stored message needs a query: refreshed here, read by the metrics at scrape time
                 self.oldest = (await self.db(self.outbox.stats)).oldest
-            except (OSError, OutboxError, sqlite3.Error) as exc:
+            except _ERRORS as exc:
                 log.debug("outbox %s: stats failed (%s)", self.outbox.path, exc)
             await asyncio.sleep(self.mqtt.status_interval)
 

@@ -46,7 +46,7 @@ async def drain(
         mqtt, writer, agent_id=agent_id, site=site, version=version, client_id=f"{mqtt.client_id or agent_id}-drain"
     )
     started = time.monotonic()
-    await writer.open()
+    await writer.open(strict=True)  # nothing to drain from a file that cannot be opened
     before = writer.depth
     task = asyncio.create_task(deliver(writer, pub), name="outbox:drain")
     try:
