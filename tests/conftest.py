@@ -25,6 +25,7 @@ MARKS: dict[str, str] = {
     "deploy/test_deploy_tools.py": "integration",  # systemd-analyze, the health check against an HTTP server, bash
     "drivers/modbus/": "integration",  # pymodbus servers, pseudo-terminals, mbpoll
     "drivers/opcua/": "integration",  # asyncua servers; the lazy-import checks run a subprocess
+    "drivers/opcua/test_opcua_browse_names.py": "unit",
     "drivers/opcua/test_opcua_certs.py": "unit",
     "drivers/opcua/test_opcua_nodeids.py": "unit",
     "drivers/s7/": "integration",  # snap7 servers; the lazy-import checks run a subprocess

@@ -1,4 +1,4 @@
-"""Command line: check | read | run | demo | simulate | opcua | outbox | model | calibrate | replay | train."""
+"""Command line: check | read | run | demo | simulate | opcua | browse | outbox | model | calibrate | replay | train."""
 
 # One module per group of commands, each adding its parsers here. A command imports what it needs (pydantic, numpy,
 # the drivers, the agent, scoring, paho) when it runs: building the parser imports none of them, so `edge-agent --help`
@@ -15,7 +15,7 @@ from edge_agent.cli.common import EXIT_CONFIG, EXIT_FAIL, EXIT_OK
 from edge_agent.cli.devices import cmd_check, cmd_read
 from edge_agent.cli.logs import RedactSecrets, _setup_logging
 from edge_agent.cli.model import cmd_calibrate, cmd_model_inspect, cmd_replay, cmd_train
-from edge_agent.cli.opcua import cmd_opcua_gen_cert
+from edge_agent.cli.opcua import cmd_browse, cmd_opcua_gen_cert
 from edge_agent.cli.outbox import cmd_outbox
 from edge_agent.cli.run import cmd_run
 from edge_agent.cli.simulate import cmd_demo, cmd_simulate, record_plant
@@ -27,6 +27,7 @@ __all__ = [
     "RedactSecrets",
     "_setup_logging",
     "build_parser",
+    "cmd_browse",
     "cmd_calibrate",
     "cmd_check",
     "cmd_demo",
@@ -50,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     sub = p.add_subparsers(dest="command", required=True)
 
-    # in this order in the help: check, read, run, demo, simulate, opcua, outbox, model, calibrate, replay, train
+    # help order: check, read, run, demo, simulate, opcua, browse, outbox, model, calibrate, replay, train
     for group in (devices, run, simulate, opcua, outbox, model):
         group.add_parsers(sub)
     return p

@@ -14,7 +14,7 @@ from edge_agent.cli.common import EXIT_CONFIG, EXIT_FAIL, EXIT_OK, _fmt, _iso, _
 from edge_agent.errors import DeviceError
 
 if TYPE_CHECKING:
-    from edge_agent.drivers import DeviceBase
+    from edge_agent.drivers import DeviceBase, Driver
     from edge_agent.types import Sample
 
 # ---------------------------------------------------------------- check
@@ -40,11 +40,24 @@ def cmd_check(args: argparse.Namespace) -> int:
             unavailable.append(str(exc))
             continue
         print(f"  {dev.name} ({dev.type}): {', '.join(driver.plan())}")
+        if args.plan:
+            _print_requests(driver, sys.stdout)
     for m in models:  # which file will score: the configured one, or a saved startup calibration of it
         print(f"  model {m.section.name}: {m.describe()}")
     for line in unavailable:  # an install problem, found before anything starts: as bad as a config error
         print(f"{args.config}: {line}", file=sys.stderr)
     return EXIT_CONFIG if unavailable else EXIT_OK
+
+
+def _print_requests(driver: Driver, out: TextIO) -> None:
+    """Every request of each group, as the driver names it (the notation of its tags), with the tags it brings."""
+    subscribed = {id(g) for g in driver.subscriptions}
+    for group, requests in driver.requests().items():
+        when = f"subscribed, sampling {group.interval:g}s" if id(group) in subscribed else f"every {group.interval:g}s"
+        for req in requests:
+            n = len(req.tags)
+            names = ", ".join(req.tags) if n <= 2 else f"{req.tags[0]} … {req.tags[-1]}"
+            out.write(f"    {when}: {req.label}: {n} tag{'s' if n != 1 else ''} ({names})\n")
 
 
 # ---------------------------------------------------------------- read
@@ -132,6 +145,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     """Add the parsers of check and read."""
     c = sub.add_parser("check", help="validate a config file (exit 0 when valid, 2 when not)")
     c.add_argument("config")
+    c.add_argument(
+        "--plan", action="store_true", help="list every request each device will make, in the tags' notation"
+    )
     c.set_defaults(func=cmd_check)
 
     r = sub.add_parser("read", help="read every tag once and print it (exit 1 if any tag is not good)")

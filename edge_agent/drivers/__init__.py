@@ -18,6 +18,7 @@ from edge_agent.drivers.base import (
     DriverBase,
     DriverPlugin,
     DriverUnavailable,
+    Request,
     ScanGroup,
     TagBase,
     register,
@@ -48,6 +49,7 @@ __all__ = [
     "DriverBase",
     "DriverPlugin",
     "DriverUnavailable",
+    "Request",
     "ScanGroup",
     "TagBase",
 ]

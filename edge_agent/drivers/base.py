@@ -130,6 +130,18 @@ class ScanGroup:
     tags: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class Request:
+    """One request a scan group sends each cycle (or sets up once, when subscribed), for `check --plan`.
+
+    `label` says what it asks for in the notation the engineer wrote the tags in (40001–40125,
+    holding:0–124, DB10.DBB0–DBB479, Read of 120 nodes): the same text the driver's warnings name it by.
+    """
+
+    label: str
+    tags: tuple[str, ...]  # the tags whose values it brings
+
+
 def group_by_interval(device: DeviceBase, tags: Iterable[T]) -> list[tuple[float, list[T]]]:
     """Tags grouped by the poll interval that applies to each, shortest interval first, file order kept."""
     by_interval: dict[float, list[T]] = {}
@@ -168,6 +180,9 @@ class Driver(Protocol):
     def plan(self) -> list[str]:
         """One line per scan group or subscription: what a cycle reads, in the engineer's notation."""
 
+    def requests(self) -> dict[ScanGroup, list[Request]]:
+        """Every request of each scan group or subscription, in the engineer's notation (`check --plan`)."""
+
 
 class DriverBase:
     """Defaults for a polling driver: no subscriptions, and a plan of tag counts per interval."""
@@ -191,6 +206,10 @@ class DriverBase:
     def plan(self) -> list[str]:
         """Tag counts per interval (drivers with a read planner say more)."""
         return [f"{len(g.tags)} tags every {g.interval:g}s" for g in self.groups]
+
+    def requests(self) -> dict[ScanGroup, list[Request]]:
+        """Every request per group; a driver without a read planner knows none ({})."""
+        return {}
 
 
 class DriverUnavailable(EdgeAgentError):
@@ -287,7 +306,7 @@ class PartFailures:
             self._silent.add(scope)
             whys = Counter(f.why for f in failed)
             first = {f.why: f.label for f in reversed(failed)}
-            # a reason only one request has names it (holding 0..1 answered …); shared ones count them
+            # a reason only one request has names it (40001–40002 answered …); shared ones count them
             detail = "; ".join(f"{first[why] if n == 1 else f'{n} requests'} {why}" for why, n in whys.most_common(3))
             ntags = len({t for f in failed for t in f.tags})
             hints = {f.hint for f in failed}

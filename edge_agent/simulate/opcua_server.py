@@ -3,7 +3,8 @@
 The address space is a contract (examples/simulator-opcua.yaml is written against it). Every node
 lives in the namespace `urn:edge-agent:simulator` under Objects/PumpSkid, with string node ids:
 
-    ns=<idx>;s=PumpSkid.SuctionPressure … PumpSkid.ValvePosition   Double    the eight signals (SIGNALS order)
+    ns=<idx>;s=PumpSkid.SuctionPressure … PumpSkid.ValvePosition   Double    the eight signals (SIGNALS order),
+                                                                         each with an EngineeringUnits property
     ns=<idx>;s=PumpSkid.MotorRunning, .FaultActive, .HighVibration  Boolean
     ns=<idx>;s=PumpSkid.PumpRun                                     Boolean   read/write: False stops the pump
     ns=<idx>;s=PumpSkid.FaultReset                                  Boolean   write True to end every fault
@@ -33,7 +34,7 @@ from asyncua.common.node import Node
 from edge_agent.drivers.opcua.certs import CertPurpose, generate_certificate, thumbprint
 from edge_agent.drivers.opcua.certs import load_certificate as _load_cert
 
-from .plant import SIGNALS, PlantPort, PlantState
+from .plant import SIGNALS, UNITS, PlantPort, PlantState
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,22 @@ _POLICIES = [
     ua.SecurityPolicyType.Basic256Sha256_Sign,
     ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt,
 ]
+
+
+# UNECE Recommendation 20 codes of the plant's units, which OPC UA's EUInformation carries (Part 8, 5.6.3)
+_UNECE = {"bar": "BAR", "m3/h": "MQH", "A": "AMP", "mm/s": "C16", "°C": "CEL", "%": "P1"}
+_UNECE_URI = "http://www.opcfoundation.org/UA/units/un/cefact"
+
+
+def engineering_units(unit: str) -> ua.EUInformation:
+    """The EUInformation of a plant unit: its UNECE code as UnitId, the unit as display name."""
+    code = _UNECE[unit]
+    unit_id = 0
+    for c in code:
+        unit_id = unit_id << 8 | ord(c)
+    return ua.EUInformation(
+        NamespaceUri=_UNECE_URI, UnitId=unit_id, DisplayName=ua.LocalizedText(unit), Description=ua.LocalizedText(unit)
+    )
 
 
 def node_name(signal: str) -> str:
@@ -192,6 +209,14 @@ class OpcUaPlantServer:
             if name in ("PumpRun", "FaultReset"):
                 await node.set_writable()
             self._nodes[name] = node.nodeid
+        for signal in SIGNALS:
+            name = node_name(signal)
+            await server.get_node(self._nodes[name]).add_property(
+                ua.NodeId(ua.String(f"PumpSkid.{name}.EngineeringUnits"), ua.Int16(idx)),
+                ua.QualifiedName("EngineeringUnits", 0),
+                ua.Variant(engineering_units(UNITS[signal]), ua.VariantType.ExtensionObject),
+                datatype=ua.NodeId(ua.Int32(ua.ObjectIds.EUInformation)),
+            )
 
     async def stop(self) -> None:
         """Stop refreshing and close the server and every client connection."""

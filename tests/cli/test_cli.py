@@ -93,6 +93,76 @@ async def test_read_unknown_device_and_bad_config(tmp_path: Path) -> None:
     assert code == 2 and f"{bad}:9: devices[0].tags[0].address:" in err
 
 
+PLAN = """\
+devices:
+  - name: plc
+    type: modbus
+    host: 127.0.0.1
+    tags:
+      - {name: temp, address: "40001", type: float32}
+      - {name: speed, address: "40003"}
+      - {name: alarm, address: "40100"}
+      - {name: run, address: "00001"}
+      - {name: count, address: "30001", type: uint32, poll_interval: 5s}
+  - name: gateway
+    type: modbus
+    host: 127.0.0.1
+    planner: {max_registers: 100}
+    tags:
+      - {name: g0, address: "holding:0", type: float64}
+      - {name: g1, address: "holding:96", type: float64}
+  - name: s7plc
+    type: s7
+    host: 127.0.0.1
+    tags:
+      - {name: level, address: DB10.DBD0, type: real}
+      - {name: pressure, address: DB10.DBD28, type: real}
+      - {name: motor, address: M0.0}
+      - {name: estop, address: E0.1}
+  - name: ua
+    type: opcua
+    endpoint: opc.tcp://127.0.0.1:4840
+    max_nodes_per_read: 2
+    tags:
+      - {name: u1, node: "ns=2;s=A"}
+      - {name: u2, node: "ns=2;s=B"}
+      - {name: u3, node: "ns=2;s=C"}
+  - name: uasub
+    type: opcua
+    endpoint: opc.tcp://127.0.0.1:4840
+    mode: subscribe
+    tags:
+      - {name: s1, node: "ns=2;s=A"}
+"""
+
+
+async def test_check_plan_lists_every_request_in_the_tags_notation(tmp_path: Path) -> None:
+    cfg = tmp_path / "plan.yaml"
+    cfg.write_text(PLAN)
+    code, out, err = await run_cli("check", "--plan", str(cfg))
+    assert code == 0, err
+    assert out.splitlines()[1:] == [
+        "  plc (modbus): 4 tags every 1s in 3 requests, 1 tags every 5s in 1 requests",
+        "    every 1s: 40001–40003: 2 tags (temp, speed)",
+        "    every 1s: 40100: 1 tag (alarm)",
+        "    every 1s: 00001: 1 tag (run)",
+        "    every 5s: 30001–30002: 1 tag (count)",
+        "  gateway (modbus): 2 tags every 1s in 2 requests",
+        "    every 1s: holding:0–3: 1 tag (g0)",
+        "    every 1s: holding:96–99: 1 tag (g1)",
+        "  s7plc (s7): 4 tags every 1s in 1 requests",
+        "    every 1s: DB10.DBB0–DBB31, EB0, MB0: 4 tags (level … estop)",
+        "  ua (opcua): 3 tags every 1s in 2 requests",
+        "    every 1s: Read of 2 nodes: 2 tags (u1, u2)",
+        "    every 1s: Read of 1 node: 1 tag (u3)",
+        "  uasub (opcua): 1 tags subscribed (sampling 1s)",
+        "    subscribed, sampling 1s: 1 monitored item: 1 tag (s1)",
+    ]
+    code, plain, err = await run_cli("check", str(cfg))  # without --plan: one line per device, as before
+    assert code == 0, err
+    assert plain.splitlines() == [line for line in out.splitlines() if not line.startswith("    ")]
+
+
 async def test_run_polls_until_sigterm(modbus_peer: ModbusPeer, tmp_path: Path) -> None:
     place(modbus_peer)
     cfg = write_config(tmp_path, modbus_peer.port)

@@ -139,7 +139,7 @@ async def test_wrong_unit_marks_tags_bad_but_device_up(
         (
             logging.WARNING,
             "device plc: no request of the 0.05s scan answered with data "
-            "(holding 0..0 answered exception code 4 (server device failure)); 1 tag marked bad until it does "
+            "(40001 answered exception code 4 (server device failure)); 1 tag marked bad until it does "
             "(if the device is on, check its unit id, now 9: a unit that is not there is answered so)",
         )
     ]
@@ -211,7 +211,7 @@ async def test_black_hole_is_one_outage_with_growing_backoff(caplog: pytest.LogC
         await hole.stop()
     lines = poller_lines(caplog)
     assert [lvl for lvl, _ in lines] == [logging.WARNING], lines  # the outage's start; no "back after", no flapping
-    assert lines[0][1] == "device gw: holding 0..0: no answer within 0.2s; retrying with backoff up to 1s"
+    assert lines[0][1] == "device gw: 40001: no answer within 0.2s; retrying with backoff up to 1s"
     # the attempts keep counting (no reset on connect), so the delay doubles towards its cap of 1 s
     assert attempts == sorted(attempts) and attempts[-1] >= 3, attempts
     assert 3 <= hole.accepted <= attempts[-1] + 1  # it kept reconnecting, once per attempt

@@ -51,6 +51,7 @@ class Table(StrEnum):
 
 
 _MODICON_TABLE = {"0": Table.COIL, "1": Table.DISCRETE, "3": Table.INPUT, "4": Table.HOLDING}
+_MODICON_DIGIT = {table: digit for digit, table in _MODICON_TABLE.items()}
 _EXPLICIT_TABLE = {
     "coil": Table.COIL,
     "coils": Table.COIL,
@@ -82,6 +83,26 @@ class ModbusAddress:
 
     def __str__(self) -> str:
         return self.text or f"{self.table}:{self.index}" + (f".{self.bit}" if self.bit is not None else "")
+
+    @property
+    def modicon_digits(self) -> int:
+        """5 or 6 when written as a Modicon address (40001, 400001); 0 when written table:offset."""
+        m = _MODICON_RE.match(self.text)
+        return 1 + len(m.group(2)) if m else 0
+
+
+def range_text(table: Table, start: int, count: int, modicon: int = 0) -> str:
+    """Units start … start+count-1 of a table as an engineer writes them; one address when count is 1.
+
+    `modicon` is the digits of the Modicon form the tags were written in (5: 40001–40125, 6:
+    400001–400125; 5 digits reach 9999 only), 0 for table:offset (holding:0–124).
+    """
+    last = start + count - 1
+    if not modicon:
+        return f"{table}:{start}" + (f"–{last}" if count > 1 else "")
+    digits = 6 if modicon > 5 or last >= 9999 else 5
+    first, end = (f"{_MODICON_DIGIT[table]}{i + 1:0{digits - 1}d}" for i in (start, last))
+    return first + (f"–{end}" if count > 1 else "")
 
 
 def parse_address(value: Any) -> ModbusAddress:
@@ -251,6 +272,14 @@ class ModbusDevice(DeviceBase):
         elif self.serial is not None:
             raise FieldError("serial", f"serial settings apply to transport rtu, not {self.transport}")
         return self
+
+    def notation(self) -> dict[Table, int]:
+        """How each table's requests are named: the Modicon digits (5 or 6) when every tag of that table was
+        written Modicon-style (40001, 400001), 0 for table:offset (holding:0) when any was written so."""
+        digits: dict[Table, list[int]] = defaultdict(list)
+        for tag in self.tags:
+            digits[tag.address.table].append(tag.address.modicon_digits)
+        return {table: 0 if 0 in d else max(d) for table, d in digits.items()}
 
     def check(self) -> list[tuple[tuple[str | int, ...], str]]:
         """Overlapping addresses, and tags too large for one request."""

@@ -21,7 +21,15 @@ from pymodbus.pdu.bit_message import ReadCoilsResponse
 from pymodbus.pdu.register_message import ReadHoldingRegistersResponse
 from pymodbus.transaction import TransactionManager
 
-from edge_agent.drivers.base import DriverBase, PartFailure, PartFailures, ScanGroup, group_by_interval, mark_bad
+from edge_agent.drivers.base import (
+    DriverBase,
+    PartFailure,
+    PartFailures,
+    Request,
+    ScanGroup,
+    group_by_interval,
+    mark_bad,
+)
 from edge_agent.drivers.codecs import BlockDecoder, kind_of
 from edge_agent.drivers.codecs import Field as CodecField
 from edge_agent.drivers.modbus.config import (
@@ -32,6 +40,7 @@ from edge_agent.drivers.modbus.config import (
     Table,
     Transport,
     exception_text,
+    range_text,
 )
 from edge_agent.drivers.planner import Read, Span, plan_reads
 from edge_agent.errors import DeviceError
@@ -114,25 +123,28 @@ class _Request:
     cols: npt.NDArray[np.intp]
     buf_offset: int  # registers: where the answer goes in the group's byte buffer
     bit_offsets: npt.NDArray[np.intp] | None  # coils / discrete inputs
-    label: str
+    label: str  # in the notation of the device's tags: 40001–40125, or holding:0–124
     spans: tuple[Span[int], ...]  # the tags it reads (item: column), to split it when the device refuses a gap
+    modicon: int  # the Modicon digits its label is written with; 0: table:offset
 
     @staticmethod
-    def of(table: Table, r: Read[int], buf_offset: int) -> _Request:
+    def of(table: Table, r: Read[int], buf_offset: int, modicon: int) -> _Request:
         """The request for one planned read whose answer goes at `buf_offset` of the group's buffer."""
         cols = np.asarray([s.item for s in r.items], dtype=np.intp)
-        label = f"{table} {r.start}..{r.start + r.count - 1}"
+        label = range_text(table, r.start, r.count, modicon)
         if table.is_bits:
             offs = np.asarray([s.start - r.start for s in r.items], dtype=np.intp)
-            return _Request(table, r.start, r.count, cols, 0, offs, label, r.items)
-        return _Request(table, r.start, r.count, cols, buf_offset, None, label, r.items)
+            return _Request(table, r.start, r.count, cols, 0, offs, label, r.items, modicon)
+        return _Request(table, r.start, r.count, cols, buf_offset, None, label, r.items, modicon)
 
     def runs(self) -> tuple[_Request, ...]:
         """Its runs of contiguous tags (the reads max_gap 0 would plan), each writing where it did; () if just one."""
         reads = plan_reads(self.spans, max_count=self.count, max_gap=0)
         if len(reads) < 2:
             return ()
-        return tuple(_Request.of(self.table, r, self.buf_offset + 2 * (r.start - self.start)) for r in reads)
+        return tuple(
+            _Request.of(self.table, r, self.buf_offset + 2 * (r.start - self.start), self.modicon) for r in reads
+        )
 
 
 @dataclass(frozen=True)
@@ -155,6 +167,7 @@ class ModbusDriver(DriverBase):
         self._parts = PartFailures(self.name, log)
         self._splits_logged = False
         self._plans: dict[ScanGroup, _GroupPlan] = {}
+        self._notation = config.notation()  # requests are named as the device's tags were written
         for interval, tags in group_by_interval(config, config.tags):
             group = ScanGroup(interval, tuple(t.name for t in tags))
             self.groups.append(group)
@@ -170,6 +183,13 @@ class ModbusDriver(DriverBase):
         return [
             f"{len(g.tags)} tags every {g.interval:g}s in {len(self._plans[g].requests)} requests" for g in self.groups
         ]
+
+    def requests(self) -> dict[ScanGroup, list[Request]]:
+        """Each group's requests: what they read (40001–40125, coil:0–15) and the tags they bring."""
+        return {
+            g: [Request(r.label, tuple(g.tags[c] for c in r.cols)) for r in self._plans[g].requests]
+            for g in self.groups
+        }
 
     def _plan(self, tags: list[ModbusTag]) -> _GroupPlan:
         cfg = self.config
@@ -189,7 +209,7 @@ class ModbusDriver(DriverBase):
                 merge=merge,
             )
             for r in reads:
-                requests.append(_Request.of(table, r, nbytes))
+                requests.append(_Request.of(table, r, nbytes, self._notation[table]))
                 if bits:
                     continue
                 for s in r.items:

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import math
 
+from edge_agent.drivers.base import Request, ScanGroup
 from edge_agent.drivers.opcua.read import OpcUaReads
+from edge_agent.drivers.opcua.session import MONITORED_ITEMS_PER_CALL
 from edge_agent.drivers.opcua.subscribe import OpcUaSubscriptions
 
 
@@ -40,3 +42,25 @@ class OpcUaDriver(OpcUaReads, OpcUaSubscriptions):
         per = self.requests_per_cycle
         lines += [f"{len(g.tags)} tags every {g.interval:g}s in {per[g.interval]} requests" for g in self.groups]
         return lines
+
+    def requests(self) -> dict[ScanGroup, list[Request]]:
+        """Each polled group's Read requests (node counts), and each subscription's CreateMonitoredItems calls.
+
+        Before a connection, the server's MaxNodesPerRead is not known: max_nodes_per_read, if set, splits them.
+        """
+        out: dict[ScanGroup, list[Request]] = {}
+        for g in self.groups:
+            plan = self._plans.get(g)
+            if plan is not None:
+                parts = [tuple(g.tags[c] for c in chunk.cols) for chunk in plan.chunks]
+            else:
+                parts = _split(g.tags, self._max_per_read or len(g.tags))
+            out[g] = [Request(f"Read of {len(p)} node{'s' if len(p) != 1 else ''}", p) for p in parts]
+        for g in self.subscriptions:
+            parts = _split(g.tags, self._max_items_per_call or MONITORED_ITEMS_PER_CALL)
+            out[g] = [Request(f"{len(p)} monitored item{'s' if len(p) != 1 else ''}", p) for p in parts]
+        return out
+
+
+def _split(tags: tuple[str, ...], size: int) -> list[tuple[str, ...]]:
+    return [tags[i : i + size] for i in range(0, len(tags), size)]

@@ -86,6 +86,23 @@ class S7Address:
     def __str__(self) -> str:
         return self.text or self.canonical
 
+    @property
+    def letter(self) -> str:
+        """The area letter as written: E and A for inputs and outputs written in German mnemonics, else the English."""
+        written = self.text.strip().lstrip("%")[:1].upper()
+        return written if _AREA_LETTER.get(written) is self.area else str(self.area)
+
+
+def range_text(area: Area, db: int, start: int, size: int, letter: str = "") -> str:
+    """Bytes start … start+size-1 of an area as an engineer writes them: DB10.DBB0–DBB479, MB0–MB7, IB0–IB3.
+
+    One byte alone when size is 1 (DB10.DBB4); `letter` is the area's letter as the tags write it (E for I).
+    """
+    first = f"DB{db}.DBB{start}" if area is Area.DB else f"{letter or area}B{start}"
+    if size == 1:
+        return first
+    return f"{first}–{'DB' if area is Area.DB else letter or area}B{start + size - 1}"
+
 
 _ADDRESS_HELP = (
     "write a Siemens address: DB10.DBX4.3 (bit), DB10.DBB4 (byte), DB10.DBW4 (word), DB10.DBD4 (double word); "
@@ -433,6 +450,13 @@ class S7Device(DeviceBase):
         if self.remote_tsap is not None:
             return local, self.remote_tsap
         return local, self.connection_type.code << 8 | self.rack << 5 | self.slot
+
+    def area_letters(self) -> dict[Area, str]:
+        """The letter each area's requests are named with: E/A when every input/output tag was written so, else I/Q."""
+        letters: dict[Area, set[str]] = defaultdict(set)
+        for tag in self.tags:
+            letters[tag.address.area].add(tag.address.letter)
+        return {area: found.pop() if len(found) == 1 else str(area) for area, found in letters.items()}
 
     def check(self) -> list[tuple[tuple[str | int, ...], str]]:
         """Tags whose bytes overlap (two bits of one byte do not)."""

@@ -23,7 +23,7 @@ from snap7.error import S7Error, S7ProtocolError, S7TimeoutError
 from snap7.s7protocol import get_return_code_description
 from snap7.type import Parameter
 
-from edge_agent.drivers.base import DriverBase, PartFailures, ScanGroup, group_by_interval, mark_bad
+from edge_agent.drivers.base import DriverBase, PartFailures, Request, ScanGroup, group_by_interval, mark_bad
 from edge_agent.drivers.s7.config import S7Device, S7Tag
 from edge_agent.drivers.s7.planner import PlannedItem, ReadPlan, plan_group
 from edge_agent.errors import DeviceError
@@ -127,13 +127,26 @@ class S7Driver(DriverBase):
         per = self.requests_per_cycle
         return [f"{len(g.tags)} tags every {g.interval:g}s in {per[g.interval]} requests" for g in self.groups]
 
+    def requests(self) -> dict[ScanGroup, list[Request]]:
+        """Each group's requests, as the byte ranges they read (DB10.DBB0–DBB479, MB0–MB7) and the tags they bring."""
+        out: dict[ScanGroup, list[Request]] = {}
+        for g in self.groups:
+            out[g] = []
+            for req in self._plans[g].requests:
+                cols = sorted({int(c) for it in req.items for c in it.cols})
+                out[g].append(Request(", ".join(it.label for it in req.items), tuple(g.tags[c] for c in cols)))
+        return out
+
     @property
     def items_per_cycle(self) -> dict[float, int]:
         """Byte ranges (request items) each scan group reads per cycle."""
         return {g.interval: sum(len(r.items) for r in self._plans[g].requests) for g in self.groups}
 
     def _plan_all(self, pdu: int) -> dict[ScanGroup, ReadPlan]:
-        return {g: plan_group(self._tags[g], pdu=pdu, planner=self.config.planner) for g in self.groups}
+        letters = self.config.area_letters()
+        return {
+            g: plan_group(self._tags[g], pdu=pdu, planner=self.config.planner, letters=letters) for g in self.groups
+        }
 
     def _endpoint(self) -> str:
         cfg = self.config

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,7 +12,7 @@ import numpy.typing as npt
 from edge_agent.drivers.codecs import BlockDecoder, ByteDecoder, ByteField, ByteOrder, DataType
 from edge_agent.drivers.codecs import Field as CodecField
 from edge_agent.drivers.planner import Span, plan_reads
-from edge_agent.drivers.s7.config import MAX_ITEMS, Area, PlannerMode, S7Planner, S7Tag, S7Type
+from edge_agent.drivers.s7.config import MAX_ITEMS, Area, PlannerMode, S7Planner, S7Tag, S7Type, range_text
 
 READ_OVERHEAD = 18  # response bytes around one item's data: S7 header 12, parameters 2, item header 4
 
@@ -112,13 +112,15 @@ class ReadPlan:
     texts: tuple[tuple[int, int, int], ...]  # (col, buffer offset, max length; 0 = CHAR)
 
 
-def _label(area: Area, db: int, start: int, size: int) -> str:
-    where = f"DB{db}" if area is Area.DB else str(area)
-    return f"{where} bytes {start}..{start + size - 1}"
+def plan_group(
+    tags: Sequence[S7Tag], *, pdu: int, planner: S7Planner, letters: Mapping[Area, str] | None = None
+) -> ReadPlan:
+    """Merge a scan group's tags into byte ranges, split ranges larger than a PDU, pack them into requests.
 
-
-def plan_group(tags: Sequence[S7Tag], *, pdu: int, planner: S7Planner) -> ReadPlan:
-    """Merge a scan group's tags into byte ranges, split ranges larger than a PDU, pack them into requests."""
+    Each item is labelled as the tags write its area (DB10.DBB0–DBB479, MB0–MB7; `letters`: EB0–EB3 for
+    a device whose inputs are written E0.1, see S7Device.area_letters).
+    """
+    letters = letters or {}
     payload = payload_limit(pdu)
     by_block: dict[tuple[Area, int], list[Span[int]]] = defaultdict(list)
     for col, tag in enumerate(tags):
@@ -163,7 +165,7 @@ def plan_group(tags: Sequence[S7Tag], *, pdu: int, planner: S7Planner) -> ReadPl
                     n,
                     nbytes + part,
                     np.asarray(part_cols, dtype=np.intp),
-                    _label(area, db, start + part, n),
+                    range_text(area, db, start + part, n, letters.get(area, "")),
                 )
             )
         nbytes += size

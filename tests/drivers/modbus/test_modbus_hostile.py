@@ -32,7 +32,7 @@ TEMP, LIE = 21.5, 999.0  # the holding registers hold TEMP; the input registers 
 
 
 def config(port: int, timeout: str = "300ms") -> str:
-    """One device: a float32 in holding registers 0-1 (request `holding 0..1`) and a coil (request `coil 0..0`)."""
+    """One device: a float32 in holding registers 0-1 (request `40001–40002`) and a coil (request `00001`)."""
     return (
         f"devices:\n  - name: plc\n    type: modbus\n    host: 127.0.0.1\n    port: {port}\n"
         f"    poll_interval: 50ms\n    timeout: {timeout}\n    backoff: {{initial: 50ms, max: 200ms}}\n"
@@ -96,7 +96,7 @@ async def test_an_answer_to_something_else_marks_its_request_bad(
     liar, honest = ("temp", "run") if function == 3 else ("run", "temp")
     assert math.isnan(got[liar][0]) and got[liar][1] is Quality.BAD, got
     assert got[honest][1] is Quality.GOOD, got
-    label = "holding 0..1" if function == 3 else "coil 0..0"
+    label = "40001–40002" if function == 3 else "00001"
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert warnings == [f"device plc: {label}: {why}; tags {liar} marked bad"]
 
@@ -125,7 +125,7 @@ async def test_a_broken_answer_fails_the_read(hostile: HostileModbus, function: 
     hostile.lie(function, lie)
     with pytest.raises(DeviceError) as err:
         await read_once(hostile)
-    label = "holding 0..1" if function == 3 else "coil 0..0"
+    label = "40001–40002" if function == 3 else "00001"
     assert str(err.value) == f"device plc: {label}: {why}"
 
 
@@ -164,10 +164,10 @@ async def test_coils_answered_as_registers_never_crash_the_poller(
     assert lines == [
         (
             logging.WARNING,
-            "device plc: coil 0..0: answered function code 3 (read holding registers) to function code 1 "
+            "device plc: 00001: answered function code 3 (read holding registers) to function code 1 "
             "(read coils); tags run marked bad",
         ),
-        (logging.INFO, "device plc: coil 0..0 answers again"),
+        (logging.INFO, "device plc: 00001 answers again"),
     ]
 
 
@@ -204,7 +204,7 @@ async def test_a_malformed_frame_is_one_line_not_a_traceback(
         await asyncio.wait_for(task, 5)
     loud = [(r.name, r.levelno, r.getMessage()) for r in caplog.records if r.levelno >= logging.WARNING]
     assert loud == [
-        ("edge_agent.poller", logging.WARNING, f"device plc: holding 0..1: {why}; retrying with backoff up to 0.2s")
+        ("edge_agent.poller", logging.WARNING, f"device plc: 40001–40002: {why}; retrying with backoff up to 0.2s")
     ]
     assert not [r for r in caplog.records if r.exc_info and r.levelno > logging.DEBUG]
     assert crashes(caplog) == []
@@ -235,7 +235,7 @@ async def test_read_cli_does_not_print_an_input_register_as_a_holding_one(
     assert rows["run"]["quality"] == "good" and rows["run"]["value"] is True
     lines = err.decode().splitlines()
     assert len(lines) == 1 and lines[0].endswith(
-        " WARNING edge_agent.drivers.modbus: device plc: holding 0..1: answered function code 4 "
+        " WARNING edge_agent.drivers.modbus: device plc: 40001–40002: answered function code 4 "
         "(read input registers) to function code 3 (read holding registers); tags temp marked bad"
     ), lines
 

@@ -10,6 +10,7 @@ from helpers import ModbusPeer
 from pymodbus.client import AsyncModbusTcpClient
 
 from edge_agent.config import parse_config
+from edge_agent.drivers.modbus.config import Table, range_text
 from edge_agent.drivers.modbus.driver import ModbusDriver
 from edge_agent.types import Quality
 
@@ -269,5 +270,49 @@ async def test_merged_read_refused_across_a_hole_is_split(caplog: pytest.LogCapt
         await peer.stop()
     lines = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "edge_agent.drivers.modbus"]
     assert len(lines) == 1 and lines[0][0] == logging.WARNING, lines
-    assert "split holding 5..24 into holding 5..7, holding 22..24 (2 requests per cycle now" in lines[0][1]
+    assert "split holding:5–24 into holding:5–7, holding:22–24 (2 requests per cycle now" in lines[0][1]
     assert driver.request_errors == 0  # nothing was marked bad
+
+
+@pytest.mark.parametrize(
+    ("near", "far", "labels"),
+    [
+        ("40001", "40950", ("40001", "40950")),
+        ("400001", "400950", ("400001", "400950")),
+        ("holding:0", "hr:949", ("holding:0", "holding:949")),
+        ("40001", "holding:949", ("holding:0", "holding:949")),  # both notations in one table: table:offset
+    ],
+)
+async def test_requests_are_named_as_the_tags_were_written(
+    modbus_peer: ModbusPeer, caplog: pytest.LogCaptureFixture, near: str, far: str, labels: tuple[str, str]
+) -> None:
+    """check --plan and the warnings name a request as the engineer wrote its tags (the peer has a hole at 900..999)."""
+    caplog.set_level(logging.WARNING, logger="edge_agent.drivers.modbus")
+    modbus_peer.holding[0] = 7
+    text = config_for(modbus_peer.port, [f'{{name: near, address: "{near}"}}', f'{{name: far, address: "{far}"}}'])
+    driver = ModbusDriver(parse_config(text).devices[0])
+    group = driver.groups[0]
+    assert [(r.label, r.tags) for r in driver.requests()[group]] == [(labels[0], ("near",)), (labels[1], ("far",))]
+    await driver.connect()
+    try:
+        got = {s.tag: (s.value, s.quality) for s in (await driver.read(group)).samples()}
+    finally:
+        await driver.close()
+    assert got["near"] == (7, Quality.GOOD) and got["far"][1] is Quality.BAD
+    warnings = [r.getMessage() for r in caplog.records if r.name == "edge_agent.drivers.modbus"]
+    assert warnings == [
+        f"device plc: {labels[1]}: answered exception code 2 (illegal data address); tags far marked bad"
+    ]
+
+
+def test_range_text_in_each_table_and_notation() -> None:
+    assert [range_text(t, 0, n, 5) for t, n in zip(Table, (16, 3, 125, 1), strict=True)] == [
+        "00001–00016",
+        "10001–10003",
+        "30001–30125",
+        "40001",
+    ]
+    assert range_text(Table.HOLDING, 9990, 20, 5) == "409991–410010"  # past 5 digits' reach: written with 6
+    assert range_text(Table.INPUT, 99, 1, 6) == "300100"
+    assert range_text(Table.COIL, 0, 16) == "coil:0–15"
+    assert range_text(Table.HOLDING, 99, 1) == "holding:99"

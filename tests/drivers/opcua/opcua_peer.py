@@ -8,9 +8,11 @@ and values with bad and uncertain status codes.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import shutil
+import sys
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -241,3 +243,18 @@ def device_yaml(
     for tag in tags:
         lines.append(f'      - {{name: {tag[0]}, node: "{tag[1]}"}}' if isinstance(tag, tuple) else f"      - {tag}")
     return "\n".join(lines) + "\n"
+
+
+async def edge_agent(*args: str, timeout: float = 30.0) -> tuple[int, str, str]:
+    """Run the edge-agent command in a subprocess without blocking the loop the servers run on: (exit, out, err)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "edge_agent", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -11,13 +12,13 @@ import pytest
 import pytest_asyncio
 from asyncua import Client, ua
 from helpers import free_port, wait_for
-from opcua_peer import Pki
+from opcua_peer import Pki, edge_agent
 
 from edge_agent.agent import Agent
 from edge_agent.config import load_config, parse_config
 from edge_agent.drivers.opcua.driver import OpcUaDriver
-from edge_agent.simulate.opcua_server import NAMESPACE_URI, OpcUaPlantServer
-from edge_agent.simulate.plant import Plant
+from edge_agent.simulate.opcua_server import NAMESPACE_URI, OpcUaPlantServer, node_name
+from edge_agent.simulate.plant import SIGNALS, UNITS, Plant
 from edge_agent.types import Quality
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -89,6 +90,27 @@ async def test_the_example_reads_the_simulator(simulator: tuple[OpcUaPlantServer
         plant.pump_run = True
         stop.set()
         await asyncio.wait_for(task, 5)
+
+
+async def test_browse_of_the_simulator_passes_check_and_read(
+    simulator: tuple[OpcUaPlantServer, Plant], tmp_path: Path
+) -> None:
+    server, _ = simulator
+    out = tmp_path / "skid.yaml"
+    code, _, err = await edge_agent("browse", server.url, "--name", "skid", "--out", str(out))
+    assert code == 0, err
+    tags = {t.name: t for t in load_config(out).devices[0].tags}  # type: ignore[attr-defined]
+    # every variable of the address space contract, by namespace URI, with the unit its EUInformation gives
+    want = [node_name(s) for s in SIGNALS] + ["MotorRunning", "FaultActive", "HighVibration", "PumpRun", "RunSeconds"]
+    want += ["SampleTime", "Model", "FaultReset"]
+    assert sorted(tags) == sorted(f"PumpSkid.{n}" for n in want)
+    assert all(str(t.node) == f"nsu={NAMESPACE_URI};s={name}" for name, t in tags.items())
+    assert {n: t.unit for n, t in tags.items() if t.unit} == {f"PumpSkid.{node_name(s)}": UNITS[s] for s in SIGNALS}
+    code, _, err = await edge_agent("check", str(out))
+    assert code == 0, err
+    code, text, err = await edge_agent("read", str(out), "--json")
+    assert code == 0, text + err
+    assert [r["quality"] for r in map(json.loads, text.splitlines())] == ["good"] * len(want)
 
 
 async def test_the_simulator_signs_and_encrypts(

@@ -279,6 +279,34 @@ def test_plan_merges_splits_and_packs() -> None:
     assert plan.nbytes == 12 + 4 + 256 + 1
     assert len(plan.requests) == 2  # 222 data bytes fill one answer; the rest share another
     assert plan.kinds == ("float", "float", "float", "str", "bool")
+    # each item named as the tags write its area: a string past one PDU is read in two parts
+    assert sorted(it.label for it in items) == [
+        "DB1.DBB0–DBB11",
+        "DB1.DBB100–DBB103",
+        "DB2.DBB0–DBB221",
+        "DB2.DBB222–DBB255",
+        "MB0",
+    ]
+
+
+def test_requests_are_named_in_the_tags_notation() -> None:
+    """check --plan and the warnings name byte ranges as the tags write their areas (E/A when written German)."""
+    from edge_agent.drivers.s7.driver import S7Driver  # python-snap7; the driver does no I/O until connect
+
+    def requests(*addresses: tuple[str, str | None], pdu: int = 480) -> list[tuple[str, tuple[str, ...]]]:
+        tags = [{"name": f"t{i}", "address": a, **({"type": t} if t else {})} for i, (a, t) in enumerate(addresses)]
+        dev = S7Device.model_validate({"type": "s7", "name": "plc", "host": "h", "pdu_size": pdu, "tags": tags})
+        driver = S7Driver(dev)
+        return [(r.label, r.tags) for r in driver.requests()[driver.groups[0]]]
+
+    reals = [(f"DB10.DBD{4 * i}", "real") for i in range(120)]
+    assert requests(*reals, pdu=960) == [("DB10.DBB0–DBB479", tuple(f"t{i}" for i in range(120)))]
+    assert requests(("MB0", "byte"), ("MW6", "int"), ("I0.1", None), ("IB3", "byte"), ("Q0.0", None)) == [
+        ("IB0–IB3, MB0–MB7, QB0", ("t0", "t1", "t2", "t3", "t4"))
+    ]
+    assert requests(("E0.1", None), ("EB3", "byte"), ("A0.0", None)) == [("EB0–EB3, AB0", ("t0", "t1", "t2"))]
+    assert requests(("E0.1", None), ("IB3", "byte")) == [("IB0–IB3", ("t0", "t1"))]  # mixed: the English letter
+    assert requests(("DB1.DBX4.0", None)) == [("DB1.DBB4", ("t0",))]
 
 
 @given(st.binary(min_size=8, max_size=8), st.integers(0, 7))

@@ -7,6 +7,7 @@ python-snap7's server is written by its client's authors, so the expected values
 from __future__ import annotations
 
 import asyncio
+import logging
 import struct
 import threading
 
@@ -372,3 +373,14 @@ async def test_explicit_tsaps(s7_peer: S7Peer) -> None:
         assert await read_all(driver) == {"v": (True, Quality.GOOD)}
     finally:
         await driver.close()
+
+
+async def test_a_failing_range_is_named_as_the_tags_write_it(s7_peer: S7Peer, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="edge_agent.drivers.s7")
+    text = config_for(
+        s7_peer.port, ["{name: ok, address: DB1.DBW0, type: int}", "{name: gone, address: DB9.DBD4, type: real}"]
+    )
+    got = await read_once(text)
+    assert got["ok"][1] is Quality.GOOD and got["gone"][1] is Quality.BAD
+    warnings = [r.getMessage() for r in caplog.records if r.name == "edge_agent.drivers.s7"]
+    assert warnings == ["device plc: DB9.DBB4–DBB7: object does not exist (no such DB) (0x0A); tags gone marked bad"]
