@@ -359,7 +359,11 @@ class Agent:
         applied live (why, logged). Either way the agent runs on with what it ran before.
         """
         async with self._reload_lock:
-            result = await self._reload()
+            try:
+                result = await self._reload()
+            except Exception:  # a bug: the agent runs on, loudly (the watch task must not take it down)
+                log.exception("%s: the reload failed; restart the agent to run the file as a whole", self.source)
+                result = "failed"
         self._reloads[result] += 1
         self._last_reload = result
         return result
@@ -374,7 +378,11 @@ class Agent:
                 await asyncio.wait_for(self._hup.wait(), self.watch_interval or None)
             asked = self._hup.is_set()
             self._hup.clear()
-            if asked or (self.watch_interval and await asyncio.to_thread(watch.look, self._bundle_files())):
+            changed = False
+            if not asked and self.watch_interval:
+                async with self._reload_lock:  # one look at a time: reload() looks too
+                    changed = await asyncio.to_thread(watch.look, self._bundle_files())
+            if asked or changed:
                 await self.reload()
 
     def _bundle_files(self) -> list[Path]:
@@ -414,11 +422,7 @@ class Agent:
                 log.error("%s", problem)
             log.error("%s: not applied; still running the previous config (sha256 %.12s…)", path, old.sha256)
             return "failed"
-        try:
-            await self._apply(new, models, change, drivers)
-        except Exception:  # a bug: say so loudly; what was applied stays applied
-            log.exception("%s: the reload failed part way; restart the agent to run this file as a whole", path)
-            return "failed"
+        await self._apply(new, models, change, drivers)  # raises only on a bug (reload() logs it)
         self.config, self._models = new, models
         if self._watch is not None:
             self._watch.loaded(bundles)
