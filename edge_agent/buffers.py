@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,6 +12,7 @@ import numpy.typing as npt
 from edge_agent.types import FloatArray, Quality, QualityArray, SampleBatch, Window
 
 MIN_CAPACITY = 16
+Series = tuple[FloatArray, FloatArray, QualityArray]  # one tag's (times, values, quality), oldest first
 
 
 class RingStore:
@@ -49,6 +50,20 @@ class RingStore:
         self.head[cols] = (rows + 1) % self.capacity
         self.count[cols] = np.minimum(self.count[cols] + 1, self.capacity)
 
+    def fill(self, col: int, ts: FloatArray, values: FloatArray, quality: QualityArray) -> None:
+        """Put earlier samples (oldest first) into an empty column, ending just before row 0, where writing goes on.
+
+        Every column's head stays at 0, so the columns of a group still move together once the ring wraps.
+        """
+        n = min(len(ts), self.capacity)
+        if n == 0:
+            return
+        rows = np.arange(self.capacity - n, self.capacity)
+        self.ts[rows, col] = ts[-n:]
+        self.values[rows, col] = values[-n:]
+        self.quality[rows, col] = quality[-n:]
+        self.count[col] = n
+
     def series(self, col: int) -> tuple[FloatArray, FloatArray, QualityArray]:
         """One tag's stored samples, oldest first."""
         n = int(self.count[col])
@@ -84,19 +99,65 @@ class Buffers:
         # the tag tuples drivers send for whole scan groups, by identity: the hot path skips name lookups
         self._groups: dict[int, tuple[tuple[str, ...], RingStore, npt.NDArray[np.intp]]] = {}
 
-    def register(self, tags: Sequence[str], interval: float, *, hold: bool = False) -> RingStore:
-        """Create the rings for tags read together on one interval (`hold`: delivered on change only)."""
+    def register(
+        self, tags: Sequence[str], interval: float, *, hold: bool = False, history: Mapping[str, Series] | None = None
+    ) -> RingStore:
+        """Create the rings for tags read together on one interval (`hold`: delivered on change only).
+
+        `history`: samples some of these tags had before (what `unregister` returned), kept as their oldest.
+        """
         dup = [t for t in tags if t in self._slots]
         if dup:
             raise ValueError(f"tags registered twice: {', '.join(dup)}")
-        capacity = min(self.max_samples, max(MIN_CAPACITY, math.ceil(self.retention / interval) + 1))
-        store = RingStore(tags, capacity, interval, hold=hold)
-        self._stores.append(store)
+        store = RingStore(tags, self._capacity(interval), interval, hold=hold)
         for col, tag in enumerate(tags):
+            if history is not None and tag in history:
+                store.fill(col, *history[tag])
+        self._add(store, tags)
+        return store
+
+    def unregister(self, tags: Sequence[str]) -> dict[str, Series]:
+        """Drop the rings holding `tags` (a device stopped or restarts); returns each dropped tag's samples.
+
+        Rings go whole: every tag read together with one of `tags` must be among them.
+        """
+        stores = list({id(self._slots[t].store): self._slots[t].store for t in tags if t in self._slots}.values())
+        gone = {t for s in stores for t in s.tags}
+        if not gone <= set(tags):
+            raise ValueError(f"read together with these and not dropped: {', '.join(sorted(gone - set(tags)))}")
+        kept = {t: self.series(t) for t in gone}  # fancy indexing: copies, not views of the dropped rings
+        for tag in gone:
+            del self._slots[tag]
+        self._stores = [s for s in self._stores if s not in stores]
+        self._groups = {k: g for k, g in self._groups.items() if g[1] not in stores}
+        return kept
+
+    def grow(self, retention: float, max_samples: int) -> None:
+        """Hold at least `retention` seconds (capped at `max_samples` per tag) from now on; samples are kept.
+
+        Rings that are long enough stay as they are (nothing shrinks while running).
+        """
+        self.retention, self.max_samples = max(self.retention, retention), max(self.max_samples, max_samples)
+        for old in list(self._stores):
+            capacity = self._capacity(old.interval)
+            if capacity <= old.capacity:
+                continue
+            store = RingStore(old.tags, capacity, old.interval, hold=old.hold)
+            for col in range(len(old.tags)):
+                store.fill(col, *old.series(col))
+            self._stores.remove(old)
+            self._groups = {k: g for k, g in self._groups.items() if g[1] is not old}
+            self._add(store, old.tags)  # the very tuple the driver sends (tuple() of a tuple is itself)
+
+    def _capacity(self, interval: float) -> int:
+        return min(self.max_samples, max(MIN_CAPACITY, math.ceil(self.retention / interval) + 1))
+
+    def _add(self, store: RingStore, tags: Sequence[str]) -> None:
+        self._stores.append(store)
+        for col, tag in enumerate(store.tags):
             self._slots[tag] = _Slot(store, col)
         if isinstance(tags, tuple):
             self._groups[id(tags)] = (tags, store, np.arange(len(tags), dtype=np.intp))
-        return store
 
     @property
     def nbytes(self) -> int:

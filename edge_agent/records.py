@@ -90,8 +90,11 @@ def status_payload(
     ts: float | None = None,
     outbox: Mapping[str, Any] | None = None,
     reason: str | None = None,
+    config_sha256: str | None = None,
+    models: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Retained `{prefix}/status`: online with outbox depth and drop counters, or offline with a reason."""
+    """Retained `{prefix}/status`: online with outbox depth and drop counters, or offline with a reason; what
+    the agent runs (the config file's sha256 and each model's bundle sha256) when the publisher knows it."""
     out: dict[str, Any] = {
         "schema": STATUS_SCHEMA,
         "state": state,
@@ -102,6 +105,10 @@ def status_payload(
     }
     if ts is not None:
         out["ts"] = iso(ts)
+    if config_sha256:
+        out["config_sha256"] = config_sha256
+    if models is not None:
+        out["models"] = dict(models)
     if outbox is not None:
         out["outbox"] = dict(outbox)
     if reason is not None:

@@ -155,7 +155,7 @@ class AnomalyEvent:
     values: Mapping[str, float | None]  # the latest value of each input when the event fired
     started_at: float  # when the anomaly began (equal to window_end for a start)
     peak_score: float
-    reason: str = ""  # for an end: "recovered" or "shutdown"
+    reason: str = ""  # for an end: recovered, shutdown, agent_restart or reconfigured
     historical: bool = False
 
 

@@ -1,4 +1,5 @@
-"""`run`: poll and score until SIGINT/SIGTERM, with a summary line per device and model every few seconds.
+"""`run`: poll and score until SIGINT/SIGTERM, with a summary line per device and model every few seconds;
+SIGHUP (or an edit of the config file) reloads the config live.
 
 And the live collection behind `calibrate --config`, which runs the agent the same way.
 """
@@ -31,6 +32,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Poll and score continuously until SIGINT/SIGTERM; anomaly events go to stdout as JSON lines."""
     from edge_agent.agent import Agent
     from edge_agent.records import event_payload
+    from edge_agent.reload import WATCH_INTERVAL
 
     cfg, models = _load_with_models(args.config)
     if cfg is None:
@@ -68,7 +70,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         agent = Agent(
-            cfg, on_batch=print_samples if args.output == "samples" else None, on_event=print_event, models=models
+            cfg,
+            on_batch=print_samples if args.output == "samples" else None,
+            on_event=print_event,
+            models=models,
+            source=args.config,
+            watch_interval=WATCH_INTERVAL if args.watch_interval is None else args.watch_interval,
         )
     except DriverUnavailable as exc:  # a protocol library is not installed: nothing starts
         log.error("%s: %s; nothing started (edge-agent check lists every such device)", args.config, exc)
@@ -98,6 +105,7 @@ async def _run_agent(agent: Agent, args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, agent.request_reload)
     if args.duration:
         loop.call_later(args.duration, stop.set)
     n_tags = sum(len(d.tags) for d in agent.config.devices)
@@ -112,14 +120,14 @@ async def _report(agent: Agent, stop: asyncio.Event, interval: float) -> None:
     """Print one line per device every `interval` seconds: rates, errors and a few values."""
     from edge_agent.types import Quality
 
-    last = {d.name: (0, 0) for d in agent.config.devices}
-    tags = {d.name: d.tags for d in agent.config.devices}
+    last: dict[str, tuple[int, int]] = {}
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), interval)
         stats = agent.stats()
+        tags = {d.name: d.tags for d in agent.config.devices}  # a reload may add or change devices
         for s in stats.devices:
-            reads0, pushed0 = last[s.device]
+            reads0, pushed0 = last.get(s.device, (0, 0))
             rate = (s.reads - reads0) / interval
             pushed = f" pushed/s={(s.pushed - pushed0) / interval:.1f}" if s.pushed else ""
             last[s.device] = (s.reads, s.pushed)
@@ -192,4 +200,12 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     )
     u.add_argument("--report-interval", type=float, default=5.0, metavar="SECONDS")
     u.add_argument("--duration", type=float, default=0, metavar="SECONDS", help="stop after this long (0: never)")
+    u.add_argument(
+        "--watch-interval",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="look at the config file (and its model bundles) this often and reload when they change "
+        "(default: every few seconds; 0: only on SIGHUP)",
+    )
     u.set_defaults(func=cmd_run)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import operator
 import os
 import re
@@ -489,6 +490,7 @@ def parse_config(
         return ConfigIssue(place, format_path(parts), "")
 
     cfg._where = locate
+    cfg._sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()  # of a file's bytes: UTF-8 text round-trips
     return cfg
 
 

@@ -265,6 +265,7 @@ class Config(StrictModel):
     observe: ObserveSection = ObserveSection()
 
     _where: Any = PrivateAttr(default=None)
+    _sha256: str = PrivateAttr(default="")
 
     @model_validator(mode="after")
     def _default_prefix(self) -> Config:
@@ -279,6 +280,11 @@ class Config(StrictModel):
     def all_tags(self) -> list[tuple[DeviceBase, Any]]:
         """(device, tag) pairs in file order."""
         return [(d, t) for d in self.devices for t in d.tags]
+
+    @property
+    def sha256(self) -> str:
+        """sha256 of the text this config was parsed from (of the file's bytes, as `sha256sum` prints it)."""
+        return self._sha256
 
     def where(self, *loc: str | int) -> ConfigIssue:
         """An issue template located at a path of the file this config came from (for checks done later)."""

@@ -2,7 +2,14 @@
 
 from edge_agent.observe.health import Check, HealthServer
 from edge_agent.observe.logs import JsonFormatter
-from edge_agent.observe.metrics import Metrics, device_metrics, model_metrics, outbox_metrics, publisher_metrics
+from edge_agent.observe.metrics import (
+    Metrics,
+    device_metrics,
+    model_metrics,
+    outbox_metrics,
+    publisher_metrics,
+    reload_metrics,
+)
 
 __all__ = [
     "Check",
@@ -13,4 +20,5 @@ __all__ = [
     "model_metrics",
     "outbox_metrics",
     "publisher_metrics",
+    "reload_metrics",
 ]

@@ -8,7 +8,7 @@ read or window; MQTT latencies are counted by the publisher into fixed buckets a
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
@@ -104,6 +104,16 @@ def model_metrics(models: Iterable[MonitorStats]) -> Iterable[Metric]:
         threshold.add_metric([m.model], m.threshold)
         active.add_metric([m.model], 1.0 if m.active else 0.0)
     yield from (scored, skipped, score, threshold, active)
+
+
+def reload_metrics(reloads: Mapping[str, int]) -> Iterable[Metric]:
+    """Config reloads by result: ok (applied), invalid (the file did not validate), failed (valid, not applied)."""
+    family = CounterMetricFamily(
+        "edge_agent_config_reloads", "Config reloads (SIGHUP or a changed file) by result", labels=["result"]
+    )
+    for result, n in reloads.items():
+        family.add_metric([result], n)
+    yield family
 
 
 def _histogram(name: str, doc: str, hist: HistogramSnapshot) -> HistogramMetricFamily:

@@ -173,8 +173,38 @@ class OutboxWriter:
         return self.outbox.is_open
 
     def on_commit(self, wake: Callable[[], None]) -> None:
-        """Call `wake` (on the event loop) after every commit: new rows are there to take."""
-        self._on_commit.append(wake)
+        """Call `wake` (on the event loop) after every commit: new rows are there to take (asked twice: once)."""
+        if wake not in self._on_commit:
+            self._on_commit.append(wake)
+
+    def off_commit(self, wake: Callable[[], None]) -> None:
+        """Stop calling `wake` (a sink that stopped for good)."""
+        if wake in self._on_commit:
+            self._on_commit.remove(wake)
+
+    # ------------------------------------------------------------ live reconfiguration (the file stays)
+
+    def set_mqtt(self, mqtt: MqttSection) -> None:
+        """Topics, QoS and rates of messages submitted from now on; what is stored keeps its topic."""
+        self.mqtt, self._prefix = mqtt, mqtt.prefix
+
+    async def set_bounds(self, section: OutboxSection) -> None:
+        """Bounds, policy and commit rhythm of `section` from now on (its path is not this method's to change)."""
+
+        def apply() -> None:
+            self.outbox.max_bytes, self.outbox.max_age = int(section.max_bytes), float(section.max_age)
+            self.outbox.when_full = section.when_full
+
+        if self._exec is not None:
+            await self.db(apply)  # the store reads them on its thread
+        else:
+            apply()
+        self.batched, self.commit_interval = section.sync == "batched", section.commit_interval
+
+    def forget_device(self, device: str) -> None:
+        """Drop what telemetry remembers of a device (it stopped or restarts with other tags)."""
+        self._telemetry.pop(device, None)
+        self._telemetry_slot.pop(device, None)
 
     async def run(self) -> None:
         """Write queued messages in batches (one fsynced transaction each) and sweep expired rows, until cancelled."""
@@ -325,8 +355,13 @@ class OutboxWriter:
             log.info("outbox %s: acknowledged rows are deleted again", self.outbox.path)
             self._ack_failing = False
 
-    async def release(self, ids: list[int]) -> None:
-        """Give rows back unacknowledged: the next take() starts from the oldest again."""
+    async def release(self, ids: list[int] | None) -> None:
+        """Give rows back unacknowledged (None: every row taken): the next take() starts from the oldest again."""
+        if ids is None:
+            self.memory.release()
+            if self.outbox.is_open:
+                await self.db(self.outbox.release, None)
+            return
         self.memory.release([i for i in ids if i < 0])
         stored = [i for i in ids if i > 0]
         if stored and self.outbox.is_open:

@@ -26,8 +26,8 @@ class Sink(Protocol):
     async def run(self) -> None:
         """Take rows from the outbox and publish them until stop(); acknowledged rows are deleted."""
 
-    def stop(self) -> None:
-        """Ask run() to finish."""
+    def stop(self, reason: str = "shutdown") -> None:
+        """Ask run() to finish (`reason`: shutdown, or reconfigured when another sink takes over)."""
 
     async def wait_drained(self) -> None:
         """Wait until everything written so far is acknowledged (bound it with asyncio.timeout)."""

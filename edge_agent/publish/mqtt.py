@@ -37,8 +37,8 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypedDict
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as paho
@@ -71,6 +71,13 @@ ACK_GATHER = 0.002  # seconds PUBACKs gather in paho's thread before one wake-up
 ACK_BATCH = 0.01  # seconds acknowledged rows wait to be deleted together (a crash then costs a few duplicates)
 
 
+class Describe(TypedDict, total=False):
+    """What the status says the agent runs (records.status_payload's keywords)."""
+
+    config_sha256: str
+    models: Mapping[str, str]
+
+
 class MqttPublisher:
     """Publishes events (and optional scores and telemetry) through a durable outbox to one MQTT broker."""
 
@@ -85,8 +92,10 @@ class MqttPublisher:
         client_id: str | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
+        describe: Callable[[], Describe] | None = None,
     ) -> None:
         self.mqtt = mqtt
+        self._describe = describe  # what the online status says the agent runs: config and model sha256s
         self.outbox = outbox
         self.agent_id, self.site, self.version = agent_id, site, version
         self.client_id = client_id or mqtt.client_id or agent_id
@@ -124,6 +133,7 @@ class MqttPublisher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: Client | None = None
         self._stop = asyncio.Event()
+        self._stop_reason = "shutdown"
         self._wake_feeder = asyncio.Event()
         self._wake_acker = asyncio.Event()
         self._progress = asyncio.Event()  # set after every commit and every ack batch
@@ -136,17 +146,25 @@ class MqttPublisher:
 
     # ------------------------------------------------------------ lifecycle
 
-    def stop(self) -> None:
-        """Ask run() to finish: in-flight acks are awaited (bounded), the offline status sent, the link closed."""
+    def stop(self, reason: str = "shutdown") -> None:
+        """Ask run() to finish: in-flight acks are awaited (bounded), the offline status sent (with `reason`:
+        shutdown, or reconfigured when a sink with new settings takes over), the link closed."""
+        self._stop_reason = reason
         self._stop.set()
 
     async def run(self) -> None:
-        """Connect and publish until stop() or cancellation; a broker that is down is retried forever."""
+        """Connect and publish until stop() or cancellation; a broker that is down is retried forever.
+
+        When it ends, rows handed to the broker and not acknowledged go back to the outbox: the next sink
+        on this outbox (a reload's, with new settings) sends them again.
+        """
         self._loop = asyncio.get_running_loop()
+        self.outbox.on_commit(self._committed)
         try:
             await self._start_client()
         except BaseException:
             await self._shutdown()
+            self.outbox.off_commit(self._committed)
             raise
         try:
             async with asyncio.TaskGroup() as tg:
@@ -158,6 +176,7 @@ class MqttPublisher:
             pass
         finally:
             await self._shutdown()
+            self.outbox.off_commit(self._committed)
 
     async def _start_client(self) -> None:
         client = await asyncio.to_thread(self._make_client)
@@ -311,9 +330,10 @@ class MqttPublisher:
                         await progress.wait()
             self._take_acks()
             await self._ack_now()
+            await self._give_back()
             if client is not None:
                 if self._connected:
-                    info = self._publish_status("offline", reason="shutdown")
+                    info = self._publish_status("offline", reason=self._stop_reason)
                     if info is not None:
                         with contextlib.suppress(RuntimeError, ValueError):
                             await asyncio.to_thread(info.wait_for_publish, SHUTDOWN_WAIT)
@@ -324,6 +344,15 @@ class MqttPublisher:
             self._connected = self._counts.connected = False
             self._client = None
             self._inflight.clear()
+
+    async def _give_back(self) -> None:
+        """Every row taken and not acknowledged back to the outbox, so the next take() (a later sink's) starts
+        from the oldest again. All of them, not only those in `_inflight`: a take cancelled on its way back
+        from the outbox's thread still marked its rows; this sink is the outbox's only taker."""
+        self._released = []
+        if self.outbox.is_open:
+            with contextlib.suppress(OSError, OutboxError, sqlite3.Error):
+                await self.outbox.release(None)
 
     # ------------------------------------------------------------ paho: client and callbacks (paho's thread)
 
@@ -556,9 +585,15 @@ class MqttPublisher:
             ts=self._clock(),
             outbox=self.status_outbox() if state == "online" else None,
             reason=reason,
+            **(self._describe() if self._describe is not None else {}),
         )
         info = client.publish(self.status_topic, encode(payload), qos=1, retain=True, properties=self._props)
         return info if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS else None
+
+    def refresh_status(self) -> None:
+        """Publish the online status now (after a reload: what the agent runs has changed)."""
+        if self._connected and self._loop is not None:
+            self._publish_status("online")
 
     def status_outbox(self) -> dict[str, Any]:
         """The outbox part of the status payload: depth, bytes, drops, in flight (from memory; no I/O)."""

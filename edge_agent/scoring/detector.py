@@ -138,12 +138,13 @@ class Detector:
             return [event]
         return []
 
-    def close(self, t: float, values: Mapping[str, float | None]) -> list[AnomalyEvent]:
-        """End an open anomaly (shutdown), so every start gets its end."""
+    def close(self, t: float, values: Mapping[str, float | None], reason: str = "shutdown") -> list[AnomalyEvent]:
+        """End an open anomaly (shutdown, or `reconfigured`: the model was replaced or removed), so every start
+        gets its end."""
         if self._active is None:
             return []
         a = self._active
-        event = self._event(EventType.END, t, a.window_start, a.peak, a.contributions, values, "shutdown")
+        event = self._event(EventType.END, t, a.window_start, a.peak, a.contributions, values, reason)
         self._active = None
         return [event]
 

@@ -32,6 +32,12 @@ class LoadedModel:
     bundle: Bundle  # what scores: the configured bundle, or its startup calibration saved earlier
     calibrate: bool = False  # startup calibration still has to run (on the configured bundle)
     stale: str = ""  # why calibrate.save_to was not reused ('' when it was, or when there is none yet)
+    file_sha256: str = ""  # of the configured file (`bundle` may be its saved calibration); '' when it is `bundle`
+
+    @property
+    def identity(self) -> tuple[ModelSection, str]:
+        """What makes two loads of a model the same model: its config section and its configured file's sha256."""
+        return self.section, self.file_sha256 or self.bundle.sha256
 
     def describe(self) -> str:
         """Which file scores and why: `check` prints it, the agent logs it."""
@@ -75,6 +81,7 @@ def load_models(cfg: Config) -> list[LoadedModel]:
     for i, section in enumerate(cfg.models):
         try:
             bundle = load_bundle(section.file)
+            configured = bundle.sha256
             needs, stale = section.calibrate.mode is CalibrateMode.STARTUP, ""
             if needs:
                 saved, stale = _saved_calibration(section, bundle)
@@ -92,7 +99,7 @@ def load_models(cfg: Config) -> list[LoadedModel]:
             issue(("models", i, "inputs"), f"the bundle's inputs are {meta.inputs}, in that order")
         if section.sample_interval is not None and not math.isclose(section.sample_interval, meta.sample_interval):
             issue(("models", i, "sample_interval"), f"the bundle was made for {meta.sample_interval:g}s")
-        loaded.append(LoadedModel(section, bundle, needs, stale))
+        loaded.append(LoadedModel(section, bundle, needs, stale, configured))
     if issues:
         raise ConfigError(issues)
     return loaded
@@ -213,8 +220,14 @@ class ModelMonitor:
                 self.step(k * self.hop)
                 k = max(k + 1, math.floor(time.time() / self.hop))  # after a stall, skip to the present
         finally:
-            for event in self.detector.close(time.time(), self._latest()):
-                self.emit(event)
+            self.close("shutdown")
+
+    def close(self, reason: str) -> None:
+        """End an open anomaly now (reason `shutdown`, or `reconfigured` when the model is replaced or removed)."""
+        if not self.detector.active:
+            return
+        for event in self.detector.close(time.time(), self._latest(), reason):
+            self.emit(event)
 
     def step(self, t_end: float) -> None:
         """Score the window ending at `t_end` and emit what the detector decides."""
@@ -271,7 +284,7 @@ class ModelMonitor:
     def _latest(self) -> dict[str, float | None]:
         out: dict[str, float | None] = {}
         for t in self.inputs:
-            latest = self.buffers.latest(t)
+            latest = self.buffers.latest(t) if t in self.buffers else None
             out[t] = None if latest is None or latest[2] != 0 else latest[1]
         return out
 

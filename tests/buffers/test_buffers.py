@@ -99,3 +99,55 @@ def test_stats_count_what_the_rings_hold() -> None:
     b.write(batch(2.0, [3.0], tags=("a",)))
     after = b.stats()
     assert after.samples == 3 and after.nbytes == before.nbytes == b.nbytes
+
+
+# ---------------------------------------------------------------- live reconfiguration: drop, carry over, grow
+
+
+def test_unregister_drops_whole_rings_and_returns_their_samples() -> None:
+    buf = Buffers(retention=10.0, max_samples=64)
+    buf.register(TAGS, 1.0)
+    buf.register(("x",), 1.0)
+    for i in range(5):
+        buf.write(batch(float(i), [i, 10 + i, 20 + i]))
+    with pytest.raises(ValueError, match="read together with these and not dropped: b, c"):
+        buf.unregister(["a"])  # a ring goes whole or not at all
+    kept = buf.unregister(list(TAGS))
+    assert set(kept) == set(TAGS) and list(kept["b"][1]) == [10.0, 11.0, 12.0, 13.0, 14.0]
+    assert "a" not in buf and "x" in buf and buf.stats().tags == 1
+    buf.register(TAGS, 1.0)  # registered again: no "registered twice"
+    assert buf.latest("a") is None
+
+
+def test_history_carries_over_and_writing_goes_on_after_it() -> None:
+    buf = Buffers(retention=10.0, max_samples=64)
+    buf.register(("a", "b"), 1.0)
+    for i in range(30):  # more than the 16-sample ring: it wrapped
+        buf.write(batch(float(i), [i, -i], tags=("a", "b")))
+    kept = buf.unregister(["a", "b"])
+    group = ("a", "b", "new")  # a tag added to the device; "b" changed its definition, so not carried
+    buf.register(group, 1.0, history={"a": kept["a"]})
+    assert list(buf.series("a")[0]) == [float(i) for i in range(14, 30)]
+    assert buf.latest("b") is None and buf.latest("new") is None
+    for i in range(30, 33):
+        buf.write(batch(float(i), [i, 100 + i, 200 + i], tags=group))
+    ts, values, _ = buf.series("a")
+    assert list(ts) == [float(i) for i in range(17, 33)] and values[-1] == 32.0  # oldest overwritten first
+    assert list(buf.series("new")[1]) == [230.0, 231.0, 232.0]
+    w = buf.window(group, t_end=32.0, interval=1.0, n_samples=4)
+    assert w.good[:, 0].all() and w.good[-3:, 1:].all() and not w.good[0, 1:].any()
+
+
+def test_grow_keeps_samples_and_the_drivers_tuple() -> None:
+    buf = Buffers(retention=10.0, max_samples=1000)
+    store = buf.register(TAGS, 1.0)
+    for i in range(20):
+        buf.write(batch(float(i), [i, i, i]))
+    buf.grow(60.0, 1000)
+    assert buf.retention == 60.0 and buf.stats().capacity == 3 * 61
+    assert list(buf.series("a")[0]) == [float(i) for i in range(4, 20)]  # 16 = capacity before growing
+    for i in range(20, 80):
+        buf.write(batch(float(i), [i, i, i]))  # the same tuple: the group's fast path finds the new ring
+    assert len(buf.series("c")[0]) == 61 and buf.latest("b") == (79.0, 79.0, Quality.GOOD)
+    buf.grow(30.0, 1000)  # never shrinks
+    assert buf.retention == 60.0 and store.capacity == MIN_CAPACITY and buf.stats().capacity == 3 * 61
