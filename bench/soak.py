@@ -73,9 +73,7 @@ def outbox_file_bytes(db: Path) -> int:
 def start_mosquitto_on(directory: Path, port: int) -> subprocess.Popen[bytes]:
     """A mosquitto on 127.0.0.1:`port` (the agent's broker URL), listening when this returns."""
     conf = directory / "mosquitto.conf"
-    conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\n" + ("user root\n" if os.geteuid() == 0 else "")
-    )
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n" + ("user root\n" if os.geteuid() == 0 else ""))
     proc = spawn([mosquitto_path(), "-c", str(conf)], log=directory / "mosquitto.log")
     wait_listening(proc, port, timeout=10)
     return proc
@@ -162,15 +160,18 @@ def main() -> None:
         st = {"error": (stats.stdout + stats.stderr).strip()}
 
     print(machine_line("edge-agent simulate (Modbus)", total))
+    broker_note = "absent" if drain_at is None else f"absent until minute {drain_at / 60:g}"
     print(f"agent: examples/simulator-modbus.yaml, telemetry every 100 ms, outbox.max_bytes 1MiB, "
-          f"model {'off' if args.no_model else MODEL.name}, broker {'absent' if drain_at is None else 'absent until minute %g' % (drain_at / 60)}"
+          f"model {'off' if args.no_model else MODEL.name}, broker {broker_note}"
           + (f", env {' '.join(args.env)}" if args.env else ""))  # fmt: skip
     print()
     print("| minute | RSS MiB | Δ since first sample KiB | idle python RSS MiB | outbox file KiB |")
     print("|---:|---:|---:|---:|---:|")
     base = samples[0][1] if samples else 0
     for minute, rss, idle_rss, fbytes in samples:
-        print(f"| {minute:g} | {rss / 2**20:.2f} | {(rss - base) / 1024:+.0f} | {idle_rss / 2**20:.2f} | {fbytes / 1024:.0f} |")
+        cells = (f"{minute:g}", f"{rss / 2**20:.2f}", f"{(rss - base) / 1024:+.0f}", f"{idle_rss / 2**20:.2f}",
+                 f"{fbytes / 1024:.0f}")  # fmt: skip
+        print(f"| {' | '.join(cells)} |")
     outage = [(m, r) for m, r, _, _ in samples if drain_at is None or m * 60 < drain_at]
     half = outage[len(outage) // 2 :]
     print()
