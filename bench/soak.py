@@ -15,6 +15,13 @@ end it stops the agent (SIGTERM), runs `edge-agent outbox stats --json`, and pri
 
     python bench/soak.py [--minutes 30] [--every 60] [--drain-minutes 0] [--no-model]
                          [--env MALLOC_ARENA_MAX=2] [--dir /tmp]
+
+One run (issue 11, item 12; 2 cores, Python 3.11, --minutes 33 --drain-minutes 3): RSS 74.29 MiB at minute 1,
+74.73 at minute 5, 74.75 from minute 12 to 30; slope over minutes 15-29 +0.5 KiB/min. It levels off: the
+outbox is full after ~1 min (547 rows), SQLite's page cache stops at 1.35 MiB (cache_size caps it at 2 MiB),
+and the last ~0.5 MiB until minute 5 is heap pages touched for the first time (malloc's in-use bytes and
+every queue, dict and counter stay flat by count). The broker started at minute 30 drained the 548 rows;
+connected (a 12-minute run, broker from minute 1) RSS rises ~2 MiB once and stays at 76.75 MiB from minute 5.
 """
 
 from __future__ import annotations
