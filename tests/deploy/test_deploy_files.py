@@ -1,7 +1,7 @@
 """The deploy files: the compose file and the Kubernetes manifests against their published schemas (shipped
 offline by check-jsonschema and kubernetes-validate), every ConfigMap, Secret and PVC a workload refers to
 shipped too, the systemd unit's settings, the configs they carry through the agent's own loader, and the
-contract of Dockerfile.arm64.
+contract of the Dockerfiles (Dockerfile for both platforms, Dockerfile.arm64 the same recipe).
 
 What runs a program (systemd-analyze, the image's health check, bash): test_deploy_tools.py.
 """
@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
-from shipped import DEPLOY, DOCKERFILE, ROOT, UNIT, instructions
+from shipped import DEPLOY, DOCKERFILE, DOCKERFILE_ARM64, DOCKERFILES, ROOT, UNIT, instructions
 
 from edge_agent.config import parse_config
 from edge_agent.errors import ConfigError
@@ -389,11 +389,12 @@ def test_systemd_unit_is_hardened() -> None:
     assert any("run /etc/edge-agent/config.yaml" in v for v in keys["ExecStart"])
 
 
-# ---------------------------------------------------------------- Dockerfile.arm64
+# ---------------------------------------------------------------- Dockerfile, Dockerfile.arm64
 
 
-def test_dockerfile_contract() -> None:
-    ins = instructions()
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_contract(dockerfile: Path) -> None:
+    ins = instructions(dockerfile)
     assert ins[0] == ("ARG", "BASE_IMAGE=python:3.11-slim-bookworm")
     froms = [rest for word, rest in ins if word == "FROM"]
     assert len(froms) >= 2 and all(f.startswith("${BASE_IMAGE}") for f in froms)
@@ -407,7 +408,21 @@ def test_dockerfile_contract() -> None:
     pip_installs = [r for w, r in ins if w == "RUN" and "pip install" in r]
     assert pip_installs and all(r.count("pip install") == r.count("--only-binary=:all:") for r in pip_installs)
     # nothing of the build machine (its CA certificates, mirrors, proxies) belongs in the Dockerfile
-    assert not re.search(r"ca-certificates/|PIP_INDEX_URL|http_proxy|trusted-host", DOCKERFILE.read_text())
+    assert not re.search(r"ca-certificates/|PIP_INDEX_URL|http_proxy|trusted-host", dockerfile.read_text())
+    # nothing names an architecture but the arm64 file's one argument: the platform comes from --platform
+    rest = " ".join(r for _, r in ins if "EDGE_AGENT_ARCH" not in r)
+    assert not re.search(r"amd64|arm64|aarch64|x86_64|--platform", rest)
+    assert ("ARG", "TARGETARCH") in ins
+
+
+def test_arm64_dockerfile_is_the_same_recipe() -> None:
+    # Dockerfile.arm64 is kept for the arm64 build commands in use: the same instructions, the architecture
+    # fixed; a change made to one file only fails here (comments may differ)
+    recipe, arm64 = instructions(DOCKERFILE), instructions(DOCKERFILE_ARM64)
+    assert ("ARG", "EDGE_AGENT_ARCH=") in recipe
+    assert ("ARG", "EDGE_AGENT_ARCH=arm64") in arm64
+    fixed = [("ARG", "EDGE_AGENT_ARCH=") if i == ("ARG", "EDGE_AGENT_ARCH=arm64") else i for i in arm64]
+    assert fixed == recipe
 
 
 def test_dockerignore_keeps_what_the_build_copies() -> None:
