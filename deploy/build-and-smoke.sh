@@ -1,35 +1,88 @@
 #!/usr/bin/env bash
-# Build the linux/arm64 image from Dockerfile.arm64 under qemu emulation with podman (no Docker daemon,
-# no registry), then run it against the simulated plant and a mosquitto broker on this host and check
-# that the anomaly event of an injected fault arrives. Exits 0 only when it did.
+# Build the image for one platform with podman (no Docker daemon, no registry): natively when the platform
+# is this machine's, under qemu emulation otherwise (arm64 on x86_64). Then run it against the simulated
+# plant and a mosquitto broker on this host and check that the anomaly event of an injected fault
+# arrives. Exits 0 only when it did.
 #
-#   sudo bash deploy/build-and-smoke.sh
+#   sudo bash deploy/build-and-smoke.sh --platform linux/amd64   # Dockerfile
+#   sudo bash deploy/build-and-smoke.sh --platform linux/arm64   # Dockerfile.arm64 (= deploy/arm64/build-and-smoke.sh)
+#   bash deploy/build-and-smoke.sh --platform linux/arm64 --dry-run   # print the settings, do nothing
 #
-# Measured on 2 cores: cold 11-14 min (debootstrap under emulation 5.5-7.5 min, pip under emulation
-# 4.5-5 min, smoke ~70 s); warm ~70 s; after a change in edge_agent/ ~2.5 min; after a change of the
-# runtime dependencies in pyproject.toml ~5 min.
+# Without --platform: this machine's own. Measured on 2 cores, x86_64:
+#   linux/amd64 (native)      cold ~2.5 min (debootstrap ~45 s, build ~30 s, smoke ~70 s); warm ~70 s
+#   linux/arm64 (emulated)    cold 11-14 min (debootstrap 5.5-7.5 min, pip 4.5-5 min, smoke ~70 s); warm
+#                             ~70 s; after a change in edge_agent/ ~2.5 min; after a change of the runtime
+#                             dependencies in pyproject.toml ~5 min
 #
 # Environment (all optional):
-#   EDGE_AGENT_ARM64_CACHE  cache dir (default /var/cache/edge-agent-arm64): rootfs, qemu, podman storage
+#   EDGE_AGENT_<ARCH>_CACHE cache dir of one platform (EDGE_AGENT_AMD64_CACHE, EDGE_AGENT_ARM64_CACHE;
+#                           default /var/cache/edge-agent-<arch>): rootfs, qemu, podman storage
+#   DOCKERFILE              the file to build (default: Dockerfile.arm64 for linux/arm64, else Dockerfile)
 #   SMOKE_FAULT             simulator fault (default cavitation@20), counted from the simulator's start
 #   SMOKE_EVENT_PATH        auto | mqtt | stdout: where the anomaly.start must show up (auto: mqtt when the
 #                           image's agent publishes to MQTT, else the container's stdout)
 #   SMOKE_EVENT_TIMEOUT     seconds from the simulator's start to wait for the event (default 150)
 #   SMOKE_KEEP=1            keep the work dir (logs) and print its path
-#   IMAGE                   tag to build (default localhost/edge-agent:arm64)
+#   IMAGE                   tag to build (default localhost/edge-agent:<arch>)
 #
 # What it sets up on this machine (see ../../shared/notes/arm64-image.md for why): apt packages
-# (podman, runc, debootstrap, mosquitto, mosquitto-clients) when missing; binfmt_misc with qemu-aarch64
-# 10 from bookworm-backports (Debian 12's qemu 7.2 crashes LiteRT's XNNPACK delegate); podman config
-# and storage of its own under the cache dir (CONTAINERS_CONF / CONTAINERS_STORAGE_CONF, nothing in
-# /etc/containers is changed); a local arm64 stand-in for python:3.11-slim-bookworm made by debootstrap,
-# holding this machine's extra CA certificates (the stand-in only, never the Dockerfile).
+# (podman, runc, debootstrap, mosquitto, mosquitto-clients) when missing; for an emulated platform,
+# binfmt_misc with qemu-aarch64 10 from bookworm-backports (Debian 12's qemu 7.2 crashes LiteRT's
+# XNNPACK delegate); podman config and storage of its own under the platform's cache dir
+# (CONTAINERS_CONF / CONTAINERS_STORAGE_CONF, nothing in /etc/containers is changed); a local stand-in
+# for python:3.11-slim-bookworm of the platform made by debootstrap, holding this machine's extra CA
+# certificates (the stand-in only, never the Dockerfile).
 set -Eeuo pipefail
 
+usage() { sed -n '2,/^set -Eeuo/{/^set -Eeuo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; }
+
+ARGS=("$@")
+PLATFORM=""
+DRY_RUN=""
+while [ $# -gt 0 ]; do
+  case $1 in
+    --platform) [ $# -ge 2 ] || { echo "--platform needs a value: linux/amd64 or linux/arm64" >&2; exit 2; }
+                PLATFORM=$2; shift 2 ;;
+    --platform=*) PLATFORM=${1#--platform=}; shift ;;
+    --dry-run) DRY_RUN=1; shift ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+
+case $(uname -m) in
+  x86_64) HOST_ARCH=amd64 ;;
+  aarch64|arm64) HOST_ARCH=arm64 ;;
+  *) HOST_ARCH=$(uname -m) ;;
+esac
+PLATFORM=${PLATFORM:-linux/$HOST_ARCH}
+case $PLATFORM in
+  linux/amd64) ARCH=amd64 ;;
+  linux/arm64|linux/arm64/v8) ARCH=arm64; PLATFORM=linux/arm64 ;;
+  *) echo "unsupported platform $PLATFORM: linux/amd64 or linux/arm64" >&2; exit 2 ;;
+esac
+if [ "$ARCH" = "$HOST_ARCH" ]; then
+  MODE=native
+elif [ "$ARCH" = arm64 ] && [ "$HOST_ARCH" = amd64 ]; then
+  MODE=emulated   # qemu-aarch64 10 through binfmt_misc
+else
+  echo "$PLATFORM on a $(uname -m) machine: only linux/arm64 on x86_64 is emulated here; build it natively" >&2
+  exit 2
+fi
+
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-CACHE=${EDGE_AGENT_ARM64_CACHE:-/var/cache/edge-agent-arm64}
-IMAGE=${IMAGE:-localhost/edge-agent:arm64}
-BASE=localhost/bookworm-py:arm64
+cache_var=EDGE_AGENT_${ARCH^^}_CACHE
+CACHE=${!cache_var:-/var/cache/edge-agent-$ARCH}
+RUNDIR=/run/edge-agent-$ARCH
+IMAGE=${IMAGE:-localhost/edge-agent:$ARCH}
+BASE=localhost/bookworm-py:$ARCH
+if [ -n "${DOCKERFILE:-}" ]; then
+  DOCKERFILE=$(cd "$ROOT" && realpath -e "$DOCKERFILE" 2>/dev/null) || { echo "DOCKERFILE: no such file" >&2; exit 2; }
+elif [ "$ARCH" = arm64 ]; then
+  DOCKERFILE=$ROOT/Dockerfile.arm64
+else
+  DOCKERFILE=$ROOT/Dockerfile
+fi
 FAULT=${SMOKE_FAULT:-cavitation@20}
 EVENT_PATH=${SMOKE_EVENT_PATH:-auto}
 EVENT_TIMEOUT=${SMOKE_EVENT_TIMEOUT:-150}
@@ -40,9 +93,15 @@ T0=$SECONDS
 say() { printf '[%4ds] %s\n' $((SECONDS - T0)) "$*"; }
 die() { say "FAIL: $*" >&2; exit 1; }
 
+if [ -n "$DRY_RUN" ]; then
+  printf '%s\n' "PLATFORM=$PLATFORM" "MODE=$MODE" "DOCKERFILE=$DOCKERFILE" "IMAGE=$IMAGE" "BASE=$BASE" \
+    "CACHE=$CACHE" "RUNDIR=$RUNDIR"
+  exit 0
+fi
+
 if [ "$(id -u)" -ne 0 ]; then
   command -v sudo >/dev/null || die "run as root (apt, binfmt_misc, debootstrap, rootful podman)"
-  exec sudo -E bash "$0" "$@"
+  exec sudo -E bash "$0" "${ARGS[@]}"
 fi
 
 # ---------------------------------------------------------------- cleanup of whatever this run started
@@ -136,7 +195,7 @@ setup_podman() {
   # nproc: even the shell's own hard limit (96365 on the reference VM) was refused; 16384 is accepted
   # and is plenty (it counts the threads of the container's user)
   if [ "$hu" = unlimited ] || [ "$hu" -gt 16384 ]; then hu=16384; fi
-  mkdir -p "$CACHE/containers" "$CACHE/storage" /run/edge-agent-arm64
+  mkdir -p "$CACHE/containers" "$CACHE/storage" "$RUNDIR"
   # runc (crun 1.8 rejects this VM's cgroup setup), cgroupfs, host network, and ulimits the VM allows:
   # rootful podman raises nofile and nproc far above them by default, and the container fails to start
   cat >"$CACHE/containers/containers.conf" <<EOF
@@ -148,14 +207,14 @@ default_ulimits = ["nofile=$hn:$hn", "nproc=$hu:$hu"]
 runtime = "runc"
 cgroup_manager = "cgroupfs"
 events_logger = "file"
-events_logfile_path = "/run/edge-agent-arm64/events.log"
-tmp_dir = "/run/edge-agent-arm64/libpod"
+events_logfile_path = "$RUNDIR/events.log"
+tmp_dir = "$RUNDIR/libpod"
 EOF
   cat >"$CACHE/containers/storage.conf" <<EOF
 [storage]
 driver = "overlay"
 graphroot = "$CACHE/storage"
-runroot = "/run/edge-agent-arm64/storage"
+runroot = "$RUNDIR/storage"
 EOF
   export CONTAINERS_CONF=$CACHE/containers/containers.conf
   export CONTAINERS_STORAGE_CONF=$CACHE/containers/storage.conf
@@ -168,13 +227,13 @@ ensure_base() {
   if [ ! -e "$rootfs/.complete" ]; then
     local mirror
     mirror=$(debian_mirror)
-    say "debootstrap arm64 bookworm (minbase + python3) from $mirror (3-8 min)"
+    say "debootstrap $ARCH bookworm (minbase + python3) from $mirror ($MODE: $([ "$MODE" = native ] && echo 1-2 || echo 3-8) min)"
     unmount_under "$rootfs"
     rm -rf --one-file-system "$rootfs"
     mkdir -p "$CACHE/debs"
     # no python3-pip: the Dockerfile installs into a venv (ensurepip comes with python3-venv), and every
-    # package left out is one less set of maintainer scripts run under emulation
-    nice -n 10 debootstrap --arch=arm64 --variant=minbase --cache-dir="$CACHE/debs" \
+    # package left out is one less set of maintainer scripts to run (under emulation: slowly)
+    nice -n 10 debootstrap --arch="$ARCH" --variant=minbase --cache-dir="$CACHE/debs" \
       --include=python3,python3-venv,python-is-python3,ca-certificates \
       bookworm "$rootfs" "$mirror" >"$CACHE/debootstrap.log" 2>&1 \
       || { unmount_under "$rootfs"; tail -20 "$CACHE/debootstrap.log" >&2; die "debootstrap failed (log: $CACHE/debootstrap.log)"; }
@@ -188,9 +247,9 @@ ensure_base() {
   for crt in /usr/local/share/ca-certificates/*.crt; do
     [ -e "$crt" ] && cp "$crt" "$rootfs/usr/local/share/ca-certificates/"
   done
-  chroot "$rootfs" update-ca-certificates >/dev/null 2>&1 || die "update-ca-certificates in the arm64 rootfs failed"
+  chroot "$rootfs" update-ca-certificates >/dev/null 2>&1 || die "update-ca-certificates in the $ARCH rootfs failed"
   say "importing the stand-in base as $BASE"
-  tar -C "$rootfs" --exclude=./.complete -c . | podman import -q --arch arm64 --os linux - "$BASE" >/dev/null
+  tar -C "$rootfs" --exclude=./.complete -c . | podman import -q --arch "$ARCH" --os linux - "$BASE" >/dev/null
 }
 
 # An interrupted debootstrap can leave proc/sys mounted in the rootfs: never delete through a mount.
@@ -235,17 +294,17 @@ human() { numfmt --to=iec-i --suffix=B "$1" 2>/dev/null || echo "$1 B"; }
 # ---------------------------------------------------------------- 1. tools, emulator, podman, base
 ensure_packages
 mkdir -p "$CACHE"
-ensure_qemu
+if [ "$MODE" = emulated ]; then ensure_qemu; fi
 setup_podman
 ensure_base
 
 # ---------------------------------------------------------------- 2. build
-say "building $IMAGE for linux/arm64 under emulation"
+say "building $IMAGE for $PLATFORM ($MODE) from ${DOCKERFILE#"$ROOT"/}"
 build_log=$CACHE/build.log
 t_build=$SECONDS
 old_id=$(podman image inspect -f '{{.Id}}' "$IMAGE" 2>/dev/null || true)
-if ! nice -n 10 podman build --platform linux/arm64 --format docker --network host --pull=never \
-    --build-arg BASE_IMAGE="$BASE" -f "$ROOT/Dockerfile.arm64" -t "$IMAGE" "$ROOT" >"$build_log" 2>&1; then
+if ! nice -n 10 podman build --platform "$PLATFORM" --format docker --network host --pull=never \
+    --build-arg BASE_IMAGE="$BASE" -f "$DOCKERFILE" -t "$IMAGE" "$ROOT" >"$build_log" 2>&1; then
   tail -30 "$build_log" >&2
   die "podman build failed (log: $build_log)"
 fi
@@ -257,7 +316,7 @@ fi
 # builder-stage images of older dependency sets: the newest stay as layer cache
 podman image prune -f --filter until=168h >/dev/null 2>&1 || true
 arch=$(podman image inspect -f '{{.Architecture}}' "$IMAGE")
-[ "$arch" = arm64 ] || die "image architecture is $arch, not arm64"
+[ "$arch" = "$ARCH" ] || die "image architecture is $arch, not $ARCH"
 size=$(podman image inspect -f '{{.Size}}' "$IMAGE")
 base_size=$(podman image inspect -f '{{.Size}}' "$BASE")
 
@@ -299,7 +358,7 @@ PIDS+=($!)
 if [ "$EVENT_PATH" = auto ]; then
   # does the image's agent wire the MQTT publisher into `run`? (exit 0 yes, 1 no, anything else: broken)
   probe_rc=0
-  podman run --rm --platform linux/arm64 --no-healthcheck --entrypoint /bin/sh "$IMAGE" -c \
+  podman run --rm --platform "$PLATFORM" --no-healthcheck --entrypoint /bin/sh "$IMAGE" -c \
     'grep -q MqttPublisher /opt/venv/lib/python3*/site-packages/edge_agent/agent.py' >"$WORK/probe.log" 2>&1 \
     || probe_rc=$?
   case $probe_rc in
@@ -327,7 +386,7 @@ esac
 mkdir -p "$WORK/state" && chown 10001:10001 "$WORK/state"
 CTR=edge-agent-smoke-$$
 # --health-interval disable: no systemd timer for the HEALTHCHECK (no systemd here); it is run below by hand
-podman run -d --name "$CTR" --platform linux/arm64 --network host --health-interval disable \
+podman run -d --name "$CTR" --platform "$PLATFORM" --network host --health-interval disable \
   --read-only --tmpfs /tmp:rw,size=64m,mode=1777 \
   --cap-drop ALL --security-opt no-new-privileges \
   -v "$CONFIG:/etc/edge-agent/config.yaml:ro" \
@@ -355,7 +414,7 @@ while [ $((SECONDS - t_ctr)) -lt $HEALTH_TIMEOUT ]; do
   sleep 2
 done
 [ "${health%% *}" = 200 ] || { podman logs "$CTR" 2>&1 | tail -30 >&2; die "no /healthz 200 within ${HEALTH_TIMEOUT}s"; }
-say "/healthz answered 200 after $((SECONDS - t_ctr)) s (emulated start)"
+say "/healthz answered 200 after $((SECONDS - t_ctr)) s ($MODE start)"
 # the image's own rule: unhealthy after 3 failures in a row (--retries=3); under emulation on a busy
 # machine one run of its python can pass the 5 s timeout, which an engine would retry too
 hc_ok=""
@@ -433,7 +492,9 @@ mem=$(podman stats --no-stream --format '{{.MemUsage}}' "$CTR" 2>/dev/null || ec
 pid=$(podman inspect -f '{{.State.Pid}}' "$CTR")
 rss_kb=$(awk '/^VmRSS/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)
 say "image $IMAGE: $(human "$size") ($(human $((size - base_size))) on top of the $(human "$base_size") stand-in base)"
-say "container memory after $((SECONDS - t_ctr)) s: cgroup ${mem}; agent process RSS $((rss_kb / 1024)) MiB (under qemu-user: includes the emulator's translation cache)"
+rss_note=""
+[ "$MODE" = emulated ] && rss_note=" (under qemu-user: includes the emulator's translation cache)"
+say "container memory after $((SECONDS - t_ctr)) s: cgroup ${mem}; agent process RSS $((rss_kb / 1024)) MiB$rss_note"
 
 if [ -z "$event" ]; then die "the anomaly event did not arrive"; fi
-say "OK: the arm64 image builds, starts read-only as uid 10001, passes its health check and reports the injected fault"
+say "OK: the $PLATFORM image ($MODE) builds, starts read-only as uid 10001, passes its health check and reports the injected fault"

@@ -12,6 +12,8 @@ UNIT = DEPLOY / "systemd" / "edge-agent.service"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERFILE_ARM64 = ROOT / "Dockerfile.arm64"
 DOCKERFILES = (DOCKERFILE, DOCKERFILE_ARM64)
+SMOKE = DEPLOY / "build-and-smoke.sh"
+SMOKE_ARM64 = DEPLOY / "arm64" / "build-and-smoke.sh"  # the old path: the arm64 smoke
 
 
 def instructions(dockerfile: Path = DOCKERFILE) -> list[tuple[str, str]]:

@@ -1,6 +1,6 @@
 """The deploy files through the programs that run them, each a subprocess: the systemd unit through
 systemd-analyze, the image's health check against a real HTTP server, the Dockerfile's platform check
-through python, the arm64 smoke script through bash.
+through python, the smoke scripts (both platforms, the old arm64 path) through bash.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from shipped import DEPLOY, DOCKERFILES, UNIT, instructions
+from shipped import DOCKERFILES, SMOKE, SMOKE_ARM64, UNIT, instructions
 
 # ---------------------------------------------------------------- systemd
 
@@ -162,10 +162,51 @@ def test_platform_check_stops_a_build_for_another_platform(dockerfile: Path) -> 
     assert "--platform linux/" in proc.stderr
 
 
-# ---------------------------------------------------------------- arm64 smoke script
+# ---------------------------------------------------------------- smoke scripts
 
 
-def test_smoke_script_is_valid_bash() -> None:
-    script = DEPLOY / "build-and-smoke.sh"
+@pytest.mark.parametrize("script", [SMOKE, SMOKE_ARM64], ids=["deploy", "deploy-arm64"])
+def test_smoke_script_is_valid_bash(script: Path) -> None:
     subprocess.run(["bash", "-n", str(script)], check=True)
     assert os.access(script, os.X_OK)
+
+
+def _dry_run(script: Path, *args: str, **env: str) -> dict[str, str]:
+    """The settings the script would use (--dry-run: KEY=value lines), with only `env` of its variables set."""
+    ours = ("IMAGE", "DOCKERFILE")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_") and k not in ours}
+    proc = subprocess.run(
+        ["bash", str(script), *args, "--dry-run"], env={**clean, **env}, capture_output=True, text=True, timeout=30
+    )
+    assert proc.returncode == 0, proc.stderr
+    return dict(line.split("=", 1) for line in proc.stdout.splitlines())
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the script emulates arm64 on x86_64 only")
+def test_smoke_script_takes_the_platform() -> None:
+    amd64 = _dry_run(SMOKE, "--platform", "linux/amd64")
+    arm64 = _dry_run(SMOKE, "--platform=linux/arm64")
+    assert (amd64["PLATFORM"], amd64["MODE"]) == ("linux/amd64", "native")
+    assert (arm64["PLATFORM"], arm64["MODE"]) == ("linux/arm64", "emulated")
+    assert Path(amd64["DOCKERFILE"]).name == "Dockerfile"
+    assert Path(arm64["DOCKERFILE"]).name == "Dockerfile.arm64"
+    # separate caches, podman storage and run dirs per platform; arm64's stays where it was
+    assert amd64["CACHE"] == "/var/cache/edge-agent-amd64"
+    assert arm64["CACHE"] == "/var/cache/edge-agent-arm64"
+    for key in ("RUNDIR", "BASE", "IMAGE"):
+        assert amd64[key] != arm64[key], key
+    assert _dry_run(SMOKE) == amd64  # no --platform: this machine's own
+    assert _dry_run(SMOKE, "--platform", "linux/arm64", EDGE_AGENT_ARM64_CACHE="/tmp/c")["CACHE"] == "/tmp/c"
+    assert _dry_run(SMOKE, "--platform", "linux/arm64", DOCKERFILE="Dockerfile")["DOCKERFILE"] == amd64["DOCKERFILE"]
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the script emulates arm64 on x86_64 only")
+def test_old_smoke_path_is_the_arm64_smoke() -> None:
+    assert _dry_run(SMOKE_ARM64) == _dry_run(SMOKE, "--platform", "linux/arm64")
+
+
+@pytest.mark.parametrize("args", [["--platform", "linux/s390x"], ["--platform"], ["--frobnicate"]])
+def test_smoke_script_refuses_bad_arguments_before_doing_anything(args: list[str]) -> None:
+    proc = subprocess.run(["bash", str(SMOKE), *args], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() and not proc.stdout
