@@ -55,12 +55,60 @@ def _compose_errors(doc: Any) -> list[str]:
     return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
 
 
-def _compose() -> dict[str, Any]:
-    return yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))
+_VARIABLE = re.compile(r"\$\$|\$\{(\w+)(?::-([^}]*))?\}")
+
+
+def _interpolate(text: str, env: dict[str, str]) -> str:
+    """Compose's interpolation as this file uses it: ${VAR}, ${VAR:-default}, $$ for a literal $."""
+
+    def value(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        name, default = m.group(1), m.group(2)
+        if env.get(name):
+            return env[name]
+        assert default is not None, f"${{{name}}} has no default: compose would warn and use an empty string"
+        return default
+
+    return _VARIABLE.sub(value, text)
+
+
+def _compose(env: dict[str, str] | None = None) -> dict[str, Any]:
+    """The compose file as `docker compose` reads it with these variables (none set: the defaults)."""
+    return yaml.safe_load(_interpolate(COMPOSE.read_text(encoding="utf-8"), env or {}))
 
 
 def test_compose_file_matches_the_compose_spec() -> None:
-    assert _compose_errors(_compose()) == []
+    assert _compose_errors(yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))) == []  # as written
+    assert _compose_errors(_compose()) == []  # as interpolated
+
+
+@pytest.mark.parametrize("platform", [None, "linux/amd64", "linux/arm64"])
+def test_compose_platform_comes_from_a_variable(platform: str | None) -> None:
+    env = {"EDGE_AGENT_PLATFORM": platform} if platform else {}
+    doc = _compose(env)
+    assert _compose_errors(doc) == []
+    built = {name: svc for name, svc in doc["services"].items() if "build" in svc}
+    assert set(built) == {"simulator", "edge-agent"}  # the agent image, one recipe for both platforms
+    for svc in built.values():
+        assert svc["platform"] == (platform or "linux/arm64")
+        assert svc["build"]["dockerfile"] == "Dockerfile"
+        assert (COMPOSE.parent / svc["build"]["context"] / svc["build"]["dockerfile"]).resolve() == DOCKERFILE
+
+
+def test_compose_publishes_ports_on_loopback_unless_told_otherwise() -> None:
+    def published(doc: dict[str, Any]) -> list[str]:
+        return [p for svc in doc["services"].values() for p in svc.get("ports", [])]
+
+    assert published(_compose()) == ["127.0.0.1:1883:1883", "127.0.0.1:9108:9108"]
+    assert all(p.startswith("10.0.0.5:") for p in published(_compose({"PUBLISH_ADDRESS": "10.0.0.5"})))
+
+
+def test_interpolation_helper_reads_compose_syntax() -> None:
+    text = 'a: ${A:-x}\nb: "$${B}"\nc: ${C:-linux/arm64}\n'
+    assert yaml.safe_load(_interpolate(text, {"A": "y"})) == {"a": "y", "b": "${B}", "c": "linux/arm64"}
+    with pytest.raises(AssertionError, match="no default"):
+        _interpolate("x: ${NOPE}", {})
 
 
 @pytest.mark.parametrize(
