@@ -1,4 +1,4 @@
-"""The shipped deploy files the deploy tests read, and Dockerfile.arm64 as (instruction, arguments) pairs."""
+"""The shipped deploy files the deploy tests read, and the Dockerfiles as (instruction, arguments) pairs."""
 
 from __future__ import annotations
 
@@ -8,11 +8,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 UNIT = DEPLOY / "systemd" / "edge-agent.service"
-DOCKERFILE = ROOT / "Dockerfile.arm64"
+# the one recipe, for linux/amd64 and linux/arm64; Dockerfile.arm64 is it with the architecture fixed
+DOCKERFILE = ROOT / "Dockerfile"
+DOCKERFILE_ARM64 = ROOT / "Dockerfile.arm64"
+DOCKERFILES = (DOCKERFILE, DOCKERFILE_ARM64)
+SMOKE = DEPLOY / "build-and-smoke.sh"
+SMOKE_ARM64 = DEPLOY / "arm64" / "build-and-smoke.sh"  # the old path: the arm64 smoke
 
 
-def instructions() -> list[tuple[str, str]]:
-    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text(encoding="utf-8"))
+def instructions(dockerfile: Path = DOCKERFILE) -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", dockerfile.read_text(encoding="utf-8"))
     out = []
     for line in text.splitlines():
         line = line.strip()

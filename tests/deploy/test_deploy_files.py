@@ -1,7 +1,7 @@
 """The deploy files: the compose file and the Kubernetes manifests against their published schemas (shipped
 offline by check-jsonschema and kubernetes-validate), every ConfigMap, Secret and PVC a workload refers to
 shipped too, the systemd unit's settings, the configs they carry through the agent's own loader, and the
-contract of Dockerfile.arm64.
+contract of the Dockerfiles (Dockerfile for both platforms, Dockerfile.arm64 the same recipe).
 
 What runs a program (systemd-analyze, the image's health check, bash): test_deploy_tools.py.
 """
@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
-from shipped import DEPLOY, DOCKERFILE, ROOT, UNIT, instructions
+from shipped import DEPLOY, DOCKERFILE, DOCKERFILE_ARM64, DOCKERFILES, ROOT, UNIT, instructions
 
 from edge_agent.config import parse_config
 from edge_agent.errors import ConfigError
@@ -55,12 +55,60 @@ def _compose_errors(doc: Any) -> list[str]:
     return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
 
 
-def _compose() -> dict[str, Any]:
-    return yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))
+_VARIABLE = re.compile(r"\$\$|\$\{(\w+)(?::-([^}]*))?\}")
+
+
+def _interpolate(text: str, env: dict[str, str]) -> str:
+    """Compose's interpolation as this file uses it: ${VAR}, ${VAR:-default}, $$ for a literal $."""
+
+    def value(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        name, default = m.group(1), m.group(2)
+        if env.get(name):
+            return env[name]
+        assert default is not None, f"${{{name}}} has no default: compose would warn and use an empty string"
+        return default
+
+    return _VARIABLE.sub(value, text)
+
+
+def _compose(env: dict[str, str] | None = None) -> dict[str, Any]:
+    """The compose file as `docker compose` reads it with these variables (none set: the defaults)."""
+    return yaml.safe_load(_interpolate(COMPOSE.read_text(encoding="utf-8"), env or {}))
 
 
 def test_compose_file_matches_the_compose_spec() -> None:
-    assert _compose_errors(_compose()) == []
+    assert _compose_errors(yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))) == []  # as written
+    assert _compose_errors(_compose()) == []  # as interpolated
+
+
+@pytest.mark.parametrize("platform", [None, "linux/amd64", "linux/arm64"])
+def test_compose_platform_comes_from_a_variable(platform: str | None) -> None:
+    env = {"EDGE_AGENT_PLATFORM": platform} if platform else {}
+    doc = _compose(env)
+    assert _compose_errors(doc) == []
+    built = {name: svc for name, svc in doc["services"].items() if "build" in svc}
+    assert set(built) == {"simulator", "edge-agent"}  # the agent image, one recipe for both platforms
+    for svc in built.values():
+        assert svc["platform"] == (platform or "linux/arm64")
+        assert svc["build"]["dockerfile"] == "Dockerfile"
+        assert (COMPOSE.parent / svc["build"]["context"] / svc["build"]["dockerfile"]).resolve() == DOCKERFILE
+
+
+def test_compose_publishes_ports_on_loopback_unless_told_otherwise() -> None:
+    def published(doc: dict[str, Any]) -> list[str]:
+        return [p for svc in doc["services"].values() for p in svc.get("ports", [])]
+
+    assert published(_compose()) == ["127.0.0.1:1883:1883", "127.0.0.1:9108:9108"]
+    assert all(p.startswith("10.0.0.5:") for p in published(_compose({"PUBLISH_ADDRESS": "10.0.0.5"})))
+
+
+def test_interpolation_helper_reads_compose_syntax() -> None:
+    text = 'a: ${A:-x}\nb: "$${B}"\nc: ${C:-linux/arm64}\n'
+    assert yaml.safe_load(_interpolate(text, {"A": "y"})) == {"a": "y", "b": "${B}", "c": "linux/arm64"}
+    with pytest.raises(AssertionError, match="no default"):
+        _interpolate("x: ${NOPE}", {})
 
 
 @pytest.mark.parametrize(
@@ -151,7 +199,9 @@ def test_kubernetes_schema_rejects_a_broken_manifest(break_it: Any, expected: st
 def test_workloads_are_locked_down_and_probed(kind: str) -> None:
     doc = next(doc for _, doc in _k8s_docs() if doc["kind"] == kind)
     pod = doc["spec"]["template"]["spec"]
-    assert pod["nodeSelector"]["kubernetes.io/arch"] == "arm64"
+    # the image is multi-arch: no architecture pinned (a comment shows how), only the machine or group label
+    assert "kubernetes.io/arch" not in pod["nodeSelector"]
+    assert pod["nodeSelector"].keys() & {"edge-agent/machine", "edge-agent/group"}
     assert pod["automountServiceAccountToken"] is False
     (agent,) = pod["containers"]
     ctx = agent["securityContext"]
@@ -389,11 +439,12 @@ def test_systemd_unit_is_hardened() -> None:
     assert any("run /etc/edge-agent/config.yaml" in v for v in keys["ExecStart"])
 
 
-# ---------------------------------------------------------------- Dockerfile.arm64
+# ---------------------------------------------------------------- Dockerfile, Dockerfile.arm64
 
 
-def test_dockerfile_contract() -> None:
-    ins = instructions()
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_contract(dockerfile: Path) -> None:
+    ins = instructions(dockerfile)
     assert ins[0] == ("ARG", "BASE_IMAGE=python:3.11-slim-bookworm")
     froms = [rest for word, rest in ins if word == "FROM"]
     assert len(froms) >= 2 and all(f.startswith("${BASE_IMAGE}") for f in froms)
@@ -407,7 +458,21 @@ def test_dockerfile_contract() -> None:
     pip_installs = [r for w, r in ins if w == "RUN" and "pip install" in r]
     assert pip_installs and all(r.count("pip install") == r.count("--only-binary=:all:") for r in pip_installs)
     # nothing of the build machine (its CA certificates, mirrors, proxies) belongs in the Dockerfile
-    assert not re.search(r"ca-certificates/|PIP_INDEX_URL|http_proxy|trusted-host", DOCKERFILE.read_text())
+    assert not re.search(r"ca-certificates/|PIP_INDEX_URL|http_proxy|trusted-host", dockerfile.read_text())
+    # nothing names an architecture but the arm64 file's one argument: the platform comes from --platform
+    rest = " ".join(r for _, r in ins if "EDGE_AGENT_ARCH" not in r)
+    assert not re.search(r"amd64|arm64|aarch64|x86_64|--platform", rest)
+    assert ("ARG", "TARGETARCH") in ins
+
+
+def test_arm64_dockerfile_is_the_same_recipe() -> None:
+    # Dockerfile.arm64 is kept for the arm64 build commands in use: the same instructions, the architecture
+    # fixed; a change made to one file only fails here (comments may differ)
+    recipe, arm64 = instructions(DOCKERFILE), instructions(DOCKERFILE_ARM64)
+    assert ("ARG", "EDGE_AGENT_ARCH=") in recipe
+    assert ("ARG", "EDGE_AGENT_ARCH=arm64") in arm64
+    fixed = [("ARG", "EDGE_AGENT_ARCH=") if i == ("ARG", "EDGE_AGENT_ARCH=arm64") else i for i in arm64]
+    assert fixed == recipe
 
 
 def test_dockerignore_keeps_what_the_build_copies() -> None:
