@@ -23,6 +23,7 @@ MARKS: dict[str, str] = {
     "agent/": "integration",  # an agent against real peers, mosquitto
     "cli/": "integration",  # the edge-agent command in a subprocess
     "deploy/test_deploy_tools.py": "integration",  # systemd-analyze, the health check against an HTTP server, bash
+    "deploy/test_grafana.py": "integration",  # an agent with the simulator and mosquitto, scraped over HTTP
     "drivers/modbus/": "integration",  # pymodbus servers, pseudo-terminals, mbpoll
     "drivers/opcua/": "integration",  # asyncua servers; the lazy-import checks run a subprocess
     "drivers/opcua/test_opcua_browse_names.py": "unit",
