@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from edge_agent.cli import main
-from edge_agent.config import loader
+from edge_agent.config import loader, yamlfile
 
 ROOT = Path(__file__).resolve().parents[2]
 SEEDS = sorted(
@@ -125,7 +125,7 @@ def expanded_size(tree: Any, cap: int) -> int:
 @contextlib.contextmanager
 def bounded_work(monkeypatch: pytest.MonkeyPatch, size: int) -> Iterator[None]:
     """Raise as soon as the loader's tree or the ${ENV} substitution's visits pass what `size` bytes may hold."""
-    bound = 2 * size + loader.MAX_ALIAS_VALUES
+    bound = 2 * size + yamlfile.MAX_ALIAS_VALUES
     parse, substitute = loader._parse_yaml, loader._substitute
     visits = 0
 

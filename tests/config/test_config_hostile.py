@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from edge_agent.cli import main
-from edge_agent.config import loader, parse_config
+from edge_agent.config import loader, parse_config, yamlfile
 from edge_agent.errors import ConfigError
 
 MODBUS = """\
@@ -79,7 +79,7 @@ def test_an_alias_bomb_is_refused_at_the_alias(tmp_path: Path, mapping: bool, wh
     )
     assert r.returncode == 2, r.stderr[-2000:]
     assert r.stderr.splitlines() == [
-        f"{where} repeats more than {loader.MAX_ALIAS_VALUES} values; refused as an alias bomb",
+        f"{where} repeats more than {yamlfile.MAX_ALIAS_VALUES} values; refused as an alias bomb",
         "c.yaml: 1 error, nothing started",
     ]
 
