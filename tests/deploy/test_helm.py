@@ -243,6 +243,11 @@ def _manifest(kind: str) -> dict[str, Any]:
     raise AssertionError(f"no {kind} in deploy/k8s")
 
 
+def test_default_config_is_the_manifests_tag_map() -> None:
+    (cm,) = [d for _, d in _render(()) if d["kind"] == "ConfigMap"]
+    assert cm["data"]["config.yaml"] == _manifest("ConfigMap")["data"]["config.yaml"]  # k8s/10-configmap.yaml
+
+
 def _subset(shipped: dict[str, Any], chart: dict[str, Any]) -> bool:
     """Every field the manifest sets, the chart sets to the same value (the chart may set more)."""
     assert {k: chart.get(k) for k in shipped} == shipped
