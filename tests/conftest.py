@@ -24,6 +24,7 @@ MARKS: dict[str, str] = {
     "cli/": "integration",  # the edge-agent command in a subprocess
     "deploy/test_deploy_tools.py": "integration",  # systemd-analyze, the health check against an HTTP server, bash
     "deploy/test_grafana.py": "integration",  # an agent with the simulator and mosquitto, scraped over HTTP
+    "deploy/test_helm.py": "integration",  # helm lint and helm template in subprocesses
     "drivers/modbus/": "integration",  # pymodbus servers, pseudo-terminals, mbpoll
     "drivers/opcua/": "integration",  # asyncua servers; the lazy-import checks run a subprocess
     "drivers/opcua/test_opcua_browse_names.py": "unit",

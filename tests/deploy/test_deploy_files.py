@@ -12,12 +12,20 @@ import copy
 import importlib.resources
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from kube import (
+    K8S_VERSIONS,
+    assert_locked_down_and_probed,
+    k8s_version,
+    kv,
+    literal_env,
+    pod_spec,
+    unresolved_references,
+)
 from shipped import DEPLOY, DOCKERFILE, DOCKERFILE_ARM64, DOCKERFILES, ROOT, UNIT, instructions
 
 from edge_agent.config import parse_config
@@ -25,17 +33,6 @@ from edge_agent.errors import ConfigError
 
 COMPOSE = DEPLOY / "docker-compose.yml"
 K8S_FILES = sorted((DEPLOY / "k8s").glob("*.yaml"))
-# k3s / KubeEdge releases in the field span several minors: the oldest supported and the newest schemas
-K8S_VERSIONS = ("1.28", "latest")
-
-
-def _kv() -> Any:
-    """kubernetes-validate (dev dependency): Kubernetes' JSON schemas for every minor, offline."""
-    return pytest.importorskip("kubernetes_validate", reason="dev dependency missing: pip install kubernetes-validate")
-
-
-def _k8s_version(version: str) -> str:
-    return str(_kv().utils.latest_version()) if version == "latest" else version
 
 
 # ---------------------------------------------------------------- compose
@@ -166,7 +163,7 @@ def test_there_are_manifests_for_every_piece() -> None:
 @pytest.mark.parametrize(("name", "doc"), _k8s_docs(), ids=[n for n, _ in _k8s_docs()])
 def test_manifest_matches_the_kubernetes_schema(name: str, doc: dict[str, Any], version: str) -> None:
     # strict: unknown fields are errors too (a typo such as imagePullPolcy would be ignored by the API server)
-    _kv().validate(doc, _k8s_version(version), strict=True)
+    kv().validate(doc, k8s_version(version), strict=True)
 
 
 def _deployment() -> dict[str, Any]:
@@ -189,131 +186,29 @@ def _deployment() -> dict[str, Any]:
 def test_kubernetes_schema_rejects_a_broken_manifest(break_it: Any, expected: str) -> None:
     doc = copy.deepcopy(_deployment())
     break_it(doc)
-    kv = _kv()
-    with pytest.raises(kv.ValidationError) as err:
-        kv.validate(doc, _k8s_version("latest"), strict=True)
+    with pytest.raises(kv().ValidationError) as err:
+        kv().validate(doc, k8s_version("latest"), strict=True)
     assert expected in str(err.value)
 
 
 @pytest.mark.parametrize("kind", ["Deployment", "DaemonSet"])
 def test_workloads_are_locked_down_and_probed(kind: str) -> None:
     doc = next(doc for _, doc in _k8s_docs() if doc["kind"] == kind)
+    assert_locked_down_and_probed(doc)
     pod = doc["spec"]["template"]["spec"]
-    # the image is multi-arch: no architecture pinned (a comment shows how), only the machine or group label
-    assert "kubernetes.io/arch" not in pod["nodeSelector"]
+    # pinned to the machine or the group by its label; the image is multi-arch, no architecture (a comment shows how)
     assert pod["nodeSelector"].keys() & {"edge-agent/machine", "edge-agent/group"}
-    assert pod["automountServiceAccountToken"] is False
-    (agent,) = pod["containers"]
-    ctx = agent["securityContext"]
-    assert ctx["readOnlyRootFilesystem"] is True
-    assert ctx["allowPrivilegeEscalation"] is False
-    assert ctx["capabilities"]["drop"] == ["ALL"]
-    assert ctx.get("runAsNonRoot", pod["securityContext"].get("runAsNonRoot")) is True
-    assert {"cpu", "memory"} <= set(agent["resources"]["limits"])
-    assert agent["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    assert agent["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    mounts = {m["mountPath"]: m["name"] for m in agent["volumeMounts"]}
-    volumes = {v["name"]: v for v in pod["volumes"]}
-    assert (
-        "persistentVolumeClaim" in volumes[mounts["/var/lib/edge-agent"]]
-        or "hostPath" in volumes[mounts["/var/lib/edge-agent"]]
-    )
-    assert "emptyDir" in volumes[mounts["/tmp"]]
-    assert "configMap" in volumes[mounts["/etc/edge-agent"]]
-    assert "secret" in volumes[mounts["/run/secrets/edge-agent"]]
-    for init in pod.get("initContainers", []):  # may run as root to chown, but with nothing else
-        assert init["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN"]}
-        assert init["securityContext"]["readOnlyRootFilesystem"] is True
-
-
-# Where a pod spec sits in each workload kind, and which kinds define the objects pods refer to by name.
-_POD_SPEC_PATHS = {
-    "Pod": ("spec",),
-    "Deployment": ("spec", "template", "spec"),
-    "DaemonSet": ("spec", "template", "spec"),
-    "StatefulSet": ("spec", "template", "spec"),
-    "ReplicaSet": ("spec", "template", "spec"),
-    "Job": ("spec", "template", "spec"),
-    "CronJob": ("spec", "jobTemplate", "spec", "template", "spec"),
-}
-_REFERABLE = ("ConfigMap", "Secret", "PersistentVolumeClaim")
-
-
-def _pod_references(pod: dict[str, Any]) -> Iterator[tuple[str, str, str | None, bool]]:
-    """(kind, name, key or None, optional) for every ConfigMap, Secret and PVC a pod spec refers to."""
-    for vol in pod.get("volumes", []):
-        if "configMap" in vol:
-            ref = vol["configMap"]
-            keys = [i["key"] for i in ref.get("items", [])] or [None]
-            yield from (("ConfigMap", ref["name"], k, ref.get("optional", False)) for k in keys)
-        if "secret" in vol:
-            ref = vol["secret"]
-            keys = [i["key"] for i in ref.get("items", [])] or [None]
-            yield from (("Secret", ref["secretName"], k, ref.get("optional", False)) for k in keys)
-        if "persistentVolumeClaim" in vol:
-            yield ("PersistentVolumeClaim", vol["persistentVolumeClaim"]["claimName"], None, False)
-        for source in vol.get("projected", {}).get("sources", []):
-            for kind, field in (("ConfigMap", "configMap"), ("Secret", "secret")):
-                if field in source:
-                    ref = source[field]
-                    keys = [i["key"] for i in ref.get("items", [])] or [None]
-                    yield from ((kind, ref["name"], k, ref.get("optional", False)) for k in keys)
-    for secret in pod.get("imagePullSecrets", []):
-        yield ("Secret", secret["name"], None, False)
-    for container in pod.get("initContainers", []) + pod.get("containers", []):
-        for env in container.get("env", []):
-            source = env.get("valueFrom", {})
-            for kind, field in (("ConfigMap", "configMapKeyRef"), ("Secret", "secretKeyRef")):
-                if field in source:
-                    ref = source[field]
-                    yield (kind, ref["name"], ref["key"], ref.get("optional", False))
-        for env_from in container.get("envFrom", []):
-            for kind, field in (("ConfigMap", "configMapRef"), ("Secret", "secretRef")):
-                if field in env_from:
-                    ref = env_from[field]
-                    yield (kind, ref["name"], None, ref.get("optional", False))
-
-
-def _unresolved_references(docs: list[tuple[str, dict[str, Any]]]) -> list[str]:
-    """Every reference from a workload to a ConfigMap, Secret, PVC (or a key of one) no shipped manifest defines."""
-    defined: dict[tuple[str, str, str], set[str]] = {}
-    for _, doc in docs:
-        if doc["kind"] in _REFERABLE:
-            meta = doc["metadata"]
-            keys = set(doc.get("data", {})) | set(doc.get("stringData", {})) | set(doc.get("binaryData", {}))
-            defined[(doc["kind"], meta.get("namespace", "default"), meta["name"])] = keys
-    problems = []
-    for where, doc in docs:
-        if doc["kind"] not in _POD_SPEC_PATHS:
-            continue
-        namespace = doc["metadata"].get("namespace", "default")
-        pod: Any = doc
-        for part in _POD_SPEC_PATHS[doc["kind"]]:
-            pod = pod[part]
-        # a StatefulSet's claim templates define the PVCs its pods mount
-        own_claims = {t["metadata"]["name"] for t in doc["spec"].get("volumeClaimTemplates", [])}
-        for kind, name, key, optional in _pod_references(pod):
-            if optional or (kind == "PersistentVolumeClaim" and name in own_claims):
-                continue
-            keys = defined.get((kind, namespace, name))
-            if keys is None:
-                problems.append(f"{where}: {kind} {namespace}/{name} is not defined by any manifest in deploy/k8s")
-            elif key is not None and key not in keys:
-                problems.append(f"{where}: {kind} {namespace}/{name} has no key {key!r}")
-    return problems
+    mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
+    assert "secret" in next(v for v in pod["volumes"] if v["name"] == mounts["/run/secrets/edge-agent"])
 
 
 def test_every_reference_from_a_workload_resolves() -> None:
     # a pod that mounts a ConfigMap, Secret or PVC nobody ships is stuck in ContainerCreating on the node
-    assert _unresolved_references(_k8s_docs()) == []
+    assert unresolved_references(_k8s_docs()) == []
 
 
 def _pod_spec_of(docs: list[tuple[str, dict[str, Any]]], kind: str) -> dict[str, Any]:
-    doc = next(doc for _, doc in docs if doc["kind"] == kind)
-    pod: dict[str, Any] = doc
-    for part in _POD_SPEC_PATHS[kind]:
-        pod = pod[part]
-    return pod
+    return pod_spec(next(doc for _, doc in docs if doc["kind"] == kind))
 
 
 def _volume(pod: dict[str, Any], field: str) -> dict[str, Any]:
@@ -347,7 +242,7 @@ def _volume(pod: dict[str, Any], field: str) -> dict[str, Any]:
 def test_a_dangling_reference_is_caught(kind: str, break_it: Any, expected: str) -> None:
     docs = copy.deepcopy(_k8s_docs())
     break_it(_pod_spec_of(docs, kind))
-    problems = _unresolved_references(docs)
+    problems = unresolved_references(docs)
     assert any(expected in p for p in problems), problems
 
 
@@ -382,13 +277,7 @@ def _env_of_workload_mounting(configmap: str, node: str) -> dict[str, str]:
         for d in docs
         if any(v.get("configMap", {}).get("name") == configmap for v in d["spec"]["template"]["spec"]["volumes"])
     )
-    env: dict[str, str] = {}
-    for var in pod["containers"][0].get("env", []):
-        if "value" in var:
-            env[var["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), var["value"])
-        elif var.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "spec.nodeName":
-            env[var["name"]] = node
-    return env
+    return literal_env(pod["containers"][0], node)
 
 
 @pytest.mark.parametrize(("name", "cm"), _tag_maps(), ids=[n for n, _ in _tag_maps()])
