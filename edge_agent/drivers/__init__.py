@@ -7,10 +7,6 @@ Drivers from other distributions register through the `edge_agent.drivers` entry
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-from importlib.metadata import entry_points
-
 from edge_agent.drivers.base import (
     REGISTRY,
     DeviceBase,
@@ -23,24 +19,18 @@ from edge_agent.drivers.base import (
     TagBase,
     register,
 )
+from edge_agent.plugins import discover
 
 _NOT_DRIVERS = frozenset({"base", "codecs", "planner"})
 
 
 def _discover() -> None:
-    for info in pkgutil.iter_modules(__path__):
-        if info.name in _NOT_DRIVERS or info.name.startswith("_"):
-            continue
-        plugin = getattr(importlib.import_module(f"{__name__}.{info.name}"), "PLUGIN", None)
-        if isinstance(plugin, DriverPlugin):
-            register(plugin)
-    for ep in entry_points(group="edge_agent.drivers"):
-        plugin = ep.load()
-        if isinstance(plugin, DriverPlugin):
-            register(plugin)
+    for plugin in discover(__name__, __path__, DriverPlugin, skip=_NOT_DRIVERS, group="edge_agent.drivers"):
+        register(plugin)
 
 
 _discover()
+
 
 __all__ = [
     "REGISTRY",

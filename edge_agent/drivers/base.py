@@ -198,7 +198,7 @@ class DriverBase:
 
     async def subscribe(self, sink: Callable[[SampleBatch], None]) -> None:
         """Polling drivers have nothing to subscribe to."""
-        raise NotImplementedError(f"{type(self).__name__} polls; it has no subscriptions")
+        raise RuntimeError(f"{type(self).__name__} polls; it has no subscriptions")
 
     async def check(self) -> None:
         """Polling drivers find a dead connection when they read."""

@@ -7,10 +7,7 @@ through the `edge_agent.scorers` entry point group.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-from importlib.metadata import entry_points
-
+from edge_agent.plugins import discover
 from edge_agent.scoring.base import SCORERS, ScorerPlugin, register
 
 # the scoring machinery, not kinds: never imported by the scan (a new kind needs no entry here)
@@ -32,18 +29,11 @@ _NOT_SCORERS = frozenset(
 
 
 def _discover() -> None:
-    for info in pkgutil.iter_modules(__path__):
-        if info.name in _NOT_SCORERS or info.name.startswith("_"):
-            continue
-        plugin = getattr(importlib.import_module(f"{__name__}.{info.name}"), "PLUGIN", None)
-        if isinstance(plugin, ScorerPlugin):
-            register(plugin)
-    for ep in entry_points(group="edge_agent.scorers"):
-        plugin = ep.load()
-        if isinstance(plugin, ScorerPlugin):
-            register(plugin)
+    for plugin in discover(__name__, __path__, ScorerPlugin, skip=_NOT_SCORERS, group="edge_agent.scorers"):
+        register(plugin)
 
 
 _discover()
+
 
 __all__ = ["SCORERS", "ScorerPlugin"]

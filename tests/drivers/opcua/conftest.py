@@ -16,6 +16,17 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("opcua-pki"))
 
 
+@pytest_asyncio.fixture(loop_scope="session")
+async def own_peer(pki: Pki) -> AsyncIterator[UaPeer]:
+    """A server of the test's own, free to be stopped and restarted."""
+    peer = UaPeer(pki)
+    await peer.start()
+    try:
+        yield peer
+    finally:
+        await peer.stop()
+
+
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def ua_peer(pki: Pki) -> AsyncIterator[UaPeer]:
     """The shared server: tests that change values put them back, tests that restart it use their own."""

@@ -5,30 +5,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import AsyncIterator
 
 import pytest
-import pytest_asyncio
 from helpers import wait_for
-from opcua_peer import NS, Pki, UaPeer, device_yaml
+from opcua_peer import NS, UaPeer, device_yaml
 
 from edge_agent.agent import Agent
 from edge_agent.config import parse_config
 from edge_agent.drivers.opcua.driver import OpcUaDriver
 from edge_agent.types import Quality
 
-pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def own_peer(pki: Pki) -> AsyncIterator[UaPeer]:
-    """A server of this test's own, free to be restarted."""
-    peer = UaPeer(pki)
-    await peer.start()
-    try:
-        yield peer
-    finally:
-        await peer.stop()
+pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
 def client_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:

@@ -5,13 +5,11 @@ from __future__ import annotations
 import asyncio
 import math
 import os
-from collections.abc import AsyncIterator
 
 import pytest
-import pytest_asyncio
 from asyncua.server.internal_session import InternalSession
 from helpers import wait_for
-from opcua_peer import NS, Pki, UaPeer, device_yaml
+from opcua_peer import NS, UaPeer, device_yaml
 
 from edge_agent.agent import Agent
 from edge_agent.config import parse_config
@@ -20,17 +18,6 @@ from edge_agent.errors import DeviceError
 from edge_agent.types import Quality, SampleBatch
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def own_peer(pki: Pki) -> AsyncIterator[UaPeer]:
-    """A server of this test's own, free to be restarted."""
-    peer = UaPeer(pki)
-    await peer.start()
-    try:
-        yield peer
-    finally:
-        await peer.stop()
 
 
 def latest(agent: Agent, tag: str) -> tuple[float, Quality] | None:
