@@ -88,6 +88,17 @@ async def wait_for(
         raise AssertionError(f"timed out after {timeout}s waiting for {what}") from None
 
 
+async def http_get(port: int, path: str) -> tuple[int, str]:
+    """GET http://127.0.0.1:PORT/PATH (the agent's health server): the status code and the body."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
+    await writer.drain()
+    data = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head, _, body = data.decode().partition("\r\n\r\n")
+    return int(head.split()[1]), body
+
+
 def block_until(predicate: Callable[[], bool], timeout: float, what: str = "condition", step: float = 0.02) -> None:
     """Poll until predicate() is true, blocking the calling thread (bounded); AssertionError naming `what` otherwise.
 

@@ -5,20 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 
-from helpers import ModbusPeer, free_port, wait_for
+from helpers import ModbusPeer, free_port, http_get, wait_for
 
 from edge_agent.agent import Agent
 from edge_agent.config import parse_config
-
-
-async def http_get(port: int, path: str) -> tuple[int, str]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-    await writer.drain()
-    data = await asyncio.wait_for(reader.read(), 5)
-    writer.close()
-    head, _, body = data.decode().partition("\r\n\r\n")
-    return int(head.split()[1]), body
 
 
 async def test_metrics_healthz_readyz(modbus_peer: ModbusPeer) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-from helpers import Broker, ModbusPeer, Subscriber, free_port, latest_value, wait_for
+from helpers import Broker, ModbusPeer, Subscriber, free_port, http_get, latest_value, wait_for
 
 from edge_agent.agent import Agent
 from edge_agent.config import load_config
@@ -115,15 +115,6 @@ class Seen:
         return [e for e in self.events if e.type is kind]
 
 
-async def http_get(port: int, path: str) -> str:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-    await writer.drain()
-    data = await asyncio.wait_for(reader.read(), 5)
-    writer.close()
-    return data.decode().partition("\r\n\r\n")[2]
-
-
 def publisher(agent: Agent) -> PublisherStats:
     stats = agent.stats().publisher
     assert stats is not None
@@ -200,7 +191,7 @@ async def test_a_live_agent_takes_a_new_tag_a_new_model_a_broken_file_and_its_fi
             timeout=10,
             what="the status of the new config",
         )
-        metrics = await http_get(listen, "/metrics")
+        metrics = (await http_get(listen, "/metrics"))[1]
         after, t1, same_poller = pump.stats(), time.time(), agent.pollers[0] is pump
     finally:
         stop.set()

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import Broker, free_port, wait_for
+from helpers import Broker, free_port, http_get, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 from shipped import DEPLOY, ROOT
 
@@ -171,17 +171,6 @@ class _BoundPort(logging.Handler):
             self.port = int(m[1])
 
 
-async def http_get(port: int, path: str) -> str:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
-    await writer.drain()
-    data = await asyncio.wait_for(reader.read(), 10)
-    writer.close()
-    head, _, body = data.decode().partition("\r\n\r\n")
-    assert head.startswith("HTTP/1.1 200"), head
-    return body
-
-
 async def run_and_scrape(broker: Broker, workdir: Path) -> str:
     """The simulator and an agent (Modbus, shipped model, MQTT, outbox, metrics on port 0) until each stage has
     done its work once; /metrics then, over HTTP."""
@@ -220,7 +209,7 @@ async def run_and_scrape(broker: Broker, workdir: Path) -> str:
     try:
         await wait_for(worked, timeout=60, step=0.1, what="the agent to poll, score and publish")
         assert bound.port is not None
-        return await http_get(bound.port, "/metrics")
+        return (await http_get(bound.port, "/metrics"))[1]
     finally:
         stop.set()
         await asyncio.wait_for(task, 15)

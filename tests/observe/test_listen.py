@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import pytest
+from helpers import http_get
 
 from edge_agent.observe import HealthServer, Metrics
 
@@ -18,10 +18,6 @@ async def test_port_zero_logs_the_bound_port(caplog: pytest.LogCaptureFixture) -
         host, _, port = server.address.rpartition(":")
         assert host == "127.0.0.1" and int(port) > 0
         assert f"http://127.0.0.1:{port}/metrics" in caplog.text and ":0/" not in caplog.text
-        reader, writer = await asyncio.open_connection("127.0.0.1", int(port))
-        writer.write(b"GET /healthz HTTP/1.0\r\n\r\n")
-        await writer.drain()
-        assert (await asyncio.wait_for(reader.read(), 5)).endswith(b"ok\n")
-        writer.close()
+        assert await http_get(int(port), "/healthz") == (200, "ok\n")
     finally:
         await server.stop()

@@ -8,7 +8,7 @@ import math
 import time
 from pathlib import Path
 
-from helpers import Broker, free_port, wait_for
+from helpers import Broker, free_port, http_get, wait_for
 from mqttpeer import make_event, mqtt_config, publisher, running
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -20,15 +20,10 @@ LATENCIES = ("edge_agent_mqtt_publish_seconds", "edge_agent_mqtt_delivery_second
 
 async def scrape(port: int) -> dict[str, float]:
     """GET /metrics from a HealthServer; every sample as `name{label="…"}` → value."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
-    await writer.drain()
-    response = await reader.read()
-    writer.close()
-    head, _, body = response.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200"), head
+    status, body = await http_get(port, "/metrics")
+    assert status == 200, body
     samples = {}
-    for family in text_string_to_metric_families(body.decode()):
+    for family in text_string_to_metric_families(body):
         for s in family.samples:
             labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
             samples[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
