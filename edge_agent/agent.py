@@ -111,6 +111,8 @@ class Agent:
             from edge_agent.outbox.writer import OutboxWriter
 
             self.outbox = OutboxWriter(config.outbox, config.mqtt, agent_id=config.agent.id, site=config.agent.site)
+            for dev in config.devices:
+                self.outbox.set_device(dev.name, dev.telemetry_tags(), dev.report_integrity())
             self.sink = self._new_sink(config.mqtt)
 
         # observe: ready = a device answers (and, with MQTT, the broker or at least the outbox takes our
@@ -464,6 +466,8 @@ class Agent:
             if dev.name in drivers:
                 self._register(drivers[dev.name], history)
                 pollers[dev.name] = poller = self._new_poller(dev, drivers[dev.name])
+                if self.outbox is not None:
+                    self.outbox.set_device(dev.name, dev.telemetry_tags(), dev.report_integrity())
                 if self._tg is not None:
                     self._start(f"poll:{dev.name}", self._tg, self._supervise(poller, at_startup=False))
         self.pollers = [pollers[d.name] for d in new.devices]

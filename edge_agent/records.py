@@ -15,7 +15,10 @@ from collections.abc import Mapping
 from importlib import resources
 from typing import Any
 
-from edge_agent.types import AnomalyEvent, EventType, Quality, SampleBatch, Score, Severity, severity_of
+import numpy as np
+import numpy.typing as npt
+
+from edge_agent.types import AnomalyEvent, EventType, FloatArray, Quality, Score, Severity, severity_of
 
 EVENT_SCHEMA = "edge-agent/anomaly-event/v1"
 
@@ -143,27 +146,76 @@ def score_payload(
     }
 
 
-def telemetry_payload(
-    device: str, latest: Mapping[str, tuple[SampleBatch, int]], *, agent: str, site: str, ts: float
-) -> dict[str, Any]:
-    """`{prefix}/telemetry/{device}`: the device's latest value of every tag (tag → the batch and column
-    that last carried it: scan groups and subscriptions of one device merge), with quality and time."""
-    tags = []
-    for tag, (batch, i) in latest.items():
-        v = batch.value_at(i)
-        if isinstance(v, float) and not math.isfinite(v):
-            v = None
-        t = batch.ts if batch.times is None else float(batch.times[i])
-        tags.append({"name": tag, "value": v, "quality": Quality(int(batch.quality[i])).label, "ts": iso(t)})
-    return {
-        "schema": TELEMETRY_SCHEMA,
-        "agent": agent,
-        "site": site,
-        "device": device,
-        "ts": iso(ts),
-        "tags": tags,
-        "historical": False,
-    }
+# kinds of value (SampleBatch.kinds) as codes for numpy columns
+FLOAT, INT, BOOL, STR = 0, 1, 2, 3
+KIND_CODES = {"float": FLOAT, "int": INT, "bool": BOOL, "str": STR}
+# what follows a tag's value up to its time, by quality code: a lookup table instead of an enum per tag
+_QUALITY_TEXT = np.array([f',"quality":"{q.label}","ts":"' for q in Quality], dtype=object)
+
+
+def tag_prefix(name: str, unit: str | None) -> str:
+    """The constant start of a tag's entry in telemetry, made once per tag: `{"name":"x","unit":"bar","value":`."""
+    head = {"name": name} if unit is None else {"name": name, "unit": unit}
+    return encode(head).decode()[:-1] + ',"value":'
+
+
+def value_texts(
+    values: FloatArray,
+    good: npt.NDArray[np.bool_],
+    kinds: npt.NDArray[np.uint8],
+    float32: npt.NDArray[np.bool_],
+    exact: npt.NDArray[np.object_],
+) -> npt.NDArray[np.object_]:
+    """Tag values as JSON text, in bulk by kind: null when not good or not finite; float32 tags as written
+    (numpy's shortest float32 repr: 123.456, not 123.45600128173828); others as json prints them."""
+    out = np.full(len(values), "null", dtype=object)
+    has_exact = exact != None  # noqa: E711 (elementwise on an object array)
+    ok = good & np.isfinite(values) & ~has_exact
+    floats = ok & (kinds == FLOAT)
+    short = floats & float32
+    if short.any():
+        out[short] = values[short].astype(np.float32).astype(str).astype(object)
+    wide = floats & ~float32
+    if wide.any():
+        out[wide] = list(map(repr, values[wide].tolist()))  # float.__repr__: what json.dumps writes
+    ints = ok & (kinds == INT)
+    if ints.any():
+        out[ints] = list(map(str, values[ints].astype(np.int64).tolist()))
+    bools = ok & (kinds == BOOL)
+    if bools.any():
+        out[bools] = np.where(values[bools] != 0, "true", "false").astype(object)
+    for i in np.flatnonzero(has_exact & good):
+        v = exact[i]
+        if not (isinstance(v, float) and not math.isfinite(v)):
+            out[i] = json.dumps(v, ensure_ascii=False)
+    return out
+
+
+def time_tails(times: FloatArray) -> npt.NDArray[np.object_]:
+    """Each tag's time as the end of its entry (`2026-…Z"}`), formatted once per distinct time, not per tag."""
+    if not len(times) or (times == times[0]).all():
+        return np.full(len(times), iso(float(times[0])) + '"}' if len(times) else "", dtype=object)
+    distinct, where = np.unique(times, return_inverse=True)
+    texts = np.array([iso(float(t)) + '"}' for t in distinct], dtype=object)
+    return typing.cast(npt.NDArray[np.object_], texts[where])
+
+
+def telemetry_record(
+    device: str,
+    *,
+    agent: str,
+    site: str,
+    ts: float,
+    prefixes: npt.NDArray[np.object_],
+    values: npt.NDArray[np.object_],
+    qualities: npt.NDArray[np.uint8],
+    tails: npt.NDArray[np.object_],
+) -> bytes:
+    """`{prefix}/telemetry/{device}`: tags with value, quality and time (and unit when configured), as the JSON
+    bytes `encode` would make of the same record, joined from per-tag pieces (no dict per tag)."""
+    head = encode({"schema": TELEMETRY_SCHEMA, "agent": agent, "site": site, "device": device, "ts": iso(ts)}).decode()
+    items = map("".join, zip(prefixes, values, _QUALITY_TEXT[qualities], tails, strict=True))
+    return f'{head[:-1]},"tags":[{",".join(items)}],"historical":false}}'.encode()
 
 
 def load_schema(name: str) -> dict[str, Any]:

@@ -85,6 +85,16 @@ class SampleBatch:
 
 
 @dataclass(frozen=True, slots=True)
+class TelemetryTag:
+    """What telemetry needs of a tag's config: its unit, deadband in its unit (0: any change), float32 printing."""
+
+    name: str
+    unit: str | None = None
+    deadband: float = 0.0
+    float32: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Window:
     """Tags resampled onto a regular grid: n_samples × n_tags, with a mask of good cells."""
 

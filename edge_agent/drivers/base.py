@@ -10,17 +10,19 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Protocol, Self, TypeVar
+from typing import Annotated, Any, Protocol, Self, TypeVar
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 
-from edge_agent.errors import EdgeAgentError
+from edge_agent.drivers.codecs import shortest_float32
+from edge_agent.errors import EdgeAgentError, FieldError
 from edge_agent.fields import Duration, StrictModel
-from edge_agent.types import Quality, SampleBatch
+from edge_agent.types import Quality, SampleBatch, TelemetryTag
 
 T = TypeVar("T", bound="TagBase")
 
+DEFAULT_INTEGRITY = 60.0  # seconds: by exception without an integrity_interval, every tag is re-sent this often
 TAG_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-/]*$")
 
 
@@ -39,15 +41,101 @@ class Backoff(StrictModel):
     max: Duration = Field(30.0, gt=0, le=86400, description="longest delay between attempts")
 
 
+class DeadbandType(StrEnum):
+    """How far a value must move before it is reported."""
+
+    ABSOLUTE = "absolute"  # in the value's own unit
+    PERCENT = "percent"  # of the tag's span (its range; on OPC UA subscriptions, the server's EURange)
+
+
+_DEADBAND_HELP = "write a number in the tag's unit (0.5) or a percent of its span ('0.5%')"
+
+
+def parse_deadband(value: Any) -> Any:
+    """`0.5` (absolute) or `"0.5%"` (of the span) as a Deadband; the mapping form passes through to the model."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a deadband: {_DEADBAND_HELP}")
+    if isinstance(value, int | float):
+        return {"type": DeadbandType.ABSOLUTE, "value": value}
+    if isinstance(value, str):
+        text = value.strip()
+        percent = text.endswith("%")
+        try:
+            number = float(text.rstrip("%").strip())
+        except ValueError:
+            raise ValueError(f"{value!r} is not a deadband: {_DEADBAND_HELP}") from None
+        return {"type": DeadbandType.PERCENT if percent else DeadbandType.ABSOLUTE, "value": number}
+    return value
+
+
+class Deadband(StrictModel):
+    """Smaller changes than this are not reported (telemetry by exception; OPC UA subscriptions: by the server)."""
+
+    type: DeadbandType
+    value: float = Field(ge=0, description="threshold: in the value's unit, or percent of its span")
+
+    @model_validator(mode="after")
+    def _percent_range(self) -> Deadband:
+        if self.type is DeadbandType.PERCENT and self.value > 100:
+            raise FieldError("value", f"a percent deadband is 0 to 100, not {self.value:g}")
+        return self
+
+
+DeadbandField = Annotated[Deadband, BeforeValidator(parse_deadband)]
+
+
 class TagBase(StrictModel):
     """Fields every tag has, whatever the protocol."""
 
     name: str = Field(description="unique tag name, referenced by models (letters, digits, . _ - /)")
-    unit: str | None = Field(None, description="engineering unit, for display")
+    unit: str | None = Field(None, description="engineering unit, for display and in telemetry")
     description: str | None = None
     poll_interval: Duration | None = Field(
         None, gt=0, le=86400, description="overrides the device's poll_interval for this tag"
     )
+    deadband: DeadbandField | None = Field(
+        None, description="telemetry by exception: changes smaller than this are not sent (0.5, or '0.5%' of the span)"
+    )
+    range: tuple[float, float] | None = Field(
+        None, description="engineering range [low, high]: the span a percent deadband is of"
+    )
+
+    @model_validator(mode="after")
+    def _deadband_has_span(self) -> Self:
+        if self.range is not None and not self.range[0] < self.range[1]:
+            raise FieldError("range", f"range is [low, high] with low < high, not {list(self.range)}")
+        db = self.deadband
+        if db is not None and db.type is DeadbandType.PERCENT and self.span() is None and not self.server_span:
+            raise FieldError(
+                "deadband",
+                f"a percent deadband needs the tag's span: give range: [low, high] (or write {db.value:g} "
+                "in the tag's unit)",
+            )
+        return self
+
+    @property
+    def server_span(self) -> bool:
+        """A percent deadband may rest on a span the device knows (OPC UA's EURange) instead of `range`."""
+        return False
+
+    @property
+    def float32(self) -> bool:
+        """Values are float32 as read (printed as written); a tag type with such values overrides this."""
+        return False
+
+    def span(self) -> float | None:
+        """The span a percent deadband is of: `range`, else what the tag's type and scaling give (None: unknown)."""
+        return self.range[1] - self.range[0] if self.range is not None else None
+
+    def deadband_value(self) -> float:
+        """The deadband in the tag's unit (0: every change is sent; a percent without a known span counts as 0)."""
+        db = self.deadband
+        if db is None:
+            return 0.0
+        if db.type is DeadbandType.ABSOLUTE:
+            return db.value
+        span = self.span()
+        return 0.0 if span is None else db.value / 100.0 * span
 
     @field_validator("name")
     @classmethod
@@ -61,8 +149,8 @@ class TagBase(StrictModel):
         return ""
 
     def json_value(self, value: Any) -> Any:
-        """A read value as JSON should show it (a float32 tag overrides this to print as written)."""
-        return value
+        """A read value as JSON should show it (float32 values printed as written: 3.14159, not 3.141590118408203)."""
+        return shortest_float32(value) if isinstance(value, float) and self.float32 else value
 
 
 class DeviceBase(StrictModel):
@@ -75,6 +163,13 @@ class DeviceBase(StrictModel):
     on_startup_error: OnStartupError = OnStartupError.RETRY
     backoff: Backoff = Backoff()
     tags: Sequence[TagBase] = Field(min_length=1)
+    integrity_interval: Duration | None = Field(
+        None,
+        gt=0,
+        le=86400,
+        description="telemetry by exception: every tag is sent at least this often (default 60s once a tag has a "
+        "deadband)",
+    )
 
     @field_validator("name")
     @classmethod
@@ -94,6 +189,17 @@ class DeviceBase(StrictModel):
     def check_files(self) -> list[tuple[tuple[str | int, ...], str]]:
         """Problems with the files this device names, found at load time rather than on first connect."""
         return []
+
+    def telemetry_tags(self) -> list[TelemetryTag]:
+        """What telemetry needs of each tag: unit, deadband in its unit, float32 printing."""
+        return [TelemetryTag(t.name, t.unit, t.deadband_value(), t.float32) for t in self.tags]
+
+    def report_integrity(self) -> float | None:
+        """By exception, every tag re-sent at least this often (seconds); None: every tag in every message.
+        By exception once the device has an integrity_interval or a tag has a deadband."""
+        if self.integrity_interval is None and all(t.deadband is None for t in self.tags):
+            return None
+        return self.integrity_interval or DEFAULT_INTEGRITY
 
     def interval_of(self, tag: TagBase) -> float:
         """The poll interval that applies to a tag."""

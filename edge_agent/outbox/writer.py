@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import math
 import sqlite3
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +34,10 @@ from edge_agent.outbox.disk import describe
 from edge_agent.outbox.memory import MemoryQueue
 from edge_agent.outbox.rows import Entry, Kind, OutboxBusy, OutboxError, OutboxStats, Row, counter_names
 from edge_agent.outbox.store import Outbox
+from edge_agent.outbox.telemetry import DeviceTelemetry
 from edge_agent.outbox.tools import read_start
-from edge_agent.records import encode, event_payload, score_payload, telemetry_payload
-from edge_agent.types import AnomalyEvent, EventType, OpenAnomaly, SampleBatch, Score
+from edge_agent.records import encode, event_payload, score_payload
+from edge_agent.types import AnomalyEvent, EventType, OpenAnomaly, SampleBatch, Score, TelemetryTag
 
 log = logging.getLogger("edge_agent.outbox")
 
@@ -116,7 +116,7 @@ class OutboxWriter:
         self.oldest: float | None = None
         self._score_slot: dict[str, int] = {}
         self._telemetry_slot: dict[str, int] = {}
-        self._telemetry: dict[str, dict[str, tuple[SampleBatch, int]]] = {}  # device → tag → (batch, column)
+        self._telemetry: dict[str, DeviceTelemetry] = {}  # device → its tags' latest and last reported samples
         self._exec: ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._running = False
@@ -201,6 +201,12 @@ class OutboxWriter:
             apply()
         self.batched, self.commit_interval = section.sync == "batched", section.commit_interval
 
+    def set_device(self, device: str, tags: Sequence[TelemetryTag], integrity: float | None) -> None:
+        """Telemetry of a device from now on as its config says: units, deadbands, and by exception with an
+        integrity interval (None: every tag in every message)."""
+        self._telemetry[device] = DeviceTelemetry(device, tags, integrity=integrity)
+        self._telemetry_slot.pop(device, None)
+
     def forget_device(self, device: str) -> None:
         """Drop what telemetry remembers of a device (it stopped or restarts with other tags)."""
         self._telemetry.pop(device, None)
@@ -259,19 +265,27 @@ class OutboxWriter:
         self._submit(Entry(topic, encode(payload), Kind.SCORE, self.mqtt.scores_qos, self._clock()))
 
     def put_telemetry(self, batch: SampleBatch) -> None:
-        """Queue a device's latest values of all its tags for `{prefix}/telemetry/{device}`, once per
-        telemetry_interval (off when unset); every scan group and subscription of the device is merged."""
+        """Queue a device's telemetry for `{prefix}/telemetry/{device}`, at most once per telemetry_interval (off
+        when unset): every tag's latest value, or by exception only the tags that changed or are due (see
+        outbox/telemetry.py); every scan group and subscription of the device is merged."""
         interval = self.mqtt.telemetry_interval
         if interval is None:
             return
-        latest = self._telemetry.setdefault(batch.device, {})
-        # remember which batch carried each tag last: one C-level dict update, no Python loop per tag
-        latest.update(zip(batch.tags, zip(itertools.repeat(batch), range(len(batch.tags)), strict=False), strict=True))
-        if not self._new_slot(self._telemetry_slot, batch.device, interval):
+        state = self._telemetry.get(batch.device)
+        if state is None:
+            state = self._telemetry[batch.device] = DeviceTelemetry(batch.device)
+        state.add(batch)
+        now = self._clock()
+        slot = math.floor(now / interval)
+        if self._telemetry_slot.get(batch.device) == slot:
             return
-        payload = telemetry_payload(batch.device, latest, agent=self.agent_id, site=self.site, ts=batch.ts)
+        # the slot is used by a message, not by a batch with nothing to report: a change later in it still goes
+        payload = state.message(agent=self.agent_id, site=self.site, ts=batch.ts, now=now)
+        if payload is None:
+            return
+        self._telemetry_slot[batch.device] = slot
         topic = f"{self._prefix}/telemetry/{topic_level(batch.device)}"
-        self._submit(Entry(topic, encode(payload), Kind.TELEMETRY, self.mqtt.telemetry_qos, self._clock()))
+        self._submit(Entry(topic, payload, Kind.TELEMETRY, self.mqtt.telemetry_qos, now))
 
     def _new_slot(self, slots: dict[str, int], key: str, interval: float) -> bool:
         slot = math.floor(self._clock() / interval)

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, PlainSerializer, PlainValidator, model_validator
 
 from edge_agent.drivers.base import DeviceBase, TagBase, overlaps
-from edge_agent.drivers.codecs import ByteOrder, DataType, shortest_float32, width_of
+from edge_agent.drivers.codecs import ByteOrder, DataType, width_of
 from edge_agent.errors import FieldError
 from edge_agent.fields import StrictModel
 
@@ -212,11 +212,16 @@ class ModbusTag(TagBase):
         """The address as written (40001, holding:0, 40001.3)."""
         return str(self.address)
 
-    def json_value(self, value: Any) -> Any:
-        """float32 values printed as written (3.14159, not 3.141590118408203)."""
-        if isinstance(value, float) and self.dtype is DataType.FLOAT32 and self.scale == 1.0 and self.offset == 0.0:
-            return shortest_float32(value)
-        return value
+    @property
+    def float32(self) -> bool:
+        """float32 values unscaled are printed as written (3.14159, not 3.141590118408203)."""
+        return self.dtype is DataType.FLOAT32 and self.scale == 1.0 and self.offset == 0.0
+
+    def span(self) -> float | None:
+        """`range`, else a 16-bit integer's full scale times `scale` (wider types give no useful span)."""
+        if self.range is not None or self.dtype not in (DataType.INT16, DataType.UINT16):
+            return super().span()
+        return 65535.0 * abs(self.scale)
 
     @property
     def size(self) -> int:

@@ -18,7 +18,7 @@ from urllib.parse import quote, unquote
 
 from pydantic import Field, PlainSerializer, PlainValidator, SecretStr, field_validator, model_validator
 
-from edge_agent.drivers.base import DeviceBase, TagBase
+from edge_agent.drivers.base import DeadbandType, DeviceBase, TagBase
 from edge_agent.errors import FieldError
 from edge_agent.fields import StrictModel
 
@@ -173,26 +173,6 @@ class Timestamps(StrEnum):
     AGENT = "agent"  # when the agent received it (for servers whose clocks cannot be trusted)
 
 
-class DeadbandType(StrEnum):
-    """How far a value must move before the server reports it."""
-
-    ABSOLUTE = "absolute"  # in the value's own unit
-    PERCENT = "percent"  # of the node's EURange (the server must know it)
-
-
-class Deadband(StrictModel):
-    """A data-change filter: smaller changes are not sent."""
-
-    type: DeadbandType
-    value: float = Field(ge=0, description="threshold: in the value's unit, or percent of its EURange")
-
-    @model_validator(mode="after")
-    def _percent_range(self) -> Deadband:
-        if self.type is DeadbandType.PERCENT and self.value > 100:
-            raise FieldError("value", f"a percent deadband is 0 to 100, not {self.value:g}")
-        return self
-
-
 class Security(StrictModel):
     """The secure channel: policy, mode, this agent's certificate, and which servers it trusts."""
 
@@ -264,12 +244,16 @@ class OpcUaTag(TagBase):
 
     node: NodeId = Field(description="node id: ns=2;s=…, ns=2;i=…, ns=2;g=…, ns=2;b=…, nsu=<URI>;s=…")
     index: int | None = Field(None, ge=0, le=2**31 - 1, description="element of an array value (0-based)")
-    deadband: Deadband | None = Field(None, description="subscribe mode: changes smaller than this are not sent")
     queue_size: int = Field(1, ge=1, le=10000, description="subscribe mode: changes the server keeps between publishes")
 
     def where(self) -> str:
         """The node id as written."""
         return str(self.node)
+
+    @property
+    def server_span(self) -> bool:
+        """A percent deadband without `range` rests on the node's EURange (subscribe mode: the server filters)."""
+        return True
 
 
 _ENDPOINT_RE = re.compile(r"^opc\.tcp://(\[[0-9A-Fa-f:.]+\]|[^\s/:@\[\]]+)(?::(\d{1,5}))?(/\S*)?$")
@@ -302,7 +286,7 @@ class OpcUaDevice(DeviceBase):
         return v
 
     def check(self) -> list[tuple[tuple[str | int, ...], str]]:
-        """The same node twice, and subscription settings on a polled device."""
+        """The same node twice, subscription settings on a polled device, percent deadbands without a span."""
         problems: list[tuple[tuple[str | int, ...], str]] = []
         seen: dict[tuple[str, int | None], int] = {}
         for i, tag in enumerate(self.tags):
@@ -313,9 +297,17 @@ class OpcUaDevice(DeviceBase):
                 problems.append((("tags", i, "node"), f"{what} is already read by tags[{seen[key]}] ({first.name})"))
             seen.setdefault(key, i)
             if self.mode is Mode.READ:
-                for name in ("deadband", "queue_size"):
-                    if name in tag.model_fields_set:
-                        problems.append((("tags", i, name), "applies to mode: subscribe; this device reads"))
+                if "queue_size" in tag.model_fields_set:
+                    problems.append((("tags", i, "queue_size"), "applies to mode: subscribe; this device reads"))
+                db = tag.deadband
+                if db is not None and db.type is DeadbandType.PERCENT and tag.range is None:
+                    problems.append(
+                        (
+                            ("tags", i, "deadband"),
+                            "a percent deadband on a device that reads needs the tag's span: give range: [low, high]"
+                            " (only a subscription's server applies the node's EURange)",
+                        )
+                    )
         return problems
 
     def relative_to(self, base: Path) -> OpcUaDevice:

@@ -14,7 +14,6 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, PlainSerializer, PlainValidator, model_validator
 
 from edge_agent.drivers.base import DeviceBase, TagBase, overlaps
-from edge_agent.drivers.codecs import shortest_float32
 from edge_agent.errors import FieldError
 from edge_agent.fields import StrictModel
 
@@ -250,6 +249,15 @@ class S7DataType:
         return f"string[{self.length}]" if self.type is S7Type.STRING else self.type.value
 
 
+# full scale of the integer types small enough for a percent deadband of their raw range to mean something
+_SMALL_INTS = {
+    S7Type.BYTE: 255.0,
+    S7Type.SINT: 255.0,
+    S7Type.USINT: 255.0,
+    S7Type.INT: 65535.0,
+    S7Type.UINT: 65535.0,
+    S7Type.WORD: 65535.0,
+}
 _TYPE_NAMES = ", ".join(t.value for t in S7Type if t is not S7Type.STRING) + " or string[N]"
 
 
@@ -313,11 +321,17 @@ class S7Tag(TagBase):
         """The address as written (DB10.DBD4, MW100, I0.1)."""
         return str(self.address)
 
-    def json_value(self, value: Any) -> Any:
-        """REAL values printed as written (3.14159, not 3.141590118408203)."""
-        if isinstance(value, float) and self.dtype.type is S7Type.REAL:
-            return shortest_float32(value)
-        return value
+    @property
+    def float32(self) -> bool:
+        """REAL values are printed as written (3.14159, not 3.141590118408203)."""
+        return self.dtype.type is S7Type.REAL
+
+    def span(self) -> float | None:
+        """`range`, else an 8- or 16-bit integer's full scale times `scale` (wider types give no useful span)."""
+        t = self.dtype.type
+        if self.range is not None or t not in _SMALL_INTS:
+            return super().span()
+        return _SMALL_INTS[t] * abs(self.scale)
 
     @property
     def dtype(self) -> S7DataType:
