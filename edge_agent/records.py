@@ -174,8 +174,12 @@ def value_texts(
     floats = ok & (kinds == FLOAT)
     short = floats & float32
     if short.any():
-        out[short] = values[short].astype(np.float32).astype(str).astype(object)
-    wide = floats & ~float32
+        with np.errstate(over="ignore"):
+            narrow = values[short].astype(np.float32)
+        fits = np.isfinite(narrow)  # a float32 tag holds float32 values; anything wider keeps float64's repr
+        short[short] = fits
+        out[short] = narrow[fits].astype(str).astype(object)
+    wide = floats & ~short
     if wide.any():
         out[wide] = list(map(repr, values[wide].tolist()))  # float.__repr__: what json.dumps writes
     ints = ok & (kinds == INT)

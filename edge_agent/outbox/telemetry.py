@@ -131,9 +131,10 @@ class DeviceTelemetry:
         """The tags the next message carries: every tag seen, or (by exception) those that changed or are due."""
         if not self.by_exception:
             return self.seen.copy()
-        diff = np.abs(self.value - self.sent_value)
+        with np.errstate(invalid="ignore"):  # inf - inf: NaN, and inf to inf is no move (below)
+            diff = np.abs(self.value - self.sent_value)
         both_nan = np.isnan(self.value) & np.isnan(self.sent_value)
-        moved = ~((diff <= self.deadband) | both_nan)
+        moved = ~((diff <= self.deadband) | (self.value == self.sent_value) | both_nan)  # inf to inf: no move
         has_exact = self.exact != None  # noqa: E711 (elementwise on an object array)
         if has_exact.any() or (self.sent_exact != None).any():  # noqa: E711
             moved |= self.exact != self.sent_exact
