@@ -43,12 +43,12 @@ from edge_agent.config import parse_config
 from edge_agent.errors import ConfigError
 
 MODES = ("stdlib", "poll", "json", "rbe", "spb")
-CHANGING = 0.10  # share of tags the server changes every second
+CHANGING = 0.10  # share of tags the server changes every second (--changing)
 READ = 124  # registers per request: 62 float32 tags (the agent's planner packs the same)
 
 
-def serve(port: int, n_tags: int) -> None:
-    """Server mode: n_tags float32 in holding registers; every second CHANGING of them get a new value."""
+def serve(port: int, n_tags: int, changing: float) -> None:
+    """Server mode: n_tags float32 in holding registers; every second a `changing` share of them get a new value."""
     from pymodbus.server import ModbusTcpServer
     from pymodbus.simulator import DataType, SimData, SimDevice
 
@@ -69,7 +69,7 @@ def serve(port: int, n_tags: int) -> None:
     async def change() -> None:
         while True:
             await asyncio.sleep(1.0)
-            for i in rng.sample(range(n_tags), int(n_tags * CHANGING)):
+            for i in rng.sample(range(n_tags), int(n_tags * changing)):
                 put(i)
 
     bits = [SimData(0, values=[False] * 16, datatype=DataType.BITS)]
@@ -189,7 +189,8 @@ async def measure(args: argparse.Namespace, port: int, mode: str, mqtt_port: int
 
 async def run(args: argparse.Namespace) -> list[Row]:
     port = free_port()
-    server = start_server([sys.executable, __file__, "--serve", str(port), "--tags", str(args.tags)], port)
+    cmd = [sys.executable, __file__, "--serve", str(port), "--tags", str(args.tags), "--changing", str(args.changing)]
+    server = start_server(cmd, port)
     with tempfile.TemporaryDirectory(prefix="bench-publish-") as tmp:
         broker, mqtt_port = start_mosquitto(tmp)
         try:
@@ -206,9 +207,10 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=20.0, help="measured seconds per mode")
     p.add_argument("--tags", type=int, default=10_000)
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--changing", type=float, default=CHANGING, help="share of tags changing per second")
     args = p.parse_args()
     if args.serve:
-        serve(args.serve, args.tags)
+        serve(args.serve, args.tags, args.changing)
         return
     if args.stdlib:
         stdlib_poller(args.stdlib, args.tags, args.duration, settle=3.0)
@@ -218,7 +220,7 @@ def main() -> None:
     rows = asyncio.run(run(args))
     print(machine_line("pymodbus", args.duration) + f"; CPU: {cpu_model()}")
     print(
-        f"{args.tags} float32 tags polled every 1 s, {CHANGING:.0%} of them changing per second; "
+        f"{args.tags} float32 tags polled every 1 s, {args.changing:.0%} of them changing per second; "
         "mosquitto in another process"
     )
     ref = next((r for r in rows if r.mode == "poll"), None)

@@ -30,7 +30,7 @@ from edge_agent.outbox import OutboxError, outbox_stats
 from edge_agent.publish.client import tls_problems
 from edge_agent.publish.tools import drain
 from edge_agent.records import load_schema
-from edge_agent.types import EventType, Quality, SampleBatch, Score
+from edge_agent.types import EventType, Quality, SampleBatch, Score, TelemetryTag
 
 
 def validate(kind: str, doc: Any) -> None:
@@ -72,6 +72,44 @@ async def test_telemetry_merges_every_scan_group_and_subscription_of_a_device(br
     assert first == {"fast.a": 1.0, "fast.b": 2.0}
     assert second == {"fast.a": 1.0, "fast.b": 20.0, "slow.c": 3.0}
     validate("telemetry", sub.on("/telemetry/")[1].json())
+
+
+async def test_telemetry_by_exception_through_the_broker(broker: Broker, tmp_path: Path) -> None:
+    """A device with deadbands: the first message has every tag with its unit, later ones only what moved past its
+    deadband or changed quality; every message as a subscriber receives it matches the schema."""
+    sub = Subscriber(broker.port, f"{PREFIX}/telemetry/#")
+    pub = publisher(mqtt_config(broker.url, telemetry_interval=0.2), tmp_path / "outbox.db")
+    tags = ("p", "t", "run")
+    pub.outbox.set_device(
+        "pump-1",
+        [TelemetryTag("p", "bar", 0.5, True), TelemetryTag("t", "degC", 1.0), TelemetryTag("run")],
+        integrity=3600,
+    )
+
+    def poll(values: list[float], quality: list[int]) -> SampleBatch:
+        q = np.array(quality, dtype=np.uint8)
+        return SampleBatch("pump-1", time.time(), tags, np.array(values), q, kinds=("float", "float", "bool"))
+
+    polls = [
+        ([float(np.float32(123.456)), 20.0, 1.0], [0, 0, 0]),  # first: everything
+        ([123.6, 20.5, 1.0], [0, 0, 0]),  # within both deadbands: nothing
+        ([124.0, 20.5, 1.0], [0, 0, 0]),  # p moved 0.544 from 123.456: p
+        ([124.0, 20.5, 1.0], [0, 0, 4]),  # run lost: run
+    ]
+    async with running(pub):
+        for values, quality in polls:
+            pub.outbox.put_telemetry(poll(values, quality))
+            await asyncio.sleep(0.25)  # the next telemetry_interval slot
+        await asyncio.wait_for(pub.sink.wait_drained(), 10)
+        await asyncio.to_thread(block_until, lambda: len(sub.on("/telemetry/")) == 3, 5)
+    sub.close()
+    docs = [m.json() for m in sub.on("/telemetry/")]
+    for doc in docs:
+        validate("telemetry", doc)
+    assert [[t["name"] for t in d["tags"]] for d in docs] == [["p", "t", "run"], ["p"], ["run"]]
+    assert docs[0]["tags"][0] == {**docs[0]["tags"][0], "unit": "bar", "value": 123.456}
+    assert "unit" not in docs[0]["tags"][2] and docs[0]["tags"][2]["value"] is True
+    assert docs[2]["tags"] == [{**docs[2]["tags"][0], "value": None, "quality": "comms-lost"}]
 
 
 @pytest.mark.parametrize(("protocol", "session"), [("3.1.1", "clean"), ("5", "persistent")])
