@@ -123,7 +123,7 @@ class DeviceTelemetry:
                 exact[i] = v
             self.fresh[idx[exact != self.exact[idx]]] = False
             self.exact[idx] = exact
-        elif self.exact.any():  # a column that carried an exact value carries a float now
+        elif (self.exact != None).any():  # noqa: E711 (elementwise) a column that carried an exact value: a float now
             self.fresh[idx[self.exact[idx] != None]] = False  # noqa: E711 (elementwise on an object array)
             self.exact[idx] = None
 
