@@ -317,3 +317,34 @@ def test_by_exception_sends_exactly_what_changed_or_is_due(steps: list[tuple[Sam
         got = set() if record is None else {t["name"] for t in json.loads(record)["tags"]}
         assert got == want
         last.update((t, (*current[t], now)) for t in got)
+
+
+def test_deadband_forms_for_s7_and_opcua() -> None:
+    """S7: an INT's percent is of its scaled full scale; OPC UA: the shorthand is the same deadband the server gets,
+    and a subscription may keep a percent without range (the server's EURange)."""
+    text = """
+devices:
+  - name: plc
+    type: s7
+    host: 127.0.0.1
+    tags:
+      - {name: t, address: DB1.DBW0, type: int, scale: 0.01, deadband: "10%"}
+      - {name: r, address: DB1.DBD2, type: real, unit: bar}
+  - name: ua
+    type: opcua
+    endpoint: opc.tcp://127.0.0.1:4840
+    mode: subscribe
+    tags:
+      - {name: a, node: "ns=2;s=A", deadband: 0.25}
+      - {name: b, node: "ns=2;s=B", deadband: {type: percent, value: 2}}
+"""
+    s7, ua = parse_config(text).devices
+    assert [(t.deadband, t.float32, t.unit) for t in s7.telemetry_tags()] == [
+        (pytest.approx(65.535), False, None),
+        (0.0, True, "bar"),
+    ]
+    a, b = ua.tags
+    assert a.deadband is not None and b.deadband is not None
+    assert (a.deadband.type.value, a.deadband.value) == ("absolute", 0.25)
+    assert b.deadband.type.value == "percent" and b.deadband_value() == 0.0  # the server filters; the agent: any change
+    assert ua.report_integrity() == 60.0
