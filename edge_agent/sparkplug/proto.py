@@ -82,36 +82,55 @@ def _oneof(first: int, extra: list[tuple[str, str]], ext_type: str) -> list[tupl
 def _file() -> descriptor_pb2.FileDescriptorProto:
     parameter = _message(
         "Parameter",
-        [("name", 1, "string", "optional"), ("type", 2, "uint32", "optional"),
-         *_oneof(3, [], f"{_P}.Template.Parameter.ParameterValueExtension")],
+        [
+            ("name", 1, "string", "optional"),
+            ("type", 2, "uint32", "optional"),
+            *_oneof(3, [], f"{_P}.Template.Parameter.ParameterValueExtension"),
+        ],
         None,
         [_extension("ParameterValueExtension")],
     )
     template = _message(
         "Template",
-        [("version", 1, "string", "optional"), ("metrics", 2, f"{_P}.Metric", "repeated"),
-         ("parameters", 3, f"{_P}.Template.Parameter", "repeated"), ("template_ref", 4, "string", "optional"),
-         ("is_definition", 5, "bool", "optional")],
+        [
+            ("version", 1, "string", "optional"),
+            ("metrics", 2, f"{_P}.Metric", "repeated"),
+            ("parameters", 3, f"{_P}.Template.Parameter", "repeated"),
+            ("template_ref", 4, "string", "optional"),
+            ("is_definition", 5, "bool", "optional"),
+        ],
         6,
         [parameter],
     )
     dataset_value = _message(
-        "DataSetValue", _oneof(1, [], f"{_P}.DataSet.DataSetValue.DataSetValueExtension"), None,
+        "DataSetValue",
+        _oneof(1, [], f"{_P}.DataSet.DataSetValue.DataSetValueExtension"),
+        None,
         [_extension("DataSetValueExtension")],
     )
     row = _message("Row", [("elements", 1, f"{_P}.DataSet.DataSetValue", "repeated")], 2)
     dataset = _message(
         "DataSet",
-        [("num_of_columns", 1, "uint64", "optional"), ("columns", 2, "string", "repeated"),
-         ("types", 3, "uint32", "repeated"), ("rows", 4, f"{_P}.DataSet.Row", "repeated")],
+        [
+            ("num_of_columns", 1, "uint64", "optional"),
+            ("columns", 2, "string", "repeated"),
+            ("types", 3, "uint32", "repeated"),
+            ("rows", 4, f"{_P}.DataSet.Row", "repeated"),
+        ],
         5,
         [dataset_value, row],
     )
     property_value = _message(
         "PropertyValue",
-        [("type", 1, "uint32", "optional"), ("is_null", 2, "bool", "optional"),
-         *_oneof(3, [("propertyset_value", f"{_P}.PropertySet"), ("propertysets_value", f"{_P}.PropertySetList")],
-                 f"{_P}.PropertyValue.PropertyValueExtension")],
+        [
+            ("type", 1, "uint32", "optional"),
+            ("is_null", 2, "bool", "optional"),
+            *_oneof(
+                3,
+                [("propertyset_value", f"{_P}.PropertySet"), ("propertysets_value", f"{_P}.PropertySetList")],
+                f"{_P}.PropertyValue.PropertyValueExtension",
+            ),
+        ],
         None,
         [_extension("PropertyValueExtension")],
     )
@@ -121,27 +140,48 @@ def _file() -> descriptor_pb2.FileDescriptorProto:
     property_set_list = _message("PropertySetList", [("propertyset", 1, f"{_P}.PropertySet", "repeated")], 2)
     metadata = _message(
         "MetaData",
-        [("is_multi_part", 1, "bool", "optional"), ("content_type", 2, "string", "optional"),
-         ("size", 3, "uint64", "optional"), ("seq", 4, "uint64", "optional"), ("file_name", 5, "string", "optional"),
-         ("file_type", 6, "string", "optional"), ("md5", 7, "string", "optional"),
-         ("description", 8, "string", "optional")],
+        [
+            ("is_multi_part", 1, "bool", "optional"),
+            ("content_type", 2, "string", "optional"),
+            ("size", 3, "uint64", "optional"),
+            ("seq", 4, "uint64", "optional"),
+            ("file_name", 5, "string", "optional"),
+            ("file_type", 6, "string", "optional"),
+            ("md5", 7, "string", "optional"),
+            ("description", 8, "string", "optional"),
+        ],
         9,
     )
     metric = _message(
         "Metric",
-        [("name", 1, "string", "optional"), ("alias", 2, "uint64", "optional"), ("timestamp", 3, "uint64", "optional"),
-         ("datatype", 4, "uint32", "optional"), ("is_historical", 5, "bool", "optional"),
-         ("is_transient", 6, "bool", "optional"), ("is_null", 7, "bool", "optional"),
-         ("metadata", 8, f"{_P}.MetaData", "optional"), ("properties", 9, f"{_P}.PropertySet", "optional"),
-         *_oneof(10, [("bytes_value", "bytes"), ("dataset_value", f"{_P}.DataSet"),
-                      ("template_value", f"{_P}.Template")], f"{_P}.Metric.MetricValueExtension")],
+        [
+            ("name", 1, "string", "optional"),
+            ("alias", 2, "uint64", "optional"),
+            ("timestamp", 3, "uint64", "optional"),
+            ("datatype", 4, "uint32", "optional"),
+            ("is_historical", 5, "bool", "optional"),
+            ("is_transient", 6, "bool", "optional"),
+            ("is_null", 7, "bool", "optional"),
+            ("metadata", 8, f"{_P}.MetaData", "optional"),
+            ("properties", 9, f"{_P}.PropertySet", "optional"),
+            *_oneof(
+                10,
+                [("bytes_value", "bytes"), ("dataset_value", f"{_P}.DataSet"), ("template_value", f"{_P}.Template")],
+                f"{_P}.Metric.MetricValueExtension",
+            ),
+        ],
         None,
         [_extension("MetricValueExtension")],
     )
     payload = _message(
         "Payload",
-        [("timestamp", 1, "uint64", "optional"), ("metrics", 2, f"{_P}.Metric", "repeated"),
-         ("seq", 3, "uint64", "optional"), ("uuid", 4, "string", "optional"), ("body", 5, "bytes", "optional")],
+        [
+            ("timestamp", 1, "uint64", "optional"),
+            ("metrics", 2, f"{_P}.Metric", "repeated"),
+            ("seq", 3, "uint64", "optional"),
+            ("uuid", 4, "string", "optional"),
+            ("body", 5, "bytes", "optional"),
+        ],
         6,
         [template, dataset, property_value, property_set, property_set_list, metadata, metric],
     )
