@@ -496,6 +496,8 @@ class Agent:
             self.outbox.set_mqtt(new.mqtt)
             if "mqtt" in self._tasks:
                 await self._stop_sink("reconfigured")
+            # after the old sinks gave their rows back: rows only for a sink that goes now wait for the new ones
+            await self.outbox.set_sinks(list(new.mqtt.payloads))
             self.sink = self._new_sink(new.mqtt)
             if self._outer is not None:
                 self._start("mqtt", self._outer, self._run_sink())

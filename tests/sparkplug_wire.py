@@ -80,7 +80,11 @@ VARINT, I64, LEN, I32 = 0, 1, 2, 5
 
 _SIGNED_BITS = {DataType.INT8: 8, DataType.INT16: 16, DataType.INT32: 32, DataType.INT64: 64}
 _UNSIGNED_BITS = {
-    DataType.UINT8: 8, DataType.UINT16: 16, DataType.UINT32: 32, DataType.UINT64: 64, DataType.DATETIME: 64
+    DataType.UINT8: 8,
+    DataType.UINT16: 16,
+    DataType.UINT32: 32,
+    DataType.UINT64: 64,
+    DataType.DATETIME: 64,
 }
 _INT32_TYPES = {DataType.INT8, DataType.INT16, DataType.INT32, DataType.UINT8, DataType.UINT16, DataType.UINT32}
 _INT64_TYPES = {DataType.INT64, DataType.UINT64, DataType.DATETIME}

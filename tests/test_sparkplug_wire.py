@@ -43,8 +43,11 @@ def _one_metric(metric_hex: str) -> bytes:
         (Metric(datatype=DataType.UINT32, value=2**32 - 1), "2007" + "50ffffffff0f", "int_value"),
         # Int64 -1: uint64 long_value (field 11, key 0x58), ten varint bytes
         (Metric(datatype=DataType.INT64, value=-1), "2004" + "58" + "ff" * 9 + "01", "long_value"),
-        (Metric(datatype=DataType.DATETIME, value=1_700_000_000_000), "200d" + "58" + varint(1_700_000_000_000).hex(),
-         "long_value"),
+        (
+            Metric(datatype=DataType.DATETIME, value=1_700_000_000_000),
+            "200d" + "58" + varint(1_700_000_000_000).hex(),
+            "long_value",
+        ),
         # Float: fixed32 (field 12, key 0x65), little-endian IEEE 754; Double: fixed64 (field 13, key 0x69)
         (Metric(datatype=DataType.FLOAT, value=1.5), "2009" + "650000c03f", "float_value"),
         (Metric(datatype=DataType.DOUBLE, value=1.5), "200a" + "69000000000000f83f", "double_value"),
@@ -66,12 +69,14 @@ def test_metric_values_go_in_the_field_their_datatype_names(metric: Metric, metr
 
 def test_metric_header_fields() -> None:
     """name (1), alias (2), timestamp (3), datatype (4), is_historical (5), is_transient (6), is_null (7)."""
-    m = Metric(name="a/b", alias=7, timestamp=1, datatype=DataType.FLOAT, is_historical=True, is_transient=True,
-               is_null=True)
+    m = Metric(
+        name="a/b", alias=7, timestamp=1, datatype=DataType.FLOAT, is_historical=True, is_transient=True, is_null=True
+    )
     data = encode(Payload(metrics=[m]))
     assert data == _one_metric("0a03612f62" + "1007" + "1801" + "2009" + "2801" + "3001" + "3801")
-    assert decode(data).metrics[0] == Metric(name="a/b", alias=7, timestamp=1, datatype=DataType.FLOAT,
-                                             is_historical=True, is_transient=True, is_null=True)
+    assert decode(data).metrics[0] == Metric(
+        name="a/b", alias=7, timestamp=1, datatype=DataType.FLOAT, is_historical=True, is_transient=True, is_null=True
+    )
 
 
 def test_narrow_twos_complement_reads_back_signed() -> None:
@@ -87,9 +92,19 @@ def test_properties_are_parallel_keys_and_values() -> None:
     data = encode(Payload(metrics=[Metric(name="t", properties=props)]))
     unit = "°C".encode()
     pset = (
-        "0a07" + b"engUnit".hex() + "0a03" + b"min".hex()
-        + "12" + varint(4 + len(unit)).hex() + "080c" + "42" + varint(len(unit)).hex() + unit.hex()
-        + "1208" + "0803" + "18fbffffff0f"
+        "0a07"
+        + b"engUnit".hex()
+        + "0a03"
+        + b"min".hex()
+        + "12"
+        + varint(4 + len(unit)).hex()
+        + "080c"
+        + "42"
+        + varint(len(unit)).hex()
+        + unit.hex()
+        + "1208"
+        + "0803"
+        + "18fbffffff0f"
     )
     assert data == _one_metric("0a0174" + "4a" + varint(len(bytes.fromhex(pset))).hex() + pset)
     back = decode(data).metric("t").properties
@@ -175,6 +190,11 @@ def test_round_trip(ms: list[Metric], seq: int | None, ts: int | None) -> None:
     assert p.seq == seq and p.timestamp == ts and len(p.metrics) == len(ms)
     for got, want in zip(p.metrics, ms, strict=True):
         assert (got.name, got.alias, got.timestamp, got.datatype, got.is_historical) == (
-            want.name, want.alias, want.timestamp, want.datatype, want.is_historical)
+            want.name,
+            want.alias,
+            want.timestamp,
+            want.datatype,
+            want.is_historical,
+        )
         assert got.value == want.value or (math.isnan(got.value) and math.isnan(want.value))
         assert type(got.value) is type(want.value)

@@ -82,10 +82,12 @@ async def deliver(outbox: OutboxWriter, sink: Sink) -> None:
 def build_sink(mqtt: MqttSection, outbox: OutboxWriter, **kwargs: Any) -> Sink:
     """The sink `mqtt.payloads` asks for, built now (each sink takes the keywords it knows: agent_id, site,
     version, describe for the JSON one; devices (validated device sections) and models for Sparkplug)."""
-    keys = list(mqtt.payloads)
-    if keys == ["sparkplug"] or keys == ["json"]:
+    keys = sorted(mqtt.payloads, key=lambda k: k != "json")  # the JSON sink first: its stats are the agent's
+    if len(keys) == 1:
         return _build(keys[0], mqtt, outbox, kwargs)
-    raise NotImplementedError(f"mqtt.payloads {keys}")
+    from edge_agent.publish.both import Sinks
+
+    return Sinks([_build(k, mqtt, outbox, kwargs) for k in keys])
 
 
 def _build(key: str, mqtt: MqttSection, outbox: OutboxWriter, kwargs: dict[str, Any]) -> Sink:

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from helpers import Broker, ModbusPeer, wait_for
+from helpers import Broker, ModbusPeer, Subscriber, wait_for
 from sparkplug_host import SparkplugHost
 from sparkplug_wire import DataType
 
@@ -31,7 +31,9 @@ GROUP = "plant-a"
 NODE = "line-3"
 
 
-def _config(tmp_path: Path, broker: Broker, plc: ModbusPeer, *, host: str | None = None) -> Path:
+def _config(
+    tmp_path: Path, broker: Broker, plc: ModbusPeer, *, host: str | None = None, payloads: str = "[sparkplug]"
+) -> Path:
     primary = f", primary_host_id: {host}" if host else ""
     text = f"""
 agent: {{id: {NODE}, site: lab}}
@@ -49,7 +51,8 @@ devices:
       - {{name: running, address: "00001"}}
 mqtt:
   url: {broker.url}
-  payloads: [sparkplug]
+  payloads: {payloads}
+  topic_prefix: acme/line-3
   telemetry_interval: 100ms
   reconnect_initial: 100ms
   reconnect_max: 500ms
@@ -212,3 +215,38 @@ async def test_primary_host_state_gates_publishing(broker: Broker, plc: ModbusPe
         stop.set()
         await asyncio.wait_for(task, 20)
         host.close()
+
+
+async def test_both_payloads_each_row_reaches_both_sinks_at_their_own_pace(
+    broker: Broker, plc: ModbusPeer, tmp_path: Path
+) -> None:
+    host = SparkplugHost(broker.port, GROUP, host_id="scada-1")
+    sub = Subscriber(broker.port, "acme/line-3/telemetry/#")
+    cfg = load_config(_config(tmp_path, broker, plc, host="scada-1", payloads="[json, sparkplug]"))
+    agent = Agent(cfg)
+    stop = asyncio.Event()
+    task = asyncio.create_task(agent.run(stop))
+    try:
+        outbox = agent.outbox
+        assert outbox is not None
+        # the primary host is offline: the JSON sink publishes telemetry, the rows stay for the Sparkplug node
+        await wait_for(lambda: len(sub.on("/telemetry/plc1")) >= 3 and outbox.depth >= 3, timeout=20)
+        assert host.seen == []
+        plc.place("holding", 0, _float_registers(77.25))
+        await wait_for(
+            lambda: any(t["value"] == 77.25 for m in sub.on("/telemetry/plc1") for t in m.json()["tags"]), timeout=10
+        )
+        # online: births, then every stored row as Sparkplug data, the waiting ones historical
+        host.state(True, int(time.time() * 1000))
+        await wait_for(lambda: host.node(NODE).devices.get("plc1", {}).get("temp") is not None, timeout=20)
+        await wait_for(lambda: host.node(NODE).devices["plc1"]["temp"].value == 77.25, timeout=20)
+        stored = [m for s in host.of("DDATA", "plc1") for m in s.payload.metrics if m.value == 77.25]
+        assert stored and all(m.is_historical for m in stored)
+        # both delivered: the rows are gone from the outbox
+        await wait_for(lambda: outbox.depth <= 2, timeout=20)
+        assert host.problems == []
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)
+        host.close()
+        sub.close()

@@ -101,9 +101,17 @@ def test_a_decoder_accepts_every_schema_message() -> None:
 
 @pytest.mark.parametrize(
     ("name", "datatype"),
-    [("float32", DataType.FLOAT), ("REAL", DataType.FLOAT), ("int16", DataType.INT16), ("DINT", DataType.INT32),
-     ("bool", DataType.BOOLEAN), ("string[16]", DataType.STRING), ("uint64", DataType.UINT64),
-     ("lreal", DataType.DOUBLE), (None, DataType.DOUBLE)],
+    [
+        ("float32", DataType.FLOAT),
+        ("REAL", DataType.FLOAT),
+        ("int16", DataType.INT16),
+        ("DINT", DataType.INT32),
+        ("bool", DataType.BOOLEAN),
+        ("string[16]", DataType.STRING),
+        ("uint64", DataType.UINT64),
+        ("lreal", DataType.DOUBLE),
+        (None, DataType.DOUBLE),
+    ],
 )
 def test_tag_types_map_to_sparkplug_types(name: str | None, datatype: DataType) -> None:
     assert from_tag_type(name) is datatype

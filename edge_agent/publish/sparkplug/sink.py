@@ -220,17 +220,17 @@ class SparkplugNode:
                 self._release_all = False
                 back = self._rows.difference(self._acked)  # rows written already are acknowledged, not sent again
                 with contextlib.suppress(*_ERRORS):
-                    await self.outbox.release(sorted(back))
+                    await self.outbox.release(sorted(back), sink="sparkplug")
                 self._rows.difference_update(back)
             while self._born and self._connected:
                 room = self.mqtt.window - len(self._rows)
                 if room <= 0:
                     break
-                rows = await self.outbox.take(room)
+                rows = await self.outbox.take(room, sink="sparkplug")
                 if not rows:
                     break
                 if not (self._born and self._connected) or self._release_all:
-                    await self.outbox.release([r.id for r in rows])
+                    await self.outbox.release([r.id for r in rows], sink="sparkplug")
                     wake.set()
                     break
                 self._send(rows)
@@ -279,7 +279,7 @@ class SparkplugNode:
             ids, self._acked = self._acked, []
             self._rows.difference_update(ids)
             try:
-                await self.outbox.ack(ids)
+                await self.outbox.ack(ids, sink="sparkplug")
             except _ERRORS as exc:
                 log.error("outbox %s: cannot delete published rows (%s); they may be sent again", self.outbox.path, exc)
             self._counts.acked += len(ids)
@@ -327,7 +327,7 @@ class SparkplugNode:
                 await asyncio.to_thread(client.loop_stop)
             if self._rows and self.outbox.is_open:
                 with contextlib.suppress(*_ERRORS):
-                    await self.outbox.release(sorted(self._rows))
+                    await self.outbox.release(sorted(self._rows), sink="sparkplug")
         finally:
             self._rows.clear()
             self._connected = self._counts.connected = self._born = False
