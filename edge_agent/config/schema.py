@@ -111,23 +111,21 @@ class TlsSection(StrictModel):
         return self
 
 
-_SPARKPLUG_ID = r"[^/+#\s]+"
-
-
 class SparkplugSection(StrictModel):
     """The Sparkplug B edge node the agent is (mqtt.payloads: [sparkplug]): its ids, and the host it waits for."""
 
-    group_id: str = Field(min_length=1, max_length=128, pattern=_SPARKPLUG_ID, description="Sparkplug group id")
-    edge_node_id: str | None = Field(
-        None, min_length=1, max_length=128, pattern=_SPARKPLUG_ID, description="default: the agent id"
-    )
+    group_id: str = Field(max_length=128, description="Sparkplug group id")
+    edge_node_id: str | None = Field(None, max_length=128, description="default: the agent id")
     primary_host_id: str | None = Field(
-        None,
-        min_length=1,
-        max_length=128,
-        pattern=_SPARKPLUG_ID,
-        description="publish only while spBv1.0/STATE/{primary_host_id} says online; always when unset",
+        None, max_length=128, description="publish only while spBv1.0/STATE/{primary_host_id} says online"
     )
+
+    @field_validator("group_id", "edge_node_id", "primary_host_id")
+    @classmethod
+    def _id_ok(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[^/+#\s]+", v):
+            raise ValueError(f"{v!r} is not a Sparkplug id: one topic level, without / + # or spaces")
+        return v
 
     @property
     def node(self) -> str:
