@@ -152,12 +152,17 @@ class Agent:
             on_score_seconds=self.metrics.score_seconds.labels(m.section.name).observe if self.metrics else None,
         )
 
-    def _new_sink(self, mqtt: MqttSection) -> Sink:
-        """The sink for `mqtt.payloads`: the JSON publisher, the Sparkplug B edge node, or both."""
+    def _new_sink(
+        self, mqtt: MqttSection, config: Config | None = None, models: list[LoadedModel] | None = None
+    ) -> Sink:
+        """The sink for `mqtt.payloads`: the JSON publisher, the Sparkplug B edge node, or both (for `config` and
+        `models`: a reload's, before they are the agent's)."""
         from edge_agent.publish import build_sink
 
         assert self.outbox is not None
-        agent = self.config.agent
+        config = config or self.config
+        models = self._models if models is None else models
+        agent = config.agent
         return build_sink(
             mqtt,
             self.outbox,
@@ -165,8 +170,8 @@ class Agent:
             site=agent.site,
             version=__version__,
             describe=self._describe,
-            devices=self.config.devices,  # Sparkplug births: every tag with its type, unit and description
-            models=[m.section.name for m in self._models],
+            devices=config.devices,  # Sparkplug births: every tag with its type, unit and description
+            models=[m.section.name for m in models],
         )
 
     def _collect_metrics(self, metrics: Metrics) -> None:
@@ -498,7 +503,7 @@ class Agent:
                 await self._stop_sink("reconfigured")
             # after the old sinks gave their rows back: rows only for a sink that goes now wait for the new ones
             await self.outbox.set_sinks(list(new.mqtt.payloads))
-            self.sink = self._new_sink(new.mqtt)
+            self.sink = self._new_sink(new.mqtt, new, models)
             if self._outer is not None:
                 self._start("mqtt", self._outer, self._run_sink())
 

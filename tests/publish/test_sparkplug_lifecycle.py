@@ -250,3 +250,32 @@ async def test_both_payloads_each_row_reaches_both_sinks_at_their_own_pace(
         await asyncio.wait_for(task, 20)
         host.close()
         sub.close()
+
+
+async def test_a_reload_that_adds_a_tag_gives_births_with_it(broker: Broker, plc: ModbusPeer, tmp_path: Path) -> None:
+    host = SparkplugHost(broker.port, GROUP)
+    path = _config(tmp_path, broker, plc)
+    agent = Agent(load_config(path), source=path, watch_interval=0)
+    stop = asyncio.Event()
+    task = asyncio.create_task(agent.run(stop))
+    try:
+        await wait_for(lambda: host.node(NODE).devices.get("plc1", {}).get("temp") is not None, timeout=20)
+        bdseq = host.of("NBIRTH")[0].payload.metric("bdSeq").value
+        plc.place("holding", 4, [123])
+        path.write_text(
+            path.read_text().replace(
+                "      - {name: running,",
+                '      - {name: extra, address: "40005", type: uint16, unit: bar}\n      - {name: running,',
+            )
+        )
+        assert await agent.reload() == "ok"
+        # the node is born again with the new tag (a new connection: the next bdSeq), and it updates
+        await wait_for(lambda: "extra" in host.node(NODE).devices["plc1"], timeout=20)
+        await wait_for(lambda: host.node(NODE).devices["plc1"]["extra"].value == 123, timeout=20)
+        assert host.node(NODE).devices["plc1"]["extra"].unit == "bar"
+        assert host.of("NBIRTH")[-1].payload.metric("bdSeq").value == (bdseq + 1) % 256
+        assert host.problems == []
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)
+        host.close()
