@@ -426,9 +426,9 @@ class SparkplugNode:
         log.info("Sparkplug: connected to %s:%d as %s (bdSeq %d)", self.host, self.port, self.client_id, bdseq)
         if self.host_id is None:
             self._births()
-        elif self._host_online:
-            self._births()  # the STATE seen on the last connection; a retained offline one stops it again
         else:
+            # births only once this connection saw the host's (retained) STATE say online, as 3.0 asks
+            self._host_online = False
             log.info(
                 "Sparkplug: waiting for primary host %s to be online (%s)", self.host_id, state_topic(self.host_id)
             )
