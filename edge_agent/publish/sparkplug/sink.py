@@ -46,7 +46,6 @@ from edge_agent.outbox.writer import OutboxWriter
 from edge_agent.publish.client import Client, connect_args, describe_failure, make_client
 from edge_agent.publish.sparkplug.node import BirthDevice, EdgeNode, Message
 from edge_agent.publish.stats import (
-    DELIVERY_BUCKETS,
     PUBLISH_BUCKETS,
     LatencyHistogram,
     PublisherCounters,
@@ -117,6 +116,7 @@ class SparkplugNode:
         self._next_bdseq = 0 if last is None else (last + 1) % 256
         self.bdseq = self._next_bdseq  # of the current (or next) connection
         self._counts = PublisherCounters()
+        self._no_latency = LatencyHistogram(PUBLISH_BUCKETS)
         self._inflight: dict[int, int | None] = {}  # paho mid → the row it finishes (None: a birth, a death)
         self._rows: set[int] = set()  # rows taken and not acknowledged
         self._acked: list[int] = []
@@ -179,22 +179,8 @@ class SparkplugNode:
             await self._progress.wait()
 
     def stats(self) -> PublisherStats:
-        """A snapshot of connection state and counters (no I/O); latencies are not measured by this sink."""
-        c = self._counts
-        return PublisherStats(
-            connected=c.connected,
-            connects=c.connects,
-            disconnects=c.disconnects,
-            connect_failures=c.connect_failures,
-            published=c.published,
-            acked=c.acked,
-            rejected=c.rejected,
-            historical=c.historical,
-            in_flight=len(self._rows),
-            last_error=c.last_error,
-            publish_latency=LatencyHistogram(PUBLISH_BUCKETS).snapshot(),
-            delivery_latency=LatencyHistogram(DELIVERY_BUCKETS).snapshot(),
-        )
+        """A snapshot of connection state and counters (no I/O); this sink measures no latencies (QoS 0)."""
+        return self._counts.snapshot(len(self._rows), self._no_latency, self._no_latency)
 
     def refresh_status(self) -> None:
         """Nothing to refresh: a Sparkplug node's state is in its births."""
