@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from edge_agent.publish import Sink
+if TYPE_CHECKING:
+    from edge_agent.publish import Sink
 
 
 class Sinks:

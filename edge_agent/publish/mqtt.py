@@ -334,7 +334,7 @@ class MqttPublisher:
     async def _give_back(self) -> None:
         """Every row taken and not acknowledged back to the outbox, so the next take() (a later sink's) starts
         from the oldest again. All of them, not only those in `_inflight`: a take cancelled on its way back
-        from the outbox's thread still marked its rows; this sink is the outbox's only taker."""
+        from the outbox's thread still marked its rows (a release without ids gives back this sink's rows only)."""
         self._released = []
         if self.outbox.is_open:
             with contextlib.suppress(OSError, OutboxError, sqlite3.Error):
