@@ -226,9 +226,9 @@ class SparkplugNode:
         assert client is not None
         now = self._clock()
         run, late = self.outbox.run_id, self.mqtt.historical_after
+        self._rows.update(r.id for r in rows)  # all taken: given back together if the connection goes midway
         for row in rows:
             historical = row.run != run or row.created < self._born_at or now - row.created > late
-            self._rows.add(row.id)
             messages = self.node.from_row(row, historical)
             if historical and messages:
                 self._counts.historical += 1
