@@ -35,7 +35,8 @@ from edge_agent.types import AnomalyEvent, Quality, SampleBatch, Score, Window
 if TYPE_CHECKING:  # imported when used: an agent without MQTT or metrics loads neither paho nor prometheus
     from edge_agent.observe import Check, Metrics
     from edge_agent.outbox.writer import OutboxWriter, WriterStats
-    from edge_agent.publish.mqtt import Describe, MqttPublisher
+    from edge_agent.publish import Sink
+    from edge_agent.publish.mqtt import Describe
     from edge_agent.publish.stats import PublisherStats
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ class Agent:
         # outbox and publish (with MQTT configured): every event, score and telemetry message is made
         # durable in the outbox first; the MQTT sink takes it from there and deletes it on the broker's ack
         self.outbox: OutboxWriter | None = None
-        self.sink: MqttPublisher | None = None
+        self.sink: Sink | None = None
         if config.mqtt is not None:
             from edge_agent.outbox.writer import OutboxWriter
 
@@ -153,13 +154,26 @@ class Agent:
             on_score_seconds=self.metrics.score_seconds.labels(m.section.name).observe if self.metrics else None,
         )
 
-    def _new_sink(self, mqtt: MqttSection) -> MqttPublisher:
-        from edge_agent.publish.mqtt import MqttPublisher
+    def _new_sink(
+        self, mqtt: MqttSection, config: Config | None = None, models: list[LoadedModel] | None = None
+    ) -> Sink:
+        """The sink for `mqtt.payloads`: the JSON publisher, the Sparkplug B edge node, or both (for `config` and
+        `models`: a reload's, before they are the agent's)."""
+        from edge_agent.publish import build_sink
 
         assert self.outbox is not None
-        agent = self.config.agent
-        return MqttPublisher(
-            mqtt, self.outbox, agent_id=agent.id, site=agent.site, version=__version__, describe=self._describe
+        config = config or self.config
+        models = self._models if models is None else models
+        agent = config.agent
+        return build_sink(
+            mqtt,
+            self.outbox,
+            agent_id=agent.id,
+            site=agent.site,
+            version=__version__,
+            describe=self._describe,
+            devices=config.devices,  # Sparkplug births: every tag with its type, unit and description
+            models=[m.section.name for m in models],
         )
 
     def _collect_metrics(self, metrics: Metrics) -> None:
@@ -289,7 +303,7 @@ class Agent:
             await outbox.close()  # writes what producers queued meanwhile, so nothing submitted is lost
 
     @property
-    def _sink(self) -> MqttPublisher:
+    def _sink(self) -> Sink:
         assert self.sink is not None
         return self.sink
 
@@ -482,11 +496,18 @@ class Agent:
         # the sink: the outbox stays open and keeps taking messages; rows in flight go back to it
         if self.outbox is not None and change.outbox:
             await self.outbox.set_bounds(new.outbox)
-        if self.outbox is not None and change.mqtt and new.mqtt is not None:
+        # a Sparkplug node announces devices and models in its births: it is born again with the new ones
+        births = new.mqtt is not None and "sparkplug" in new.mqtt.payloads
+        reborn = births and bool(
+            change.devices_started or change.devices_removed or change.models_stopped or change.models_added
+        )
+        if self.outbox is not None and (change.mqtt or reborn) and new.mqtt is not None:
             self.outbox.set_mqtt(new.mqtt)
             if "mqtt" in self._tasks:
                 await self._stop_sink("reconfigured")
-            self.sink = self._new_sink(new.mqtt)
+            # after the old sinks gave their rows back: rows only for a sink that goes now wait for the new ones
+            await self.outbox.set_sinks(list(new.mqtt.payloads))
+            self.sink = self._new_sink(new.mqtt, new, models)
             if self._outer is not None:
                 self._start("mqtt", self._outer, self._run_sink())
 

@@ -126,6 +126,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         view=args.view,
         seed=args.seed,
         keep=args.keep,
+        sparkplug=args.sparkplug,
     )
     try:
         return asyncio.run(demo.run_demo(opts))
@@ -149,6 +150,11 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         choices=["auto", "mosquitto", "builtin"],
         default="auto",
         help="auto: mosquitto when installed, else the in-process amqtt broker (pip install 'edge-agent[demo]')",
+    )
+    d.add_argument(
+        "--sparkplug",
+        action="store_true",
+        help="the agent publishes Sparkplug B too (mqtt.payloads: [json, sparkplug], group demo)",
     )
     d.add_argument("--model", metavar="FILE", help="model bundle (default: the shipped models/pump-skid-ae.tflite)")
     d.add_argument(

@@ -111,6 +111,28 @@ class TlsSection(StrictModel):
         return self
 
 
+class SparkplugSection(StrictModel):
+    """The Sparkplug B edge node the agent is (mqtt.payloads: [sparkplug]): its ids, and the host it waits for."""
+
+    group_id: str = Field(max_length=128, description="Sparkplug group id")
+    edge_node_id: str | None = Field(None, max_length=128, description="default: the agent id")
+    primary_host_id: str | None = Field(
+        None, max_length=128, description="publish only while spBv1.0/STATE/{primary_host_id} says online"
+    )
+
+    @field_validator("group_id", "edge_node_id", "primary_host_id")
+    @classmethod
+    def _id_ok(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[^/+#\s]+", v):
+            raise ValueError(f"{v!r} is not a Sparkplug id: one topic level, without / + # or spaces")
+        return v
+
+    @property
+    def node(self) -> str:
+        """The edge node id in use (a section validated outside a Config falls back to edge-agent)."""
+        return self.edge_node_id or "edge-agent"
+
+
 class MqttSection(StrictModel):
     """The broker the agent publishes to, and how."""
 
@@ -155,6 +177,10 @@ class MqttSection(StrictModel):
         None, gt=0, description="publish {prefix}/telemetry/{device} (latest tag values) this often; off when unset"
     )
     telemetry_qos: Literal[0, 1, 2] = 0
+    payloads: list[Literal["json", "sparkplug"]] = Field(
+        ["json"], min_length=1, max_length=2, description="json (the agent's versioned JSON), sparkplug, or both"
+    )
+    sparkplug: SparkplugSection | None = Field(None, description="with payloads: [sparkplug]: the edge node's ids")
 
     @field_validator("url")
     @classmethod
@@ -195,6 +221,21 @@ class MqttSection(StrictModel):
             raise ValueError("tls is set but the URL is mqtt://; write mqtts://HOST:8883 for TLS")
         if self.reconnect_initial > self.reconnect_max:
             raise ValueError("reconnect_initial is longer than reconnect_max")
+        if len(set(self.payloads)) != len(self.payloads):
+            raise ValueError(f"payloads {self.payloads} names one twice")
+        if "sparkplug" in self.payloads:
+            if self.sparkplug is None:
+                raise ValueError(
+                    "payloads has sparkplug: add sparkplug: {group_id: …} (edge_node_id defaults to agent.id)"
+                )
+            if self.telemetry_interval is None:
+                # DDATA is built from telemetry records: without them the node would announce tags it never updates
+                raise ValueError(
+                    "payloads has sparkplug, whose DDATA comes from telemetry: set telemetry_interval "
+                    "(e.g. the devices' poll_interval)"
+                )
+        elif self.sparkplug is not None:
+            raise ValueError("sparkplug is set but payloads does not name it: add sparkplug to payloads, or remove it")
         return self
 
 
@@ -275,6 +316,10 @@ class Config(StrictModel):
             prefix = f"{'/'.join(p for p in site.split('/') if p)}/{self.agent.id}"
             # sections are frozen once validated: the default is filled in here, where agent is known
             object.__setattr__(self, "mqtt", self.mqtt.model_copy(update={"topic_prefix": prefix}))
+        sp = self.mqtt.sparkplug if self.mqtt is not None else None
+        if self.mqtt is not None and sp is not None and sp.edge_node_id is None:
+            node = sp.model_copy(update={"edge_node_id": self.agent.id})
+            object.__setattr__(self, "mqtt", self.mqtt.model_copy(update={"sparkplug": node}))
         return self
 
     def all_tags(self) -> list[tuple[DeviceBase, Any]]:

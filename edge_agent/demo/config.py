@@ -11,6 +11,7 @@ import edge_agent
 from edge_agent.errors import EdgeAgentError
 
 PREFIX = "demo/lab/pump-skid"
+SPARKPLUG_GROUP = "demo"  # with --sparkplug: the agent is also edge node spBv1.0/demo/…/demo-skid-1
 MODEL = "pump-skid"
 
 # Which plant signals the demo reads over which protocol (a site mixes them like this), and how often. Each
@@ -58,7 +59,7 @@ mqtt:
   scores_interval: 200ms
   telemetry_interval: 500ms
   status_interval: 5s
-outbox:
+{sparkplug}outbox:
   path: {outbox}
 """
 
@@ -78,6 +79,14 @@ class DemoOptions:
     view: Literal["auto", "live", "plain"] = "auto"
     seed: int = 0
     keep: bool = False
+    sparkplug: bool = False  # publish Sparkplug B too (mqtt.payloads: [json, sparkplug])
+
+
+def sparkplug_section(on: bool) -> str:
+    """The mqtt keys that make the demo's agent a Sparkplug B edge node too (nothing when off)."""
+    if not on:
+        return ""
+    return f"  payloads: [json, sparkplug]\n  sparkplug: {{group_id: {SPARKPLUG_GROUP}}}\n"
 
 
 def shipped_model() -> Path | None:

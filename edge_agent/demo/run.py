@@ -21,6 +21,7 @@ from edge_agent.demo.config import (
     device_section,
     fault_window,
     shipped_model,
+    sparkplug_section,
     tag_units,
 )
 from edge_agent.demo.processes import _tail, broker, child, choose_broker, free_port, stop_child, wait_port
@@ -56,6 +57,7 @@ async def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> int:
             prefix=PREFIX,
             outbox=workdir / "outbox.db",
             broker=broker_port,
+            sparkplug=sparkplug_section(opts.sparkplug),
         )
     )
     live = opts.view == "live" or (opts.view == "auto" and out.isatty() and _have_rich())
@@ -70,7 +72,7 @@ async def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> int:
     try:
         async with broker(kind, broker_port, workdir) as broker_name:
             print(f"broker: {broker_name} on 127.0.0.1:{broker_port}", file=out, flush=True)
-            subscriber = Subscriber(broker_port, loop)
+            subscriber = Subscriber(broker_port, loop, sparkplug=opts.sparkplug)
             subscriber.start()
             try:
                 sim_argv = [

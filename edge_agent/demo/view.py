@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from edge_agent.demo.config import MODEL, PREFIX, DemoOptions
+from edge_agent.demo.config import MODEL, PREFIX, SPARKPLUG_GROUP, DemoOptions
 from edge_agent.demo.subscriber import Subscriber
 
 EVENTS_SHOWN = 8
@@ -48,10 +48,16 @@ class View:
     ends: int = 0
     messages: int = 0
     event_ids: set[str] = field(default_factory=set)
+    sparkplug: dict[str, int] = field(default_factory=dict)  # with --sparkplug: messages per Sparkplug type
 
     def take(self, topic: str, payload: bytes) -> dict[str, Any] | None:
         """Fold one message in; returns it when it is a new anomaly event (to print in plain mode)."""
         self.messages += 1
+        if topic.startswith("spBv1.0/"):
+            parts = topic.split("/")
+            kind = parts[2] if len(parts) > 3 else parts[1]
+            self.sparkplug[kind] = self.sparkplug.get(kind, 0) + 1
+            return None
         try:
             doc = json.loads(payload)
         except ValueError:
@@ -240,4 +246,7 @@ def summary(view: View, ok: bool) -> str:
         lines.append(f"no anomaly event arrived although {view.fault} was scheduled; see agent.log in the files")
     topics = f"{PREFIX}/{{status,events/{MODEL},scores/{MODEL},telemetry/<device>}}"
     lines.append(f"agent's last status: {view.status}; topics: {topics}")
+    if view.sparkplug:
+        counts = ", ".join(f"{n} {k}" for k, n in sorted(view.sparkplug.items()))
+        lines.append(f"Sparkplug B (spBv1.0/{SPARKPLUG_GROUP}/#): {counts}")
     return "\n".join(lines)

@@ -101,8 +101,10 @@ class OutboxFile:
         self.corrupt_files = 0
         self.lost_transactions = 0
         self.last_seq = 0
-        self._inflight: dict[int, tuple[Kind, int]] = {}  # id → (kind, size)
-        self._cursor: dict[Kind, int] = dict.fromkeys(Kind, 0)  # highest id handed out per kind
+        self.targets = 1  # the sinks new rows wait for (rows.SINK_BITS); set by the writer from mqtt.payloads
+        # handed out and not yet acknowledged: id → (kind, size, pending bits as read, bits of the sinks holding it)
+        self._inflight: dict[int, tuple[Kind, int, int, int]] = {}
+        self._cursor: dict[int, dict[Kind, int]] = {}  # per sink bit: highest id handed out per kind
         self._skip: set[int] = set()  # rows that failed their checksum and could not be deleted yet
 
     def __repr__(self) -> str:
@@ -241,7 +243,7 @@ class OutboxFile:
         self.open_count = int(conn.execute("SELECT count(*) FROM open_anomalies").fetchone()[0])
         self._inflight.clear()
         self._skip.clear()
-        self._cursor = dict.fromkeys(Kind, 0)
+        self._cursor = {}
         limits = limit_counters(self.max_bytes, self.max_age, self.when_full)
         self._save({"runs": self.run, **limits, **self._row_counts(Delta())})
 
@@ -269,6 +271,16 @@ class OutboxFile:
     def _write_counters(self, values: Mapping[str, int]) -> None:
         with self._tx("FULL") as conn:
             conn.executemany(schema.SET_COUNTER, list(values.items()))
+
+    def set_targets(self, targets: int) -> int:
+        """The sinks new rows wait for from now on; stored rows only for other sinks go to these (returns how
+        many). Rows a sink that is no longer configured holds in flight are its own until it releases them."""
+        with self._lock:
+            self.targets = int(targets)
+            if self._conn is None:
+                return 0
+            with self._tx("FULL") as conn:
+                return schema.retarget(conn, self.targets)
 
     def _save(self, values: Mapping[str, int]) -> None:
         """Write counters now, or with the next put when the disk is full."""
@@ -328,10 +340,13 @@ class OutboxFile:
             self.counters[k] = self.counters.get(k, 0) + v
         self.open_count += delta.opened
 
-    def _remove(self, ids: Sequence[int], delta: Delta, sync: str) -> None:
-        """Delete rows and write the counters `delta` changes, in one transaction; then apply it."""
+    def _remove(self, ids: Sequence[int], delta: Delta, sync: str, keep: Sequence[tuple[int, int]] = ()) -> None:
+        """Delete rows, set `keep`'s (pending, id) (rows other sinks still need), and write the counters `delta`
+        changes, in one transaction; then apply it."""
         with self._tx(sync) as conn:
             schema.delete(conn, ids)
+            if keep:
+                conn.executemany("UPDATE messages SET pending = ? WHERE id = ?", keep)
             values = {k: self.counters.get(k, 0) + v for k, v in delta.counters.items()}
             values.update(self._row_counts(delta))
             conn.executemany(schema.SET_COUNTER, list(values.items()))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, NamedTuple
@@ -32,6 +32,18 @@ class Kind(IntEnum):
     def label(self) -> str:
         """Lower-case name used in counters and JSON."""
         return self.name.lower()
+
+
+# the sinks a stored row waits for, one bit each (the `pending` column): a row is deleted when none is left
+SINK_BITS: dict[str, int] = {"json": 1, "sparkplug": 2}
+
+
+def sink_mask(names: Iterable[str]) -> int:
+    """The bits of the named sinks (mqtt.payloads)."""
+    mask = 0
+    for name in names:
+        mask |= SINK_BITS[name]
+    return mask or 1
 
 
 # bounds reached, too old, the in-memory queue overflowed (the disk did not keep up, or is full), refused for

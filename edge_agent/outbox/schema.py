@@ -1,7 +1,9 @@
 """The outbox file's tables, their migrations, the per-row checksum and the batched statements.
 
 Schema versions (PRAGMA user_version): 1 had no checksum; 2 adds `crc` (crc32 of topic then payload, NULL on
-rows an older agent wrote: those are not checked). Older files are migrated in place when opened.
+rows an older agent wrote: those are not checked); 3 adds `pending`, the sinks that have still to deliver the
+row (a bitmask of rows.SINK_BITS; rows written before it were the JSON sink's, 1). Older files are migrated in
+place when opened.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 
 from edge_agent.outbox.rows import OutboxError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -26,7 +28,8 @@ CREATE TABLE IF NOT EXISTS messages (
     size INTEGER NOT NULL,
     topic TEXT NOT NULL,
     payload BLOB NOT NULL,
-    crc INTEGER
+    crc INTEGER,
+    pending INTEGER NOT NULL DEFAULT 1
 );
 CREATE INDEX IF NOT EXISTS messages_by_kind ON messages(kind, id, size, created);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
@@ -37,7 +40,10 @@ CREATE TABLE IF NOT EXISTS open_anomalies (
 ) WITHOUT ROWID;
 """
 
-_MIGRATIONS = {1: "ALTER TABLE messages ADD COLUMN crc INTEGER"}  # from version → the statement to the next
+_MIGRATIONS = {  # from version → the statement to the next
+    1: "ALTER TABLE messages ADD COLUMN crc INTEGER",
+    2: "ALTER TABLE messages ADD COLUMN pending INTEGER NOT NULL DEFAULT 1",
+}
 
 SET_COUNTER = "INSERT INTO counters(name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = excluded.value"
 
@@ -45,8 +51,8 @@ SET_COUNTER = "INSERT INTO counters(name, value) VALUES (?, ?) ON CONFLICT(name)
 # re-acquisition can wait a whole switch interval (5 ms), so one step per row starves this thread.
 _ROWS_PER_INSERT = 128
 _IDS_PER_DELETE = 512
-_INSERT = "INSERT INTO messages(kind, qos, created, run, size, topic, payload, crc) VALUES "
-_PLACES = "(?, ?, ?, ?, ?, ?, ?, ?)"
+_INSERT = "INSERT INTO messages(kind, qos, created, run, size, topic, payload, crc, pending) VALUES "
+_PLACES = "(?, ?, ?, ?, ?, ?, ?, ?, {pending:d})"
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -85,8 +91,11 @@ def prepare(conn: sqlite3.Connection) -> None:
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
-            if "crc" not in {row[1] for row in conn.execute("PRAGMA table_info(messages)")}:
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
+            if "crc" not in columns:
                 conn.execute(_MIGRATIONS[1])  # tables made by an agent that did not number its schema
+            if "pending" not in columns:
+                conn.execute(_MIGRATIONS[2])
         else:
             while version < SCHEMA_VERSION:
                 conn.execute(_MIGRATIONS[version])
@@ -99,11 +108,26 @@ def prepare(conn: sqlite3.Connection) -> None:
         raise
 
 
-def insert(conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
-    """Insert (kind, qos, created, run, size, topic, payload, crc) rows, many per statement."""
+def insert(conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]], pending: int = 1) -> None:
+    """Insert (kind, qos, created, run, size, topic, payload, crc) rows for the sinks in `pending`, many per
+    statement."""
+    places = _PLACES.format(pending=int(pending))
     for i in range(0, len(rows), _ROWS_PER_INSERT):
         chunk = rows[i : i + _ROWS_PER_INSERT]
-        conn.execute(_INSERT + ",".join([_PLACES] * len(chunk)), [v for row in chunk for v in row])
+        conn.execute(_INSERT + ",".join([places] * len(chunk)), [v for row in chunk for v in row])
+
+
+def retarget(conn: sqlite3.Connection, targets: int) -> int:
+    """Rows only for sinks no longer configured go to the configured ones (`targets`); returns how many changed.
+
+    A row never waits for a sink that will not come: switching payloads sends the backlog through the new sink.
+    """
+    cur = conn.execute(
+        "UPDATE messages SET pending = CASE WHEN pending & ?1 = 0 THEN ?1 ELSE pending & ?1 END "
+        "WHERE pending & ?1 != pending OR pending & ?1 = 0",
+        (int(targets),),
+    )
+    return int(cur.rowcount)
 
 
 def delete(conn: sqlite3.Connection, ids: Sequence[int]) -> None:

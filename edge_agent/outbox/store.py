@@ -39,8 +39,8 @@ log = logging.getLogger("edge_agent.outbox")
 _EVICT_CHUNK = 512
 _SMALL_DELETE = 16  # ids per transaction when even the reserve cannot take a bigger one
 _TAKE = (
-    "SELECT id, CAST(topic AS BLOB), payload, qos, created, run, size, crc FROM messages "
-    "WHERE kind = ? AND id > ? ORDER BY id LIMIT ?"
+    "SELECT id, CAST(topic AS BLOB), payload, qos, created, run, size, crc, pending FROM messages "
+    "WHERE kind = ? AND id > ? AND pending & ? != 0 ORDER BY id LIMIT ?"
 )
 
 
@@ -100,7 +100,7 @@ class Outbox(OutboxFile):
                 added += sum(e.size for e in group)
                 delta.depth[kind] += len(group)
             # events first in id order, whatever order they came in
-            schema.insert(conn, rows)
+            schema.insert(conn, rows, self.targets)
             # anomaly bookkeeping follows the detector, stored, delivered from memory or dropped; a model's
             # starts and ends alternate, so its latest one decides
             last: dict[str, Entry] = {}
@@ -175,33 +175,42 @@ class Outbox(OutboxFile):
                 break
         return freed
 
-    def take(self, n: int) -> list[Row]:
-        """Up to n rows not in flight: events first, then scores, then telemetry, each in insertion order.
+    def _sink(self, sink: int | None) -> int:
+        # None: the first configured sink (the only one, mostly)
+        return sink if sink is not None else self.targets & -self.targets
+
+    def take(self, n: int, sink: int | None = None) -> list[Row]:
+        """Up to n rows the sink (a rows.SINK_BITS bit; None: the first configured) has still to deliver and does
+        not hold: events first, then scores, then telemetry, each in insertion order.
 
         A row whose checksum fails is not handed out: it is deleted and counted (reason `corrupt`).
         """
         with self._lock:
             conn = self._require()
+            bit = self._sink(sink)
             out: list[Row] = []
             bad: list[tuple[int, Kind, int]] = []
             check = self._checksums.check
             inflight, skip = self._inflight, self._skip
+            cursor = self._cursor.setdefault(bit, dict.fromkeys(Kind, 0))
             for kind in Kind:
                 if len(out) >= n or self.depth[kind] == 0:
                     continue
                 while len(out) < n:
-                    found = conn.execute(_TAKE, (int(kind), self._cursor[kind], n - len(out))).fetchall()
+                    found = conn.execute(_TAKE, (int(kind), cursor[kind], bit, n - len(out))).fetchall()
                     if not found:
                         break
-                    for rid, topic, payload, qos, created, run, size, crc in found:
-                        self._cursor[kind] = rid
-                        if rid in inflight or rid in skip:  # handed out before a release lowered the cursor
+                    for rid, topic, payload, qos, created, run, size, crc, pending in found:
+                        cursor[kind] = rid
+                        held = inflight.get(rid)
+                        # handed out before a release lowered the cursor
+                        if (held is not None and held[3] & bit) or rid in skip:
                             continue
                         text = check(topic, payload, crc)
                         if text is None:
                             bad.append((rid, kind, size))
                             continue
-                        inflight[rid] = (kind, size)
+                        inflight[rid] = (kind, size, held[2] if held else pending, (held[3] if held else 0) | bit)
                         out.append(Row(rid, text, payload, kind, qos, created, run))
             if bad:
                 self._drop_corrupt(bad)
@@ -227,44 +236,66 @@ class Outbox(OutboxFile):
             return
         self._skip.difference_update(ids)
 
-    def ack(self, ids: Iterable[int], *, rejected: bool = False) -> int:
-        """Delete acknowledged rows (no fsync: losing an ack only means a duplicate later); returns the count.
+    def ack(self, ids: Iterable[int], *, rejected: bool = False, sink: int | None = None) -> int:
+        """The sink delivered these rows: deleted when no other sink still needs them (no fsync: losing an ack
+        only means a duplicate later); returns the count.
 
         rejected=True: the broker refused them for good; they are counted as drops (reason `rejected`).
         On a full disk the WAL is checkpointed, the reserve released, and the deletes split up until they fit.
         """
         with self._lock:
-            known = [rid for rid in ids if rid in self._inflight]
+            bit = self._sink(sink)
+            known = [rid for rid in ids if rid in self._inflight and self._inflight[rid][3] & bit]
             if not known:
                 return 0
             try:
-                self._retry_full(lambda: self._ack(known, rejected), reserve=True)
+                self._retry_full(lambda: self._ack(known, rejected, bit), reserve=True)
             except sqlite3.OperationalError as exc:
                 if not is_full(exc):
                     raise
                 for i in range(0, len(known), _SMALL_DELETE):
                     part = known[i : i + _SMALL_DELETE]
-                    self._retry_full(lambda part=part: self._ack(part, rejected), reserve=True)  # type: ignore[misc]
+                    self._retry_full(lambda part=part: self._ack(part, rejected, bit), reserve=True)  # type: ignore[misc]
             return len(known)
 
-    def _ack(self, ids: list[int], rejected: bool) -> None:
+    def _ack(self, ids: list[int], rejected: bool, bit: int) -> None:
         delta = Delta()
+        gone: list[int] = []
+        keep: list[tuple[int, int]] = []  # (pending left, id): rows another sink has still to deliver
         for rid in ids:
-            kind, size = self._inflight[rid]
+            kind, size, pending, _ = self._inflight[rid]
+            left = pending & ~bit
+            if left:
+                keep.append((left, rid))
+                continue
+            gone.append(rid)
             delta.remove(kind, size)
             if rejected:
                 delta.drop("rejected", kind)
-        self._remove(ids, delta, "FULL" if rejected else "NORMAL")
-        for rid in ids:
+        self._remove(gone, delta, "FULL" if rejected else "NORMAL", keep)
+        for rid in gone:
             del self._inflight[rid]
+        for left, rid in keep:
+            kind, size, _, holders = self._inflight[rid]
+            if holders & ~bit:
+                self._inflight[rid] = (kind, size, left, holders & ~bit)
+            else:
+                del self._inflight[rid]
 
-    def release(self, ids: Iterable[int] | None = None) -> None:
-        """Give rows in flight back (nack): they are taken again, in order; None releases all."""
+    def release(self, ids: Iterable[int] | None = None, sink: int | None = None) -> None:
+        """Give the sink's rows in flight back (nack): it takes them again, in order; None releases all of them."""
         with self._lock:
-            chosen = list(self._inflight) if ids is None else [i for i in ids if i in self._inflight]
+            bit = self._sink(sink)
+            held = self._inflight
+            chosen = [i for i in (held if ids is None else ids) if i in held and held[i][3] & bit]
+            cursor = self._cursor.setdefault(bit, dict.fromkeys(Kind, 0))
             for rid in chosen:
-                kind, _ = self._inflight.pop(rid)
-                self._cursor[kind] = min(self._cursor[kind], rid - 1)
+                kind, size, pending, holders = held[rid]
+                if holders & ~bit:
+                    held[rid] = (kind, size, pending, holders & ~bit)
+                else:
+                    del held[rid]
+                cursor[kind] = min(cursor[kind], rid - 1)
 
     @property
     def in_flight(self) -> int:

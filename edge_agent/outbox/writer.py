@@ -32,7 +32,17 @@ from typing import Any, TypeVar
 from edge_agent.config import MqttSection, OutboxSection
 from edge_agent.outbox.disk import describe
 from edge_agent.outbox.memory import MemoryQueue
-from edge_agent.outbox.rows import Entry, Kind, OutboxBusy, OutboxError, OutboxStats, Row, counter_names
+from edge_agent.outbox.rows import (
+    SINK_BITS,
+    Entry,
+    Kind,
+    OutboxBusy,
+    OutboxError,
+    OutboxStats,
+    Row,
+    counter_names,
+    sink_mask,
+)
 from edge_agent.outbox.store import Outbox
 from edge_agent.outbox.telemetry import DeviceTelemetry
 from edge_agent.outbox.tools import read_start
@@ -100,6 +110,8 @@ class OutboxWriter:
             sync = sync or outbox.sync
             commit_interval = commit_interval if commit_interval is not None else outbox.commit_interval
         self.mqtt = mqtt
+        # the sinks every row waits for (mqtt.payloads): each takes and acknowledges on its own
+        self.outbox.targets = sink_mask(mqtt.payloads)
         self.batched = sync == "batched"
         self.commit_interval = commit_interval
         self.agent_id, self.site = agent_id, site
@@ -110,7 +122,7 @@ class OutboxWriter:
         self._done = 0  # entries written, dropped, or delivered from memory so far
         self._store_error: str | None = None  # set while the file cannot be written (or opened)
         self._writing = False  # a batch taken from memory is being written: sinks leave memory alone meanwhile
-        self._unacked: dict[bool, list[int]] = {False: [], True: []}  # rejected? → acks the file did not take yet
+        self._unacked: dict[tuple[bool, int], list[int]] = {}  # (rejected?, sink bit) → acks the file did not take yet
         self._ack_failing = False
         self._commit_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self.oldest: float | None = None
@@ -151,6 +163,10 @@ class OutboxWriter:
                 return StartState(last_seq, left_open)
         if len(self.memory):
             self._wake_writer.set()
+        # rows stored for sinks no longer configured (payloads changed since) go to the configured ones
+        moved = await self.db(self.outbox.set_targets, self.outbox.targets)
+        if moved:
+            log.info("outbox %s: %d stored messages now go to %s", self.outbox.path, moved, self.mqtt.payloads)
         return StartState(self.outbox.last_seq, await self.db(self.outbox.open_anomalies))
 
     @property
@@ -185,8 +201,22 @@ class OutboxWriter:
     # ------------------------------------------------------------ live reconfiguration (the file stays)
 
     def set_mqtt(self, mqtt: MqttSection) -> None:
-        """Topics, QoS and rates of messages submitted from now on; what is stored keeps its topic."""
+        """Topics, QoS and rates of messages submitted from now on; what is stored keeps its topic.
+
+        A change of mqtt.payloads is applied by `set_sinks` (it writes to the file)."""
         self.mqtt, self._prefix = mqtt, mqtt.prefix
+
+    async def set_sinks(self, payloads: list[str]) -> None:
+        """The sinks new rows wait for; stored rows only for sinks no longer configured go to these."""
+        mask = sink_mask(payloads)
+        if mask == self.outbox.targets:
+            return
+        if self._exec is not None and self.outbox.is_open:
+            moved = await self.db(self.outbox.set_targets, mask)
+            if moved:
+                log.info("outbox %s: %d stored messages now go to %s", self.outbox.path, moved, ", ".join(payloads))
+        else:
+            self.outbox.targets = mask
 
     async def set_bounds(self, section: OutboxSection) -> None:
         """Bounds, policy and commit rhythm of `section` from now on (its path is not this method's to change)."""
@@ -322,45 +352,70 @@ class OutboxWriter:
 
     # ------------------------------------------------------------ what sinks call
 
-    async def take(self, n: int) -> list[Row]:
-        """Up to `n` rows to publish, events first; they stay stored until ack().
+    def _bit(self, sink: str | None) -> int:
+        targets = self.outbox.targets
+        return SINK_BITS[sink] if sink is not None else targets & -targets
 
-        While the file cannot be written, rows from the memory queue follow the file's (negative ids).
+    def _first(self, bit: int) -> bool:
+        # the memory queue (a failing disk) serves the first configured sink only: a message delivered from
+        # memory is never written, so with two sinks the other one misses it (counted nowhere; logged once)
+        targets = self.outbox.targets
+        return bit == targets & -targets
+
+    async def take(self, n: int, sink: str | None = None) -> list[Row]:
+        """Up to `n` rows the sink (mqtt.payloads name; None: the first configured) has still to publish,
+        events first; they stay stored until every sink acknowledged them.
+
+        While the file cannot be written, rows from the memory queue follow the file's (negative ids), for
+        the first configured sink.
         """
         rows: list[Row] = []
+        bit = self._bit(sink)
         if self.outbox.is_open:
             try:
-                rows = await self.db(self.outbox.take, n)
+                rows = await self.db(self.outbox.take, n, bit)
             except _ERRORS as exc:
                 log.error("outbox %s: cannot read rows to publish (%s)", self.outbox.path, exc)
-        if len(rows) < n and self._store_error is not None and not self._writing and len(self.memory):
+        if (
+            len(rows) < n
+            and self._store_error is not None
+            and not self._writing
+            and len(self.memory)
+            and self._first(bit)
+        ):
             rows.extend(self.memory.take(n - len(rows), run=self.outbox.run, now=self._clock()))
         return rows
 
-    async def ack(self, ids: list[int], *, rejected: bool = False) -> None:
-        """Delete rows the broker acknowledged (or, `rejected`, refused for good: counted as dropped).
+    async def ack(self, ids: list[int], *, rejected: bool = False, sink: str | None = None) -> None:
+        """The sink published these rows: deleted once no sink still needs them (or, `rejected`, refused for
+        good: counted as dropped).
 
         Deletes the file refuses (it should not: see disk.py) are kept and retried; the rows stay in flight.
         """
+        bit = self._bit(sink)
         delivered = self.memory.ack([i for i in ids if i < 0], rejected=rejected)
         if delivered:
             self._done += delivered
             self._resolve_waiters()
         stored = [i for i in ids if i > 0]
-        if stored or self._unacked[rejected]:
-            await self._ack_file(stored, rejected=rejected)
+        if stored or self._unacked.get((rejected, bit)):
+            await self._ack_file(stored, rejected=rejected, bit=bit)
 
-    async def _ack_file(self, ids: list[int], *, rejected: bool) -> None:
-        for flag in (rejected, not rejected):
-            backlog, self._unacked[flag] = self._unacked[flag], []
-            todo = backlog + ids if flag == rejected else backlog
+    async def _ack_file(self, ids: list[int], *, rejected: bool, bit: int | None = None) -> None:
+        keys = list(self._unacked)
+        if bit is not None and (rejected, bit) not in keys:
+            keys.insert(0, (rejected, bit))
+        for key in keys:
+            backlog = self._unacked.pop(key, [])
+            todo = backlog + ids if key == (rejected, bit) else backlog
             if not todo or not self.outbox.is_open:
-                self._unacked[flag] = todo
+                if todo:
+                    self._unacked[key] = todo
                 continue
             try:
-                await self.db(self.outbox.ack, todo, rejected=flag)
+                await self.db(self.outbox.ack, todo, rejected=key[0], sink=key[1])
             except _ERRORS as exc:
-                self._unacked[flag] = todo
+                self._unacked[key] = todo
                 if not self._ack_failing:
                     log.error("outbox %s: cannot delete acknowledged rows (%s); retrying", self.outbox.path, exc)
                 self._ack_failing = True
@@ -369,17 +424,20 @@ class OutboxWriter:
             log.info("outbox %s: acknowledged rows are deleted again", self.outbox.path)
             self._ack_failing = False
 
-    async def release(self, ids: list[int] | None) -> None:
-        """Give rows back unacknowledged (None: every row taken): the next take() starts from the oldest again."""
+    async def release(self, ids: list[int] | None, sink: str | None = None) -> None:
+        """Give the sink's rows back unacknowledged (None: every row it took): its next take() starts from the
+        oldest again."""
+        bit = self._bit(sink)
         if ids is None:
-            self.memory.release()
+            if self._first(bit):
+                self.memory.release()
             if self.outbox.is_open:
-                await self.db(self.outbox.release, None)
+                await self.db(self.outbox.release, None, bit)
             return
         self.memory.release([i for i in ids if i < 0])
         stored = [i for i in ids if i > 0]
         if stored and self.outbox.is_open:
-            await self.db(self.outbox.release, stored)
+            await self.db(self.outbox.release, stored, bit)
 
     @property
     def run_id(self) -> int:

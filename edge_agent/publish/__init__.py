@@ -2,7 +2,7 @@
 
 A sink is one module with a class that follows `Sink` and an entry in SINKS (its key is the name used
 in config); its client library is imported only when a sink of that kind is built. The JSON MQTT sink
-(`mqtt`) publishes the agent's records as they are; Sparkplug B is the next one.
+(`mqtt`) publishes the agent's records as they are; the Sparkplug B sink (`sparkplug/`) is an edge node.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import importlib
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from edge_agent.config import MqttSection
     from edge_agent.outbox.writer import OutboxWriter
 
 
@@ -35,8 +36,14 @@ class Sink(Protocol):
     def stats(self) -> Any:
         """A frozen snapshot of the sink's state and counters."""
 
+    def refresh_status(self) -> None:
+        """Say again what the agent runs (after a reload), where the sink has such a message."""
 
-SINKS: dict[str, str] = {"json": "edge_agent.publish.mqtt:MqttPublisher"}
+
+SINKS: dict[str, str] = {
+    "json": "edge_agent.publish.mqtt:MqttPublisher",
+    "sparkplug": "edge_agent.publish.sparkplug:SparkplugNode",
+}
 
 
 # operator commands and errors the CLI uses, imported only when asked for (paho is not needed for --help)
@@ -72,6 +79,30 @@ async def deliver(outbox: OutboxWriter, sink: Sink) -> None:
         await outbox.close()
 
 
+def build_sink(mqtt: MqttSection, outbox: OutboxWriter, **kwargs: Any) -> Sink:
+    """The sink `mqtt.payloads` asks for, built now (each sink takes the keywords it knows: agent_id, site,
+    version, describe for the JSON one; devices (validated device sections) and models for Sparkplug)."""
+    keys = sorted(mqtt.payloads, key=lambda k: k != "json")  # the JSON sink first: its stats are the agent's
+    if len(keys) == 1:
+        return _build(keys[0], mqtt, outbox, kwargs)
+    from edge_agent.publish.both import Sinks
+
+    return Sinks([_build(k, mqtt, outbox, kwargs) for k in keys])
+
+
+def _build(key: str, mqtt: MqttSection, outbox: OutboxWriter, kwargs: dict[str, Any]) -> Sink:
+    cls = sink_class(key)
+    if key == "sparkplug":
+        from edge_agent.publish.sparkplug import devices_from_config
+
+        args = {k: kwargs[k] for k in ("agent_id", "models") if k in kwargs}
+        sink: Sink = cls(mqtt, outbox, devices=devices_from_config(kwargs.get("devices", ())), **args)
+        return sink
+    known = ("agent_id", "site", "version", "describe")
+    json_sink: Sink = cls(mqtt, outbox, **{k: kwargs[k] for k in known if k in kwargs})
+    return json_sink
+
+
 def sink_class(key: str) -> type[Any]:
     """The sink class registered under `key`, imported now."""
     module, _, attr = SINKS[key].partition(":")
@@ -79,4 +110,4 @@ def sink_class(key: str) -> type[Any]:
     return cls
 
 
-__all__ = ["SINKS", "Sink", "deliver", "sink_class"]
+__all__ = ["SINKS", "Sink", "build_sink", "deliver", "sink_class"]

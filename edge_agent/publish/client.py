@@ -29,10 +29,18 @@ class MqttSetupError(EdgeAgentError):
 
 
 def make_client(
-    mqtt: MqttSection, *, client_id: str, max_inflight: int, max_queued: int, will: tuple[str, bytes]
+    mqtt: MqttSection,
+    *,
+    client_id: str,
+    max_inflight: int,
+    max_queued: int,
+    will: tuple[str, bytes],
+    will_retain: bool = True,
+    json: bool = True,
 ) -> tuple[Client, Properties | None]:
-    """A paho client as configured (protocol, session, credentials, TLS, the retained will), and the
-    PUBLISH properties to send with every message (MQTT 5: JSON payloads). Reads TLS files: run in a thread."""
+    """A paho client as configured (protocol, session, credentials, TLS, the will: retained unless asked not),
+    and the PUBLISH properties to send with every message (MQTT 5 and `json`: UTF-8 JSON payloads; None for
+    binary ones such as Sparkplug's). Reads TLS files: run in a thread."""
     v5 = mqtt.protocol == "5"
     client = Client(
         callback_api_version=CallbackAPIVersion.VERSION2,
@@ -50,8 +58,8 @@ def make_client(
         client.tls_set_context(tls_context(mqtt))
         if mqtt.tls is not None and mqtt.tls.verify is TlsVerify.NONE:
             client.tls_insecure_set(True)
-    client.will_set(will[0], will[1], qos=1, retain=True)
-    if not v5:
+    client.will_set(will[0], will[1], qos=1, retain=will_retain)
+    if not v5 or not json:
         return client, None
     props = Properties(PacketTypes.PUBLISH)
     props.PayloadFormatIndicator = 1

@@ -206,21 +206,7 @@ class MqttPublisher:
 
     def stats(self) -> PublisherStats:
         """A snapshot of connection state, counters and latencies (no I/O)."""
-        c = self._counts
-        return PublisherStats(
-            connected=c.connected,
-            connects=c.connects,
-            disconnects=c.disconnects,
-            connect_failures=c.connect_failures,
-            published=c.published,
-            acked=c.acked,
-            rejected=c.rejected,
-            historical=c.historical,
-            in_flight=len(self._inflight),
-            last_error=c.last_error,
-            publish_latency=self.publish_latency.snapshot(),
-            delivery_latency=self.delivery_latency.snapshot(),
-        )
+        return self._counts.snapshot(len(self._inflight), self.publish_latency, self.delivery_latency)
 
     def _committed(self) -> None:
         self._wake_feeder.set()
@@ -348,7 +334,7 @@ class MqttPublisher:
     async def _give_back(self) -> None:
         """Every row taken and not acknowledged back to the outbox, so the next take() (a later sink's) starts
         from the oldest again. All of them, not only those in `_inflight`: a take cancelled on its way back
-        from the outbox's thread still marked its rows; this sink is the outbox's only taker."""
+        from the outbox's thread still marked its rows (a release without ids gives back this sink's rows only)."""
         self._released = []
         if self.outbox.is_open:
             with contextlib.suppress(OSError, OutboxError, sqlite3.Error):

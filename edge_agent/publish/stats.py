@@ -67,6 +67,23 @@ class PublisherCounters:
     in_flight: int = 0
     last_error: str | None = None
 
+    def snapshot(self, in_flight: int, publish: LatencyHistogram, delivery: LatencyHistogram) -> PublisherStats:
+        """These counters frozen, with the messages in flight now and the latencies."""
+        return PublisherStats(
+            connected=self.connected,
+            connects=self.connects,
+            disconnects=self.disconnects,
+            connect_failures=self.connect_failures,
+            published=self.published,
+            acked=self.acked,
+            rejected=self.rejected,
+            historical=self.historical,
+            in_flight=in_flight,
+            last_error=self.last_error,
+            publish_latency=publish.snapshot(),
+            delivery_latency=delivery.snapshot(),
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class PublisherStats:

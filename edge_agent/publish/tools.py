@@ -38,9 +38,13 @@ async def drain(
 ) -> DrainResult:
     """Publish everything in an outbox to the broker; return once it is empty (or after max_seconds).
 
-    Refuses (OutboxError) while an agent holds the outbox. Uses the client id `<client id>-drain`, so a
+    Every row goes out as JSON, also rows stored for a Sparkplug sink. Refuses (OutboxError) while an agent
+    holds the outbox. Uses the client id `<client id>-drain`, so a
     running agent with the same id is not disconnected.
     """
+    # drain speaks JSON: every stored row goes out on its JSON topic, whichever payloads the config names (a
+    # Sparkplug node's data only means something after its births, which need the running agent's state)
+    mqtt = mqtt.model_copy(update={"payloads": ["json"], "sparkplug": None})
     writer = OutboxWriter(outbox, mqtt, agent_id=agent_id, site=site)
     pub = MqttPublisher(
         mqtt, writer, agent_id=agent_id, site=site, version=version, client_id=f"{mqtt.client_id or agent_id}-drain"

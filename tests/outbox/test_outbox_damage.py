@@ -174,5 +174,7 @@ def test_an_outbox_written_before_checksums_is_migrated(tmp_path: Path) -> None:
     assert numbers_left(box) == [0, 1] and box.last_seq == 6
     box.close()
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
         assert [r[0] is None for r in conn.execute("SELECT crc FROM messages ORDER BY id")] == [True, False]
+        # and through version 3: every row waits for the JSON sink, the only one there was
+        assert [r[0] for r in conn.execute("SELECT pending FROM messages ORDER BY id")] == [1, 1]

@@ -60,3 +60,17 @@ def test_demo_missing_model_names_the_file_and_the_fix(tmp_path: object) -> None
     )
     assert done.returncode == 1
     assert "/nonexistent/pump.tflite" in done.stderr and "--model FILE" in done.stderr
+
+
+def test_demo_sparkplug_publishes_births_data_and_death() -> None:
+    done = run_demo("--broker", "mosquitto", "--sparkplug")
+    out = done.stdout
+    assert done.returncode == 0, out + done.stderr
+    m = re.search(r"^Sparkplug B \(spBv1\.0/demo/#\): (.*)$", out, re.M)
+    assert m is not None, out
+    counts = {kind: int(n) for n, kind in re.findall(r"(\d+) ([A-Z]+)", m.group(1))}
+    assert counts["NBIRTH"] >= 1 and counts["DBIRTH"] >= 3, counts  # the node and its three devices
+    assert counts["DDATA"] > 10, counts  # telemetry by exception
+    assert counts["NDATA"] >= 2, counts  # the model's anomaly state: the start and the end
+    assert counts["NDEATH"] == 1, counts  # the clean stop says it itself
+    assert "anomaly.start" in out
