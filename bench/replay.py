@@ -6,9 +6,12 @@ times, in the same run:
 
 - `python -c pass` (the reference: a bare interpreter start),
 - `edge-agent replay A.csv B.csv … --model M --out-dir D` (every file in one process),
-- `edge-agent replay A.csv --model M --out X.csv` (one file, one process: what a loop over files used to cost).
+- the same with `--calibrate-rows 400` (each file calibrated on its first rows, as SKAB runs are),
+- `edge-agent replay A.csv --model M --out X.csv` (one file, one process: what a loop over files costs per file),
+  and, with `--baseline-src DIR`, the same with another checkout's code (say, before this change).
 
     python bench/replay.py [--files 22] [--rows 960] [--tags 52] [--work /tmp/edge-agent-bench-replay]
+        [--baseline-src /work/main]
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import datetime as dt
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -61,16 +65,22 @@ def bundle_for(work: Path, csvs: list[Path], train_python: str) -> Path:
     return out
 
 
-def wall(cmd: list[str], repeat: int) -> float:
-    """Median wall seconds of running `cmd` to completion (it must succeed)."""
-    times = []
+def timed(cmd: list[str], repeat: int, env: dict[str, str] | None = None) -> tuple[float, float]:
+    """Median wall seconds and median CPU seconds (user + system) of running `cmd` to completion (it must succeed).
+
+    CPU seconds are what a quiet machine's wall time would be near: on a loaded one, wall time waits for a core.
+    """
+    walls, cpus = [], []
     for _ in range(repeat):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
-        r = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        times.append(time.perf_counter() - start)
+        r = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+        walls.append(time.perf_counter() - start)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpus.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
         if r.returncode != 0:
             raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stderr[-2000:]}")
-    return statistics.median(times)
+    return statistics.median(walls), statistics.median(cpus)
 
 
 def main() -> None:
@@ -82,6 +92,7 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3, help="runs of each command (the median is shown)")
     p.add_argument("--work", type=Path, default=Path("/tmp/edge-agent-bench-replay"))
     p.add_argument("--train-python", default="/work/tfvenv/bin/python", help="a Python with TensorFlow installed")
+    p.add_argument("--baseline-src", type=Path, help="also time one file with the edge_agent of this checkout")
     args = p.parse_args()
     data = args.work / f"{args.files}x{args.rows}x{args.tags}"
     data.mkdir(parents=True, exist_ok=True)
@@ -89,24 +100,37 @@ def main() -> None:
     model = bundle_for(args.work, csvs, args.train_python)
     out = args.work / "out"
     agent = [sys.executable, "-m", "edge_agent"]
-    bare = wall([sys.executable, "-c", "pass"], args.repeat)
-    many = wall([*agent, "replay", *map(str, csvs), "--model", str(model), "--out-dir", str(out)], args.repeat)
-    one = wall([*agent, "replay", str(csvs[0]), "--model", str(model), "--out", str(out / "one.csv")], args.repeat)
-    load = os.getloadavg()[0]
+    replay = [*agent, "replay", "--model", str(model)]
+    rows: list[tuple[str, tuple[float, float]]] = [
+        ("`python -c pass`", timed([sys.executable, "-c", "pass"], args.repeat)),
+        (
+            f"`replay` {args.files} files `--out-dir` (one process)",
+            timed([*replay, *map(str, csvs), "--out-dir", str(out)], args.repeat),
+        ),
+        (
+            f"`replay` {args.files} files `--out-dir --calibrate-rows 400`",
+            timed([*replay, *map(str, csvs), "--out-dir", str(out), "--calibrate-rows", "400"], args.repeat),
+        ),
+        (
+            "`replay` 1 file `--out` (one process)",
+            timed([*replay, str(csvs[0]), "--out", str(out / "1.csv")], args.repeat),
+        ),
+    ]
+    if args.baseline_src:
+        # the same one-file command with another checkout's code (e.g. before this change): PYTHONPATH goes first
+        env = {**os.environ, "PYTHONPATH": str(args.baseline_src)}
+        cmd = [*replay, str(csvs[0]), "--out", str(out / "1.csv")]
+        rows.append((f"`replay` 1 file `--out`, code of {args.baseline_src}", timed(cmd, args.repeat, env)))
     print(
-        f"machine: {platform.machine()}, {os.cpu_count()} cores, load {load:.1f}, Python {platform.python_version()}, "
-        f"numpy {np.__version__}"
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}, "
+        f"Python {platform.python_version()}, numpy {np.__version__}"
     )
     print(f"data: {args.files} CSVs × {args.rows} rows × {args.tags} tags; median of {args.repeat} runs each\n")
-    print("| command | wall s | × `python -c pass` |")
-    print("|---|---|---|")
-    print(f"| `python -c pass` | {bare:.2f} | 1.0 |")
-    print(f"| `replay` {args.files} files `--out-dir` (one process) | {many:.2f} | {many / bare:.1f} |")
-    print(f"| `replay` 1 file `--out` (one process) | {one:.2f} | {one / bare:.1f} |")
-    print(
-        f"| {args.files} × `replay` 1 file (one process each, extrapolated) | {args.files * one:.2f} | "
-        f"{args.files * one / bare:.1f} |"
-    )
+    print("| command | wall s | CPU s | wall × `python -c pass` | CPU × `python -c pass` |")
+    print("|---|---|---|---|---|")
+    bare_wall, bare_cpu = rows[0][1]
+    for label, (w, c) in rows:
+        print(f"| {label} | {w:.2f} | {c:.2f} | {w / bare_wall:.1f} | {c / max(bare_cpu, 1e-3):.1f} |")
 
 
 if __name__ == "__main__":

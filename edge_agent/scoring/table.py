@@ -80,16 +80,23 @@ class Table:
 def _time_or_nan(text: str) -> float:
     """Epoch seconds of an ISO 8601 timestamp or a number of seconds; NaN when it is neither."""
     try:
-        return float(text)
-    except ValueError:
-        pass
-    try:
         t = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
-        return math.nan
+        try:
+            return float(text)
+        except ValueError:
+            return math.nan
     if t.tzinfo is None:
         t = t.replace(tzinfo=dt.UTC)  # naive timestamps are read as UTC, consistently
     return t.timestamp()
+
+
+def _times(stamps: Sequence[str]) -> F64:
+    """Epoch seconds of a time column: numbers in one numpy call, else each cell as ISO 8601 (NaN where unreadable)."""
+    try:
+        return np.array(stamps, dtype=np.float64)
+    except ValueError:
+        return np.asarray([_time_or_nan(text) for text in stamps], dtype=np.float64)
 
 
 def _is_number(text: str) -> bool:
@@ -154,7 +161,8 @@ def read_table(path: str | Path, *, time_column: str | None = None, row_interval
             delimiter = ";" if head.count(";") > head.count(",") else ","
             f.seek(0)
             reader = csv.reader(f, delimiter=delimiter)
-            records = [(reader.line_num, r) for r in reader if any(c.strip() for c in r)]
+            # a blank line, or one of empty cells, is no row ("".join: one call per row, not one per cell)
+            records = [(reader.line_num, r) for r in reader if "".join(r).strip()]
     except OSError as exc:
         raise ValueError(f"{path}: cannot read it: {exc.strerror or exc}") from None
     except (UnicodeDecodeError, csv.Error) as exc:
@@ -187,7 +195,7 @@ def read_table(path: str | Path, *, time_column: str | None = None, row_interval
     else:
         assert tcol is not None
         stamps, tname = list(columns[tcol]), header[tcol]
-        times = np.asarray([_time_or_nan(text) for text in stamps], dtype=np.float64)
+        times = _times(stamps)
         unreadable = np.flatnonzero(~np.isfinite(times))
         if unreadable.size:
             k = int(unreadable[0])
