@@ -59,22 +59,23 @@ def bundle_for(work: Path, csvs: list[Path], train_python: str) -> Path:
     cmd = [train_python, "-m", "edge_agent", "train", *map(str, csvs[:4]), "--out", str(out), "--name", "bench"]
     cmd += ["--epochs", "3", "--window", "16", "--sample-interval", "1"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False, cwd=work)
     if r.returncode != 0:
         raise SystemExit(f"training the bench bundle failed ({' '.join(cmd)}):\n{r.stderr[-2000:]}")
     return out
 
 
-def timed(cmd: list[str], repeat: int, env: dict[str, str] | None = None) -> tuple[float, float]:
+def timed(cmd: list[str], repeat: int, cwd: Path, env: dict[str, str] | None = None) -> tuple[float, float]:
     """Median wall seconds and median CPU seconds (user + system) of running `cmd` to completion (it must succeed).
 
     CPU seconds are what a quiet machine's wall time would be near: on a loaded one, wall time waits for a core.
+    `cwd`: not a checkout, whose edge_agent `python -m` would import ahead of PYTHONPATH.
     """
     walls, cpus = [], []
     for _ in range(repeat):
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
-        r = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+        r = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env, cwd=cwd)
         walls.append(time.perf_counter() - start)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpus.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
@@ -102,25 +103,25 @@ def main() -> None:
     agent = [sys.executable, "-m", "edge_agent"]
     replay = [*agent, "replay", "--model", str(model)]
     rows: list[tuple[str, tuple[float, float]]] = [
-        ("`python -c pass`", timed([sys.executable, "-c", "pass"], args.repeat)),
+        ("`python -c pass`", timed([sys.executable, "-c", "pass"], args.repeat, args.work)),
         (
             f"`replay` {args.files} files `--out-dir` (one process)",
-            timed([*replay, *map(str, csvs), "--out-dir", str(out)], args.repeat),
+            timed([*replay, *map(str, csvs), "--out-dir", str(out)], args.repeat, args.work),
         ),
         (
             f"`replay` {args.files} files `--out-dir --calibrate-rows 400`",
-            timed([*replay, *map(str, csvs), "--out-dir", str(out), "--calibrate-rows", "400"], args.repeat),
+            timed([*replay, *map(str, csvs), "--out-dir", str(out), "--calibrate-rows", "400"], args.repeat, args.work),
         ),
         (
             "`replay` 1 file `--out` (one process)",
-            timed([*replay, str(csvs[0]), "--out", str(out / "1.csv")], args.repeat),
+            timed([*replay, str(csvs[0]), "--out", str(out / "1.csv")], args.repeat, args.work),
         ),
     ]
     if args.baseline_src:
         # the same one-file command with another checkout's code (e.g. before this change): PYTHONPATH goes first
         env = {**os.environ, "PYTHONPATH": str(args.baseline_src)}
         cmd = [*replay, str(csvs[0]), "--out", str(out / "1.csv")]
-        rows.append((f"`replay` 1 file `--out`, code of {args.baseline_src}", timed(cmd, args.repeat, env)))
+        rows.append((f"`replay` 1 file `--out`, code of {args.baseline_src}", timed(cmd, args.repeat, args.work, env)))
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}, "
         f"Python {platform.python_version()}, numpy {np.__version__}"

@@ -113,7 +113,8 @@ def _strip(ax: Any, result: ReplayResult, x: Any, inputs: list[str], score_ax: A
         interpolation="nearest",
         cmap="Reds",
         vmin=0.0,
-        vmax=1.0,
+        # the largest share in any alarm is full colour: with many tags every share is small
+        vmax=float(np.nanmax(on)) if np.isfinite(on).any() else 1.0,
         extent=(left, right, len(inputs) - 0.5, -0.5),
     )
     ax.set_yticks(range(len(inputs)), inputs, fontsize=6 if len(inputs) <= 20 else 4)
