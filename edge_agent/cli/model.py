@@ -147,7 +147,7 @@ def _exit_ratio(text: str) -> float:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train an int8 bundle from CSVs of normal operation (needs the train extra)."""
     from edge_agent.scoring.bundle import ModelError, save_bundle
-    from edge_agent.scoring.replay import read_table
+    from edge_agent.scoring.table import check_spacing, read_table
     from edge_agent.scoring.train import TrainOptions, train
 
     try:
@@ -158,6 +158,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             else tables[0].inputs  # every column but the labels (anomaly, label, changepoint, fault_active)
         )
         series = [t.select(inputs) for t in tables]
+        for warning in (w for t in tables for w in check_spacing(t, args.sample_interval, allow=True)):
+            print(f"train: warning: {warning} (--sample-interval)", file=sys.stderr)  # the bundle would say so
     except ValueError as exc:
         print(f"train: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -169,3 +169,28 @@ def test_out_dir_names_one_output_after_each_input(tmp_path: Path) -> None:
         out_paths(["a/1.csv", "a/1.csv"], out)
     with pytest.raises(ValueError, match="would overwrite an input"):
         out_paths([str(tmp_path / "x.csv"), str(tmp_path / "x.replay.csv")], tmp_path)
+
+
+def test_train_warns_when_rows_are_far_from_its_sample_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import edge_agent.scoring.train as recipe
+    from edge_agent.cli import main
+
+    def no_training(*args: object, **kw: object) -> None:
+        raise ValueError("not trained here")
+
+    monkeypatch.setattr(recipe, "train", no_training)
+    stamps = 1767225600 + 0.2 * np.arange(30)
+    path = write(tmp_path / "in.csv", "ts,a,anomaly\n" + "".join(f"{t:.3f},{i},0\n" for i, t in enumerate(stamps)))
+    assert main(["train", str(path), "--out", str(tmp_path / "m.tflite"), "--name", "m"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == (
+        f"train: warning: {path}: rows are 0.2 s apart (median of column 'ts'), but the bundle samples every 1 s "
+        "(--sample-interval)"
+    )
+    assert err[-1] == "train: not trained here"
+    assert (
+        main(["train", str(path), "--out", str(tmp_path / "m.tflite"), "--name", "m", "--sample-interval", "0.2"]) == 1
+    )
+    assert "warning" not in capsys.readouterr().err
