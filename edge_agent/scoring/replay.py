@@ -43,7 +43,9 @@ def windows(
     """Windows (ends × n_samples × inputs, 0 where not good) and their good cells, resampled as Buffers.window does.
 
     Row `ends[b]` is window b's last grid point; each grid point takes the latest row at or before it, good when
-    that row is at most `age_limit` seconds older and its value is finite.
+    that row is at most `age_limit` seconds older and its value is finite. (A ring also stops looking back after
+    the rows a window can reach at the tag's median interval: the same for evenly spaced rows, which
+    tests/scoring/test_replay_batch.py checks against Buffers.window with gaps and empty cells.)
     """
     grid = times[ends][:, None] - interval * np.arange(n_samples - 1, -1, -1, dtype=np.float64)
     idx = np.searchsorted(times, grid, side="right") - 1
