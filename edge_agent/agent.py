@@ -30,6 +30,7 @@ from edge_agent.reload import RESULTS, WATCH_INTERVAL, ConfigWatch, Plan, Reload
 from edge_agent.reload import load as load_reloaded
 from edge_agent.scoring.lifecycle import EventSequence, close_left_open
 from edge_agent.scoring.monitor import LoadedModel, ModelMonitor, MonitorStats, load_models, retention_needed
+from edge_agent.scoring.spacing import CHECK_EVERY, SpacingStats, SpacingWatch
 from edge_agent.types import AnomalyEvent, Quality, SampleBatch, Score, Window
 
 if TYPE_CHECKING:  # imported when used: an agent without MQTT or metrics loads neither paho nor prometheus
@@ -59,6 +60,7 @@ class AgentStats:
     outbox: WriterStats | None  # None without MQTT
     publisher: PublisherStats | None
     reloads: ReloadStats
+    spacing: tuple[SpacingStats, ...] = ()  # per model: its tags' arrival against the bundle's sample_interval
 
 
 class Agent:
@@ -103,6 +105,8 @@ class Agent:
         # scoring: one monitor per model reads windows from the buffers; its events go to _on_event
         self.sequence = EventSequence()  # continued after the outbox's last number at startup (run)
         self.monitors = [self._new_monitor(m) for m in self._models]
+        self._spacing: dict[str, SpacingWatch] = {}  # by model name: tags far slower than sample_interval, said once
+        self._spacing_due = -float("inf")
 
         # outbox and publish (with MQTT configured): every event, score and telemetry message is made
         # durable in the outbox first; the MQTT sink takes it from there and deletes it on the broker's ack
@@ -192,10 +196,28 @@ class Agent:
     def _on_batch(self, batch: SampleBatch) -> None:
         """A poller's batch: into the buffers, then telemetry (when configured) and any extra consumer."""
         self.buffers.write(batch)
+        if batch.ts >= self._spacing_due:
+            # until every model's tags could be measured (three samples each), again a second later
+            self._spacing_due = batch.ts + (CHECK_EVERY if self._check_spacing() else 1.0)
         if self.outbox is not None:
             self.outbox.put_telemetry(batch)
         if self._extra_batch is not None:
             self._extra_batch(batch)
+
+    def _check_spacing(self) -> bool:
+        """Each model's polled tags against its bundle's sample_interval (a reload may have replaced models); False
+        while some model's tags have too few samples to tell."""
+        watches, measured = {}, True
+        for m in self.monitors:
+            w = self._spacing.get(m.name)
+            if w is None or (w.inputs, w.expected) != (m.inputs, m.interval):
+                w = SpacingWatch(m.name, m.inputs, m.interval)
+            spacings = self.buffers.spacing(m.inputs)
+            measured = measured and bool(spacings)
+            w.update(spacings)
+            watches[m.name] = w
+        self._spacing = watches
+        return measured
 
     def _on_event(self, event: AnomalyEvent) -> None:
         """An anomaly event: into the outbox (when MQTT is configured) and to any extra consumer."""
@@ -231,6 +253,7 @@ class Agent:
             outbox=self.outbox.stats() if self.outbox is not None else None,
             publisher=self.sink.stats() if self.sink is not None else None,
             reloads=ReloadStats(**self._reloads, last=self._last_reload, config_sha256=self.config.sha256),
+            spacing=tuple(w.stats() for w in self._spacing.values()),
         )
 
     def latest(self, tag: str) -> tuple[float, float, Quality] | None:

@@ -207,6 +207,18 @@ class Buffers:
         slot = self._slots[tag]
         return slot.store.series(slot.col)
 
+    def spacing(self, tags: Sequence[str], last: int = 32) -> dict[str, float]:
+        """Median seconds between each polled tag's last `last` samples (tags pushed on change, or with fewer than
+        three samples, are left out)."""
+        out = {}
+        for tag in tags:
+            slot = self._slots.get(tag)
+            if slot is None or slot.store.hold or slot.store.count[slot.col] < 3:
+                continue
+            ts = slot.store.series(slot.col)[0][-last:]
+            out[tag] = float(np.median(np.diff(ts)))
+        return out
+
     def window(
         self, tags: Sequence[str], *, t_end: float, interval: float, n_samples: int, max_age: float | None = None
     ) -> Window:

@@ -16,9 +16,10 @@ from edge_agent.cli import devices, model, opcua, outbox, run, simulate
 from edge_agent.cli.common import EXIT_CONFIG, EXIT_FAIL, EXIT_OK
 from edge_agent.cli.devices import cmd_check, cmd_read
 from edge_agent.cli.logs import RedactSecrets, _setup_logging
-from edge_agent.cli.model import cmd_calibrate, cmd_model_inspect, cmd_replay, cmd_train
+from edge_agent.cli.model import cmd_calibrate, cmd_model_inspect, cmd_train
 from edge_agent.cli.opcua import cmd_browse, cmd_opcua_gen_cert
 from edge_agent.cli.outbox import cmd_outbox
+from edge_agent.cli.replay import cmd_replay
 from edge_agent.cli.run import cmd_run
 from edge_agent.cli.simulate import cmd_demo, cmd_simulate, record_plant
 

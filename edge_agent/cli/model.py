@@ -1,4 +1,4 @@
-"""`model inspect`, `calibrate`, `replay` and `train`: model bundles, offline or from the live machine."""
+"""`model inspect`, `calibrate`, `train` (`replay`: cli/replay.py): model bundles, offline or from the machine."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from edge_agent.cli import replay
 from edge_agent.cli.common import EXIT_CONFIG, EXIT_FAIL, EXIT_OK, _load
 from edge_agent.cli.run import _collect_live
 
@@ -66,7 +67,6 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     """Learn normalisation and threshold from normal data (a CSV, or the live machine) into a new bundle."""
     from edge_agent.scoring.bundle import ModelError, load_bundle, save_bundle
     from edge_agent.scoring.calibrate import calibrate
-    from edge_agent.scoring.replay import read_table
 
     try:
         bundle = load_bundle(args.model)
@@ -76,7 +76,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     inputs = bundle.metadata.inputs
     if args.csv:
         try:
-            data = read_table(args.csv).select(inputs)
+            data = replay.read_checked(args.csv, args, bundle.metadata.sample_interval, "calibrate").select(inputs)
         except ValueError as exc:
             print(f"calibrate: {exc}", file=sys.stderr)
             return EXIT_CONFIG
@@ -144,69 +144,10 @@ def _exit_ratio(text: str) -> float:
     return value
 
 
-def cmd_replay(args: argparse.Namespace) -> int:
-    """Run a CSV through buffers, scoring and the detector; write scores and anomaly flags."""
-    from edge_agent.scoring.bundle import ModelError, load_bundle
-    from edge_agent.scoring.replay import read_table, replay, write_result
-
-    try:
-        bundle = load_bundle(args.model)
-        table = read_table(args.data)
-        data = table.select(bundle.metadata.inputs)
-    except (ModelError, ValueError) as exc:
-        print(f"replay: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    if bundle.metadata.training.get("normalise") == "per-run" and not args.calibrate_rows:
-        # its normalisation and threshold are the training runs', not this machine's: without a
-        # calibration on this run its score says little (it used to find nothing, silently)
-        print(
-            f"replay: warning: {args.model} was trained to be calibrated on each run (normalise: per-run); "
-            "pass --calibrate-rows N (the first N rows, known normal) or its alarms mean little",
-            file=sys.stderr,
-        )
-    try:
-        result = replay(
-            bundle,
-            table.times,
-            data,
-            calibrate_rows=args.calibrate_rows,
-            quantile=args.quantile,
-            margin=args.margin,
-            threshold=args.threshold,
-            exit_ratio=args.exit_ratio,
-            min_duration=args.min_duration,
-            source=str(args.data),
-        )
-    except (ModelError, ValueError) as exc:  # the runtime finds some model problems only when it loads it
-        print(f"replay: {args.data}: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    try:
-        if args.out:
-            write_result(result, args.out, table.time_column, table.stamps)
-    except OSError as exc:
-        print(f"replay: {args.out}: cannot write it: {exc.strerror or exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    if args.plot:
-        from edge_agent.scoring.plot import plot_replay
-
-        try:
-            plot_replay(result, table.times, data, bundle.metadata.inputs, args.plot, title=str(args.data))
-        except (ValueError, OSError) as exc:
-            print(f"replay: --plot: {exc}", file=sys.stderr)
-            return EXIT_FAIL
-    n_anom = int(result.anomaly.sum())
-    spans = int(((result.anomaly[1:] == 1) & (result.anomaly[:-1] == 0)).sum() + result.anomaly[:1].sum())
-    print(
-        f"{args.data}: {len(result.times)} rows, threshold {result.threshold:.6g}, "
-        f"{spans} anomalies covering {n_anom} rows" + (f" → {args.out}" if args.out else "")
-    )
-    return EXIT_OK
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     """Train an int8 bundle from CSVs of normal operation (needs the train extra)."""
     from edge_agent.scoring.bundle import ModelError, save_bundle
-    from edge_agent.scoring.replay import read_table
+    from edge_agent.scoring.table import check_spacing, read_table
     from edge_agent.scoring.train import TrainOptions, train
 
     try:
@@ -214,9 +155,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         inputs = (
             args.inputs.split(",")
             if args.inputs
-            else [c for c in tables[0].columns if c.lower() not in ("anomaly", "changepoint", "fault_active")]
+            else tables[0].inputs  # every column but the labels (anomaly, label, changepoint, fault_active)
         )
         series = [t.select(inputs) for t in tables]
+        for warning in (w for t in tables for w in check_spacing(t, args.sample_interval, allow=True)):
+            print(f"train: warning: {warning} (--sample-interval)", file=sys.stderr)  # the bundle would say so
     except ValueError as exc:
         print(f"train: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -276,37 +219,10 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     c.add_argument("--quantile", type=float, default=0.99)
     c.add_argument("--margin", type=float, default=1.5, help="threshold = quantile of normal scores × margin")
     c.add_argument("--out", required=True, help="the new bundle")
+    replay.add_csv_options(c)
     c.set_defaults(func=cmd_calibrate)
 
-    rp = sub.add_parser("replay", help="score a CSV offline through the agent's own path")
-    rp.add_argument("data")
-    rp.add_argument("--model", required=True)
-    rp.add_argument(
-        "--calibrate-rows",
-        type=int,
-        default=0,
-        metavar="N",
-        help="calibrate normalisation and threshold on the first N rows first",
-    )
-    rp.add_argument("--quantile", type=float, default=0.99)
-    rp.add_argument("--margin", type=float, default=1.5)
-    # the overrides a config's models[] entry can make, so a replay matches a configured model
-    rp.add_argument(
-        "--threshold", type=_threshold, metavar="X|auto", help="as models[].threshold (default auto: the bundle's)"
-    )
-    rp.add_argument(
-        "--exit-ratio", type=_exit_ratio, metavar="R", help="as models[].hysteresis.exit_ratio (default: the bundle's)"
-    )
-    rp.add_argument(
-        "--min-duration", type=_seconds, metavar="SECONDS", help="as models[].hysteresis.min_duration (5s, 500ms)"
-    )
-    rp.add_argument(
-        "--out",
-        help="CSV, one row per input row: its timestamp as written, score (what the detector compares: smoothed), "
-        "threshold, anomaly, raw_score, status (warmup|insufficient|scored)",
-    )
-    rp.add_argument("--plot", help="PNG of the tags, the score against its threshold and the anomaly spans")
-    rp.set_defaults(func=cmd_replay)
+    replay.add_parser(sub, threshold=_threshold, exit_ratio=_exit_ratio, seconds=_seconds)
 
     t = sub.add_parser("train", help="train an int8 model bundle from CSVs of normal operation (train extra)")
     t.add_argument("data", nargs="+")

@@ -22,6 +22,8 @@ _NOT_SCORERS = frozenset(
         "plot",
         "replay",
         "runtime",
+        "spacing",
+        "table",
         "tflite_metadata",
         "train",
     }

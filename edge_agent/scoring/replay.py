@@ -1,136 +1,60 @@
-"""Offline replay of a CSV through the agent's own path: buffers → windows → scoring → detector."""
+"""Offline replay of a CSV through the agent's scoring path: windows on the model's grid → scoring → detector.
+
+The windows are the ones `Buffers.window` builds live (the last sample at or before each grid point, good while
+it is no older than 1.5 × the longer of the grid interval and the row spacing), computed for a block of window
+ends at once rather than one ring write and one window per row.
+"""
 
 from __future__ import annotations
 
 import csv
 import datetime as dt
-import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 
-from edge_agent.buffers import Buffers
 from edge_agent.scoring.bundle import Bundle
 from edge_agent.scoring.calibrate import calibrate
 from edge_agent.scoring.detector import Detector, WindowScorer
-from edge_agent.types import SampleBatch
+from edge_agent.scoring.table import TIME_COLUMNS, Table, check_increasing, read_table
+
+__all__ = [
+    "COLUMNS",
+    "TIME_COLUMNS",
+    "ReplayResult",
+    "Table",
+    "check_rows",
+    "read_table",
+    "replay",
+    "windows",
+    "write_result",
+]
 
 F64 = npt.NDArray[np.float64]
-TIME_COLUMNS = ("datetime", "timestamp", "time", "ts", "date")
-BATCH = 512
+BATCH = 512  # window ends per block: bounds the memory of a long file (512 × window × inputs float32)
 
 
-@dataclass(frozen=True)
-class Table:
-    """A CSV: timestamps (epoch seconds), column names and values (rows × columns, NaN where empty)."""
+def windows(
+    times: F64, data: F64, ends: npt.NDArray[np.intp], *, interval: float, n_samples: int, age_limit: float
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
+    """Windows (ends × n_samples × inputs, 0 where not good) and their good cells, resampled as Buffers.window does.
 
-    times: F64
-    columns: tuple[str, ...]
-    values: F64
-    time_column: str
-    stamps: tuple[str, ...] = ()  # each row's timestamp exactly as written, so output rows join back to the input
-    source: str = "the CSV"
-    # column → (line, text) of its first cell that is neither a number nor empty; an error only if a model reads it
-    not_numbers: Mapping[str, tuple[int, str]] = field(default_factory=dict)
-
-    def select(self, names: list[str]) -> F64:
-        """Columns by name, in the given order; a clear error names what is missing or not numeric."""
-        index = {c: i for i, c in enumerate(self.columns)}
-        lower = {c.lower(): i for i, c in enumerate(self.columns)}
-        cols = []
-        for name in names:
-            i = index.get(name, lower.get(name.lower()))
-            if i is None:
-                raise ValueError(f"{self.source}: no column {name!r}; it has {', '.join(self.columns)}")
-            bad = self.not_numbers.get(self.columns[i])
-            if bad is not None:
-                raise ValueError(f"{self.source}:{bad[0]}: column {self.columns[i]!r}: {bad[1]!r} is not a number")
-            cols.append(i)
-        return self.values[:, cols]
-
-
-def _time_or_nan(text: str) -> float:
-    """Epoch seconds of an ISO 8601 timestamp or a number of seconds; NaN when it is neither."""
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        t = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    except ValueError:
-        return math.nan
-    if t.tzinfo is None:
-        t = t.replace(tzinfo=dt.UTC)  # naive timestamps are read as UTC, consistently
-    return t.timestamp()
-
-
-def _numbers(cells: Sequence[str], lines: list[int]) -> tuple[F64, tuple[int, str] | None]:
-    """A column of text as floats (empty cells NaN) and the first cell that is not a number, if any."""
-    texts = [c if c.strip() else "nan" for c in cells]
-    try:
-        return np.array(texts, dtype=np.float64), None
-    except ValueError:
-        pass
-    out = np.full(len(texts), np.nan)
-    first: tuple[int, str] | None = None
-    for k, text in enumerate(texts):  # the slow path only for a column that has text in it
-        try:
-            out[k] = float(text)
-        except ValueError:
-            first = first or (lines[k], text)
-    return out, first
-
-
-def read_table(path: str | Path) -> Table:
-    """Read a `,` or `;` separated CSV with a datetime column (named datetime/timestamp/time, or the first).
-
-    Every problem is a ValueError of one line that names the file (and the line of the file, where there is one).
+    Row `ends[b]` is window b's last grid point; each grid point takes the latest row at or before it, good when
+    that row is at most `age_limit` seconds older and its value is finite. (A ring also stops looking back after
+    the rows a window can reach at the tag's median interval: the same for evenly spaced rows, which
+    tests/scoring/test_replay_batch.py checks against Buffers.window with gaps and empty cells.)
     """
-    try:
-        # utf-8-sig: spreadsheet exports start with a byte-order mark that would otherwise join the first column name
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            head = f.readline()
-            delimiter = ";" if head.count(";") > head.count(",") else ","
-            f.seek(0)
-            reader = csv.reader(f, delimiter=delimiter)
-            records = [(reader.line_num, r) for r in reader if any(c.strip() for c in r)]
-    except OSError as exc:
-        raise ValueError(f"{path}: cannot read it: {exc.strerror or exc}") from None
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise ValueError(f"{path}: not a CSV text file ({exc})") from None
-    if not records:
-        raise ValueError(f"{path}: empty file (a CSV needs a header row and data rows)")
-    header = [h.strip() for h in records[0][1]]
-    if len(records) == 1:
-        raise ValueError(f"{path}: only a header row, no data")
-    lines = [n for n, _ in records[1:]]
-    width = len(header)
-    # columns of Python strings: one numpy text array would make every cell as wide as the widest
-    # (a free-text note column of 5k characters would cost 20 kB per cell)
-    columns = list(zip(*(r[:width] + [""] * (width - len(r)) for _, r in records[1:]), strict=True))
-    lower = [h.lower() for h in header]
-    tcol = next((lower.index(n) for n in TIME_COLUMNS if n in lower), 0)
-    stamps = list(columns[tcol])
-    times = np.asarray([_time_or_nan(text) for text in stamps], dtype=np.float64)
-    unreadable = np.flatnonzero(~np.isfinite(times))
-    if unreadable.size:
-        k = int(unreadable[0])
-        text = stamps[k]
-        raise ValueError(
-            f"{path}:{lines[k]}: {text!r} in column {header[tcol]!r} is not a timestamp (ISO 8601 or epoch "
-            f"seconds; the time column is the one named {'/'.join(TIME_COLUMNS)}, else the first)"
-        )
-    keep = [i for i in range(width) if i != tcol]
-    values = np.empty((len(stamps), len(keep)))
-    not_numbers = {}
-    for j, i in enumerate(keep):
-        values[:, j], bad = _numbers(columns[i], lines)
-        if bad is not None:
-            not_numbers[header[i]] = bad
-    return Table(times, tuple(header[i] for i in keep), values, header[tcol], tuple(stamps), str(path), not_numbers)
+    grid = times[ends][:, None] - interval * np.arange(n_samples - 1, -1, -1, dtype=np.float64)
+    idx = np.searchsorted(times, grid, side="right") - 1
+    have = idx >= 0
+    idx = np.where(have, idx, 0)
+    fresh = have & (grid - times[idx] <= age_limit)
+    cells = data[idx]  # ends × n_samples × inputs
+    good = fresh[..., None] & np.isfinite(cells)
+    return np.where(good, cells, 0.0).astype(np.float32), good
 
 
 @dataclass(frozen=True)
@@ -144,6 +68,16 @@ class ReplayResult:
     bundle: Bundle
     raw_score: F64  # the window's own score, before smoothing
     status: npt.NDArray[np.str_]  # warmup (before the first full window), insufficient (too little good data), scored
+    contributions: npt.NDArray[np.float32] | None = None  # rows × inputs: each tag's share of the score (if asked)
+
+
+def check_rows(times: F64, calibrate_rows: int = 0) -> None:
+    """A ValueError when the rows cannot be replayed: none, times that do not increase, too few to calibrate on."""
+    if len(times) == 0:
+        raise ValueError("no rows to replay")
+    check_increasing(times)
+    if not 0 <= calibrate_rows <= len(times):
+        raise ValueError(f"cannot calibrate on the first {calibrate_rows} rows of {len(times)}")
 
 
 def replay(
@@ -158,58 +92,39 @@ def replay(
     exit_ratio: float | None = None,
     min_duration: float | None = None,
     source: str = "",
+    scorer: WindowScorer | None = None,
+    contributions: bool = False,
 ) -> ReplayResult:
-    """Replay rows (times, rows × inputs) through buffers, windows, scoring and the detector.
+    """Replay rows (times, rows × inputs) through windows, scoring and the detector.
 
     `threshold`, `exit_ratio` and `min_duration` override the bundle's, as a config's models[] entry does.
+    `scorer`: one already built for `bundle` (its interpreter is reused: replaying many files loads it once).
+    `contributions`: keep each row's per-tag shares of the score (rows × inputs float32), for the plot.
     """
+    check_rows(times, calibrate_rows)
     n = len(times)
-    if n == 0:
-        raise ValueError("no rows to replay")
-    back = np.flatnonzero(np.diff(times) <= 0)
-    if back.size:
-        k = int(back[0])
-        raise ValueError(f"timestamps must increase, but data row {k + 2} is not later than data row {k + 1}")
-    if not 0 <= calibrate_rows <= n:
-        raise ValueError(f"cannot calibrate on the first {calibrate_rows} rows of {n}")
+    runtime = scorer.runtime if scorer is not None else None
     if calibrate_rows:
         bundle = calibrate(
             bundle, data[:calibrate_rows], quantile=quantile, margin=margin, source=f"{source} rows 1-{calibrate_rows}"
         )
+    if scorer is None or scorer.bundle.sha256 != bundle.sha256:
+        scorer = WindowScorer(bundle, runtime=runtime)  # the same model tensors: only the metadata changed
     meta = bundle.metadata
     tags = tuple(meta.inputs)
-    spacing = float(np.median(np.diff(times))) if len(times) > 1 else meta.sample_interval
-    buffers = Buffers(retention=float(times[-1] - times[0]) + 10 * spacing, max_samples=max(len(times) + 16, 16))
-    buffers.register(tags, max(spacing, 1e-3))
-    quality = np.zeros(len(tags), dtype=np.uint8)
-    scorer = WindowScorer(bundle)
+    spacing = float(np.median(np.diff(times))) if n > 1 else meta.sample_interval
+    # as Buffers.window: a sample stays good for 1.5 × the longer of the grid interval and the tag's interval
+    age_limit = 1.5 * max(meta.sample_interval, max(spacing, 1e-3))
     scores = np.full(n, np.nan)
+    shares = np.full((n, len(tags)), np.nan, dtype=np.float32) if contributions else None
     first = meta.window - 1
-    pending: list[int] = []
-    values_b: list[npt.NDArray[np.float32]] = []
-    good_b: list[npt.NDArray[np.bool_]] = []
-
-    def flush() -> None:
-        if pending:
-            s, _ = scorer.score(np.stack(values_b), np.stack(good_b))
-            scores[pending] = s
-            pending.clear()
-            values_b.clear()
-            good_b.clear()
-
-    for i in range(n):
-        row = data[i]
-        q = np.where(np.isfinite(row), quality, np.uint8(2))
-        buffers.write(SampleBatch("replay", float(times[i]), tags, row, q))
-        if i < first:
-            continue
-        w = buffers.window(tags, t_end=float(times[i]), interval=meta.sample_interval, n_samples=meta.window)
-        pending.append(i)
-        values_b.append(np.nan_to_num(w.values))
-        good_b.append(w.good)
-        if len(pending) >= BATCH:
-            flush()
-    flush()
+    for lo in range(first, n, BATCH):
+        ends = np.arange(lo, min(lo + BATCH, n))
+        x, good = windows(times, data, ends, interval=meta.sample_interval, n_samples=meta.window, age_limit=age_limit)
+        s, per_tag = scorer.score(x, good)
+        scores[ends] = s
+        if shares is not None:
+            shares[ends] = per_tag
     limit = meta.threshold.value if threshold is None else threshold
     det = Detector(
         model=meta.name,
@@ -223,21 +138,17 @@ def replay(
     )
     compared = np.full(n, np.nan)
     anomaly = np.zeros(n, dtype=np.int8)
+    none: dict[str, float] = {}  # the events' contributions are not kept: the flags and scores are the output
+    span = meta.sample_interval * (meta.window - 1)
     for i in range(first, n):
-        det.update(
-            t_end=float(times[i]),
-            window_start=float(times[i]) - meta.sample_interval * (meta.window - 1),
-            score=float(scores[i]),
-            contributions={t: 0.0 for t in tags},
-            values={},
-        )
+        t = float(times[i])
+        det.update(t_end=t, window_start=t - span, score=float(scores[i]), contributions=none, values=none)
         compared[i] = det.last_score
         anomaly[i] = det.active
     # warm-up: the window reaches back before the first row (not a lack of good data within the file)
-    span = meta.sample_interval * (meta.window - 1)
     warmup = (np.arange(n) < first) | (times - span < times[0] - 1e-6 * meta.sample_interval)
     status = np.where(warmup, "warmup", np.where(np.isnan(scores), "insufficient", "scored"))
-    return ReplayResult(times, compared, limit, anomaly, bundle, scores, status)
+    return ReplayResult(times, compared, limit, anomaly, bundle, scores, status, shares)
 
 
 COLUMNS = ("score", "threshold", "anomaly", "raw_score", "status")
