@@ -22,11 +22,10 @@ from edge_agent.config.schema import (
     MqttSection,
     ObserveSection,
     OutboxSection,
-    TlsSection,
-    TlsVerify,
     WhenFull,
 )
 from edge_agent.errors import ConfigError, ConfigIssue
+from edge_agent.tls import TlsSection, TlsVerify
 
 __all__ = [
     "ENV_PREFIX",
