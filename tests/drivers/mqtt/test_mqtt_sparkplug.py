@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from helpers import Broker, wait_for
-from mqttpeer import device_yaml, running
+from mqttin_peer import device_yaml, running
 from spnode import SparkplugNode
 
 from edge_agent.types import Quality

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from mqttpeer import Collected, device_yaml
+from mqttin_peer import Collected, device_yaml
 from sparkplug_wire import DataType, Metric, Payload, encode
 
 from edge_agent.config import parse_config
