@@ -155,6 +155,15 @@ class MqttDevice(DeviceBase):
                 problems.append(
                     (("tags", i, "metric"), "names a Sparkplug metric: set the device's sparkplug (group_id, …)")
                 )
+            if self.stale_limit(tag) <= self.interval_of(tag):
+                where_ = ("tags", i, "stale_after") if tag.stale_after is not None else ("stale_after",)
+                problems.append(
+                    (
+                        where_,
+                        f"{self.stale_limit(tag):g}s is not longer than the interval of {tag.name} "
+                        f"({self.interval_of(tag):g}s): it would go stale between two updates",
+                    )
+                )
             key = tag.where()
             if key in seen:
                 where = ("tags", i, "metric" if tag.metric else "path")

@@ -78,7 +78,9 @@ class MqttDriver(DriverBase):
         self._seen = np.zeros(n, dtype=np.bool_)  # a message has set the tag since subscribing (for read)
         self._kinds = ["bool" if t.type is ValueType.BOOL else t.type.value for t in tags]
         self._exact: dict[int, Value] = {}
-        self._touched: set[int] = set()
+        self._touched: set[int] = set()  # tags changed since their group's last push
+        self._due = [0.0] * len(self.subscriptions)  # monotonic time each group may be pushed again
+        self._push_later: asyncio.TimerHandle | None = None
         # JSON: topic → (column, path steps, type); Sparkplug: metric name → columns
         self._json: dict[str, list[tuple[int, tuple[jsonpath.Step, ...], ValueType]]] = {}
         self._metrics: dict[str, list[int]] = {}
@@ -206,6 +208,9 @@ class MqttDriver(DriverBase):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._stale_task
             self._stale_task = None
+        if self._push_later is not None:
+            self._push_later.cancel()
+            self._push_later = None
         client, self._client = self._client, None
         self._sink = None
         if client is not None:
@@ -267,7 +272,10 @@ class MqttDriver(DriverBase):
                 self.name,
                 self.config.max_queued,
             )
-        self._push()
+        if self._touched:
+            self._arrived.set()  # for read()
+            if self._push_later is None:  # else a push is due at the end of a group's interval
+                self._push()
         if queue and self._loop is not None and not self._wake:
             self._wake = True
             self._loop.call_soon(self._drain)
@@ -388,27 +396,43 @@ class MqttDriver(DriverBase):
         self._last[col] = time.monotonic()
         self._touched.add(col)
 
-    def _push(self) -> None:
-        """One batch per scan group with the tags changed since the last push."""
+    def _push(self, now: float | None = None) -> None:
+        """One batch per scan group with the tags changed since its last push, at most one per group interval.
+
+        A publisher may send faster than the interval the buffers were sized for (a subscription's ring holds
+        one sample per interval): changes within an interval are merged, the newest value wins, and the group
+        is pushed when its interval is up.
+        """
+        if self._push_later is not None:
+            self._push_later.cancel()  # (a no-op when it is this call)
+            self._push_later = None
         if not self._touched:
             return
+        if self._sink is None:
+            self._touched.clear()
+            return
+        now = time.monotonic() if now is None else now
         touched = np.zeros(len(self.names), dtype=np.bool_)
         touched[list(self._touched)] = True
         self._touched.clear()
-        self._arrived.set()
-        if self._sink is None:
-            return
-        now = time.time()
-        for group, cols in zip(self.subscriptions, self._group_cols, strict=True):
+        wait = math.inf
+        stamp = time.time()
+        for i, (group, cols) in enumerate(zip(self.subscriptions, self._group_cols, strict=True)):
             mine = cols[touched[cols]]
             if not len(mine):
                 continue
+            if now < self._due[i]:
+                wait = min(wait, self._due[i] - now)
+                self._touched.update(int(c) for c in mine)
+                continue
+            self._due[i] = now + group.interval
             tags = group.tags if len(mine) == len(cols) else tuple(self.names[int(c)] for c in mine)
             exact = {j: self._exact[int(c)] for j, c in enumerate(mine) if int(c) in self._exact}
             kinds = tuple(self._kinds[int(c)] for c in mine)
-            self._sink(
-                SampleBatch(self.name, now, tags, self._value[mine].copy(), self._state[mine].copy(), exact, kinds)
-            )
+            values, quality = self._value[mine].copy(), self._state[mine].copy()
+            self._sink(SampleBatch(self.name, stamp, tags, values, quality, exact, kinds))
+        if self._touched and self._loop is not None:
+            self._push_later = self._loop.call_later(wait, self._push)
 
     async def _watch_staleness(self) -> None:
         """Mark tags stale that were not updated within their stale_after, checking a few times per limit."""
@@ -431,7 +455,7 @@ class MqttDriver(DriverBase):
             last = self._last[col]
             self._set(int(col), None, Quality.STALE)
             self._last[col] = last  # staleness does not refresh the tag
-        self._push()
+        self._push(now)
 
     # ------------------------------------------------------------------------------------------ the plan
 

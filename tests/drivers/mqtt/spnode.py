@@ -34,9 +34,19 @@ METRICS: dict[str, tuple[int, DataType, Any]] = {
 class SparkplugNode:
     """One edge node with one device; births, data by alias, deaths, and rebirth on command."""
 
-    def __init__(self, port: int, group: str, node: str, device: str, *, bdseq: int = 0) -> None:
+    def __init__(
+        self,
+        port: int,
+        group: str,
+        node: str,
+        device: str,
+        *,
+        bdseq: int = 0,
+        metrics: dict[str, tuple[int, DataType, Any]] | None = None,
+    ) -> None:
         self.group, self.node, self.device, self.bdseq = group, node, device, bdseq
-        self.values = {name: v for name, (_, _, v) in METRICS.items()}
+        self.metrics = METRICS if metrics is None else metrics
+        self.values = {name: v for name, (_, _, v) in self.metrics.items()}
         self.seq = 0
         self.rebirths = 0  # NCMD rebirth requests answered
         self._lock = threading.Lock()
@@ -90,7 +100,7 @@ class SparkplugNode:
             self.publish(self.topic("NBIRTH"), encode(nbirth))
             metrics = [
                 Metric(name=name, alias=alias, datatype=dt, value=self.values[name])
-                for name, (alias, dt, _) in METRICS.items()
+                for name, (alias, dt, _) in self.metrics.items()
             ]
             self.publish(
                 self.topic("DBIRTH", True), encode(Payload(timestamp=_ms(), seq=self._next(), metrics=metrics))
@@ -101,9 +111,9 @@ class SparkplugNode:
         with self._lock:
             self.values.update(values)
             metrics = [
-                Metric(alias=METRICS[n][0], datatype=METRICS[n][1], value=v)
+                Metric(alias=self.metrics[n][0], datatype=self.metrics[n][1], value=v)
                 if by_alias
-                else Metric(name=n, datatype=METRICS[n][1], value=v)
+                else Metric(name=n, datatype=self.metrics[n][1], value=v)
                 for n, v in values.items()
             ]
             self.publish(self.topic("DDATA", True), encode(Payload(timestamp=_ms(), seq=self._next(), metrics=metrics)))

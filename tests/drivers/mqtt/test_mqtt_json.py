@@ -94,7 +94,8 @@ async def test_malformed_payloads_are_counted_logged_once_and_never_stop_it(
 
 async def test_a_silent_tag_goes_stale_and_back(broker: Broker, pub: Publisher) -> None:
     """stale_after: no update for that long makes the tag stale; the next message makes it good again."""
-    async with running(device_yaml(broker.url, "    stale_after: 300ms\n" + TAGS)) as (driver, got):
+    cfg = device_yaml(broker.url, "    poll_interval: 100ms\n    stale_after: 300ms\n" + TAGS)
+    async with running(cfg) as (driver, got):
         pub.send("plant/line-3/flow", {"value": 3.0})
         await wait_for(got.has("flow", 3.0), timeout=5)
         await wait_for(lambda: got.quality("flow") == Quality.STALE, timeout=5, what="the tag going stale")

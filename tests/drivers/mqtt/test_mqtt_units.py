@@ -187,7 +187,7 @@ def test_staleness_on_a_given_clock() -> None:
     driver._last[:] = 100.0
     driver._set(2, None, Quality.COMMS_LOST)
     driver._last[2] = 100.0
-    driver._push()
+    driver._push(100.0)
     driver.mark_stale(101.0)
     assert got.quality("a") is None
     driver.mark_stale(102.5)
@@ -211,6 +211,7 @@ def test_staleness_on_a_given_clock() -> None:
         ("    tags:\n      - {name: a, topic: t}\n      - {name: b, topic: t}\n", "is already tags[0]"),
         ("    sparkplug: {group_id: 'a/b', edge_node_id: n}\n    tags:\n      - {name: a, metric: m}\n", "cannot hold"),
         ("    tls: {verify: none}\n    tags:\n      - {name: a, topic: t}\n", "the URL is mqtt://"),
+        ("    stale_after: 1s\n    tags:\n      - {name: a, topic: t}\n", "would go stale between two updates"),
     ],
 )
 def test_config_errors_name_the_field(body: str, message: str) -> None:
