@@ -460,28 +460,20 @@ class MqttDriver(DriverBase):
     # ------------------------------------------------------------------------------------------ the plan
 
     def plan(self) -> list[str]:
-        """Per subscription group: how many tags, from where, and when they go stale."""
-        src = self.config.sparkplug
-        lines = []
+        """Where the tags come from (broker, Sparkplug scope, JSON topics), then per group when they go stale."""
+        src, tags = self.config.sparkplug, self.config.tags
+        n_metrics = sum(1 for t in tags if t.metric is not None)
+        sources = []
+        if n_metrics and src is not None:
+            scope = f"{src.group_id}/{src.edge_node_id}" + (f"/{src.device_id}" if src.device_id else "")
+            sources.append(f"{_count(n_metrics, 'Sparkplug B metric')} of {scope}")
+        if self._json:
+            sources.append(f"{_count(len(tags) - n_metrics, 'JSON value')} on {_count(len(self._json), 'topic')}")
+        lines = [f"{self.config.url}: {', '.join(sources)}"]
         for group, cols in zip(self.subscriptions, self._group_cols, strict=True):
-            n_metrics = sum(1 for c in cols if self.config.tags[int(c)].metric is not None)
-            topics = {self.config.tags[int(c)].topic for c in cols} - {None}
-            parts = []
-            if n_metrics and src is not None:
-                scope = f"{src.group_id}/{src.edge_node_id}" + (f"/{src.device_id}" if src.device_id else "")
-                parts.append(f"{n_metrics} Sparkplug B metric{'s' if n_metrics != 1 else ''} of {scope}")
-            if topics:
-                n_json = len(cols) - n_metrics
-                parts.append(
-                    f"{n_json} JSON value{'s' if n_json != 1 else ''} on {len(topics)} topic"
-                    f"{'s' if len(topics) != 1 else ''}"
-                )
             stale = self._stale_after[cols]
             limit = f"{stale.min():g}s" if stale.min() == stale.max() else f"{stale.min():g}–{stale.max():g}s"
-            lines.append(
-                f"{len(cols)} tags subscribed on {self.config.url} (expected every {group.interval:g}s, stale after "
-                f"{limit}): {', '.join(parts)}"
-            )
+            lines.append(f"{_count(len(cols), 'tag')} expected every {group.interval:g}s (stale after {limit})")
         return lines
 
     def requests(self) -> dict[ScanGroup, list[Request]]:
@@ -496,6 +488,10 @@ class MqttDriver(DriverBase):
                 by_filter.setdefault(key, []).append(name)
             out[group] = [Request(label, tuple(tags)) for label, tags in by_filter.items()]
         return out
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'s' if n != 1 else ''}"
 
 
 def _typed(value: Any, kind: ValueType) -> float | int | bool | str | None:
