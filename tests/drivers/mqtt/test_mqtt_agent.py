@@ -7,6 +7,7 @@ pressure 30 scales low starts an anomaly whose top contributor is that tag.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from pathlib import Path
 
@@ -74,8 +75,6 @@ async def test_a_model_scores_tags_received_only_over_mqtt(broker: Broker) -> No
     events: list[AnomalyEvent] = []
     scores: list[Score] = []
     agent = Agent(parse_config(_config(broker)), on_event=events.append, on_score=scores.append)
-    import asyncio
-
     stop = asyncio.Event()
     task = asyncio.create_task(agent.run(stop))
     plant = Plant(broker)
