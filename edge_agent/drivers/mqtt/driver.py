@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import secrets
+import ssl
 import time
 from collections import deque
 from collections.abc import Callable
@@ -151,7 +152,12 @@ class MqttDriver(DriverBase):
                 reason = await self._connack
         except TimeoutError:
             raise DeviceError(self.name, f"{where} did not answer within {cfg.timeout:g}s") from None
-        except OSError as exc:  # refused, unreachable, and TLS failures (ssl.SSLError is an OSError)
+        except ssl.SSLCertVerificationError as exc:
+            why = exc.verify_message or str(exc)
+            raise DeviceError(
+                self.name, f"{where}: its TLS certificate does not verify ({why}); check tls.ca and the name it holds"
+            ) from None
+        except OSError as exc:  # refused, unreachable, and other TLS failures (ssl.SSLError is an OSError)
             raise DeviceError(self.name, f"{where} is unreachable ({getattr(exc, 'reason', None) or exc})") from None
         if reason.is_failure:
             raise DeviceError(self.name, f"{where} refused the connection: {reason} (check username and password)")

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import ssl
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -33,8 +34,12 @@ TAGS = """\
 class Publisher:
     """A plain paho client publishing at QoS 1 and waiting for each PUBACK."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, *, tls: ssl.SSLContext | None = None, user: tuple[str, str] | None = None) -> None:
         self.client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2)
+        if tls is not None:
+            self.client.tls_set_context(tls)
+        if user is not None:
+            self.client.username_pw_set(*user)
         self.client.connect("127.0.0.1", port, keepalive=5)
         self.client.loop_start()
 
