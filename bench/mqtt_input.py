@@ -167,9 +167,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         broker, port = start_mosquitto(Path(tmp))
         try:
-            print(
-                f"cpu: {cpu_model()}; {os.cpu_count()} cores; Python {platform.python_version()}; paho {paho_version}"
-            )
+            python = platform.python_version()
+            print(f"machine: {cpu_model()}, {os.cpu_count()} cores, Python {python}, paho {paho_version}")
             print("| payload | values | stock paho µs/value | driver µs/value | ratio |")
             print("|---|---|---|---|---|")
             for kind, n, width in (("json", a.messages, a.tags), ("sparkplug", a.births, a.metrics)):
