@@ -30,6 +30,8 @@ MARKS: dict[str, str] = {
     "drivers/opcua/test_opcua_browse_names.py": "unit",
     "drivers/opcua/test_opcua_certs.py": "unit",
     "drivers/opcua/test_opcua_nodeids.py": "unit",
+    "drivers/mqtt/": "integration",  # mosquitto, Sparkplug nodes in-process and as killed subprocesses
+    "drivers/mqtt/test_mqtt_units.py": "unit",
     "drivers/s7/": "integration",  # snap7 servers; the lazy-import checks run a subprocess
     "drivers/s7/test_s7_addresses.py": "unit",
     "observe/": "integration",  # the health server on a loopback port

@@ -45,7 +45,10 @@ __all__ = [
 
 
 class DataType(IntEnum):
-    """Sparkplug B 3.0 datatypes (specification 6.4.16), the numbers a metric's `datatype` carries."""
+    """Sparkplug B 3.0 datatypes (specification 6.4.16), the numbers a metric's `datatype` carries.
+
+    Written out again rather than imported from edge_agent.sparkplug: the numbers are part of what this codec checks.
+    """
 
     UNKNOWN = 0
     INT8 = 1

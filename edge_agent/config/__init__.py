@@ -23,11 +23,10 @@ from edge_agent.config.schema import (
     ObserveSection,
     OutboxSection,
     SparkplugSection,
-    TlsSection,
-    TlsVerify,
     WhenFull,
 )
 from edge_agent.errors import ConfigError, ConfigIssue
+from edge_agent.tls import TlsSection, TlsVerify
 
 __all__ = [
     "ENV_PREFIX",

@@ -17,6 +17,7 @@ from pydantic import Field, PrivateAttr, SecretStr, TypeAdapter, field_validator
 from edge_agent.drivers import REGISTRY, DeviceBase
 from edge_agent.errors import ConfigIssue
 from edge_agent.fields import Duration, Size, StrictModel
+from edge_agent.tls import TlsSection
 
 # ---------------------------------------------------------------- sections
 
@@ -87,28 +88,6 @@ class ModelSection(StrictModel):
         if isinstance(v, float | int) and v <= 0:
             raise ValueError("a threshold must be positive (or auto)")
         return v
-
-
-class TlsVerify(StrEnum):
-    """Whether the broker's certificate and hostname are checked."""
-
-    FULL = "full"
-    NONE = "none"  # test benches only
-
-
-class TlsSection(StrictModel):
-    """TLS to the broker: the CA that signed its certificate, an optional client certificate, verification."""
-
-    ca: Path | None = Field(None, description="CA certificates (PEM) that signed the broker's; default: the system's")
-    cert: Path | None = Field(None, description="client certificate (PEM), for brokers that require one")
-    key: Path | None = Field(None, description="the client certificate's private key (PEM); may be inside cert")
-    verify: TlsVerify = Field(TlsVerify.FULL, description="full: certificate chain and hostname; none: test benches")
-
-    @model_validator(mode="after")
-    def _key_needs_cert(self) -> TlsSection:
-        if self.key is not None and self.cert is None:
-            raise ValueError("key is set without cert: give the client certificate too")
-        return self
 
 
 class SparkplugSection(StrictModel):

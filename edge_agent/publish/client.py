@@ -20,6 +20,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_agent.config import MqttSection, TlsVerify
 from edge_agent.errors import EdgeAgentError
+from edge_agent.tls import TlsSetupError, client_context
 
 SOCKET_BUFFER = 65536  # bytes paho's thread reads at once, or gathers for one send()
 
@@ -90,20 +91,10 @@ def tls_problems(mqtt: MqttSection) -> list[tuple[str, str]]:
 
 def tls_context(mqtt: MqttSection) -> ssl.SSLContext:
     """The TLS context the config asks for (reads the CA, certificate and key files)."""
-    tls = mqtt.tls
     try:
-        ctx = ssl.create_default_context(cafile=str(tls.ca) if tls is not None and tls.ca else None)
-    except (OSError, ssl.SSLError) as exc:
-        raise MqttSetupError(f"mqtt.tls.ca: cannot use {tls.ca if tls else 'the system CAs'}: {exc}") from None
-    if tls is not None and tls.cert is not None:
-        try:
-            ctx.load_cert_chain(str(tls.cert), str(tls.key) if tls.key else None)
-        except (OSError, ssl.SSLError) as exc:
-            raise MqttSetupError(f"mqtt.tls.cert: cannot use {tls.cert} (key {tls.key}): {exc}") from None
-    if tls is not None and tls.verify is TlsVerify.NONE:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    return ctx
+        return client_context(mqtt.tls, "mqtt.tls")
+    except TlsSetupError as exc:
+        raise MqttSetupError(str(exc)) from None
 
 
 # shared by every fast-path PUBACK: the callback only reads them
