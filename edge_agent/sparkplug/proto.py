@@ -253,8 +253,11 @@ def get_value(source: Any, datatype: DataType | int | None = None) -> Any:
     if datatype is None:
         datatype = source.datatype if hasattr(source, "datatype") else source.type
     bits = SIGNED_BITS.get(DataType(datatype)) if datatype in DataType._value2member_map_ else None
-    if bits is not None and field in ("int_value", "long_value") and value >= 1 << (bits - 1):
-        value -= 1 << bits
+    if bits is not None and field in ("int_value", "long_value"):
+        # mask to the type's width first: Java/Ignition nodes sign-extend Int8/Int16 to 32 bits, Tahu's Python does not
+        value &= (1 << bits) - 1
+        if value >= 1 << (bits - 1):
+            value -= 1 << bits
     return value
 
 

@@ -137,3 +137,12 @@ def test_state_payload_is_the_3_0_json() -> None:
     assert parse_state(raw) == (True, 1_700_000_000_123)
     assert parse_state(b"ONLINE") is None  # the 2.2 text payload is not 3.0
     assert parse_state(b'{"online":"yes"}') is None
+
+
+@pytest.mark.parametrize(("datatype", "wire", "value"), [(DataType.INT8, 2**32 - 1, -1), (DataType.INT16, 2**32 - 2, -2)])
+def test_small_signed_integers_sign_extended_to_32_bits_read_back_negative(
+    datatype: DataType, wire: int, value: int
+) -> None:
+    # Java/Ignition nodes write an Int8 of -1 as 0xFFFFFFFF in int_value (sign-extended), Tahu's Python as 0xFF
+    m = proto.Metric(datatype=datatype, int_value=wire)
+    assert proto.get_value(proto.Metric.FromString(m.SerializeToString())) == value
