@@ -58,6 +58,9 @@ class ScoreSpec(_Meta):
     # the model kind: a key of edge_agent.scoring.base.SCORERS, checked when the bundle is read
     kind: str = "reconstruction_mse"
     smoothing: int = Field(1, ge=1, le=1000, description="rolling mean over this many window scores")
+    # what the kind's training hook handed back besides the model (base.Trained.score_params): JSON values
+    # only that kind reads (e.g. per-member thresholds); empty for kinds that need nothing more
+    params: dict[str, Any] = Field(default_factory=dict)
 
 
 class DetectorSpec(_Meta):
