@@ -52,7 +52,8 @@ def cmd_model_inspect(args: argparse.Namespace) -> int:
         f"(scale {tensors['output']['scale']:.6g}, zero point {tensors['output']['zero_point']})\n"
         f"  window     {m.window} samples every {m.sample_interval:g}s\n"
         f"  score      {m.score.kind} ({kind.summary}), smoothing {m.score.smoothing}\n"
-        f"  threshold  {m.threshold.value:.6g} ({m.threshold.method}: q{m.threshold.quantile} × {m.threshold.margin}"
+        + "".join(f"    {k:9} {_short(v)}\n" for k, v in m.score.params.items())  # the kind's own numbers
+        + f"  threshold  {m.threshold.value:.6g} ({m.threshold.method}: q{m.threshold.quantile} × {m.threshold.margin}"
         f", {m.threshold.rows} rows of {m.threshold.calibrated_on or '?'} at {m.threshold.calibrated_at or '?'}"
         + (f", calibrated from sha256 {m.threshold.base_sha256[:12]}…" if m.threshold.base_sha256 else "")
         + ")\n"
@@ -64,6 +65,12 @@ def cmd_model_inspect(args: argparse.Namespace) -> int:
     if m.training:
         print("  training   " + ", ".join(f"{k}={v}" for k, v in m.training.items()))
     return EXIT_OK
+
+
+def _short(value: object, limit: int = 100) -> str:
+    """A score parameter in one line: JSON, cut at `limit` characters (a long list stays readable)."""
+    text = json.dumps(value, separators=(",", ":"))
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:

@@ -334,3 +334,17 @@ def test_train_help_gives_units_and_defaults_and_bad_options_are_one_line_errors
     ):
         r = cli("train", str(normal), "--out", str(tmp_path / "x.tflite"), "--name", "x", *args)
         assert r.returncode == 2 and message in r.stderr, r.stderr
+
+
+def test_inspect_shows_a_kinds_score_params_and_calibrate_keeps_them(tmp_path: Path) -> None:
+    shipped = load_bundle(CONV)
+    params = {"member_thresholds": [0.25, 1.5], "note": "x" * 200}
+    meta = shipped.metadata.model_copy(update={"score": ScoreSpec(kind=shipped.metadata.score.kind, params=params)})
+    path = tmp_path / "p.tflite"
+    path.write_bytes(embed_metadata(shipped.data, meta))
+    r = cli("model", "inspect", str(path))
+    assert r.returncode == 0, r.stderr
+    assert "    member_thresholds [0.25,1.5]\n" in r.stdout
+    (note,) = [line for line in r.stdout.splitlines() if line.startswith("    note ")]
+    assert note.endswith("…") and len(note) < 120  # one readable line, however long the value
+    assert json.loads(cli("model", "inspect", str(path), "--json").stdout)["metadata"]["score"]["params"] == params
