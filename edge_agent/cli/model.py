@@ -314,7 +314,10 @@ TRAIN_FLAGS: tuple[tuple[str, dict[str, Any]], ...] = (
         "--kind",
         {
             "choices": _TrainableKinds(),
-            "help": "the model kind (score.kind; see models/README.md, 'which kind when'; default {default})",
+            # a metavar, or argparse lists the choices (imports the registry) while building the parser
+            "metavar": "KIND",
+            "help": "the model kind: %(choices)s (score.kind; see models/README.md, 'which kind when'; "
+            "default {default})",
         },
     ),
     ("--window", {"type": int, "help": "samples per window (default {default})"}),

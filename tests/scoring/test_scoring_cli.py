@@ -315,7 +315,7 @@ def test_train_help_gives_units_and_defaults_and_bad_options_are_one_line_errors
     assert r.returncode == 0, r.stderr
     text = " ".join(r.stdout.split())  # argparse wraps lines
     for fragment in (
-        "{conv_reconstruction_mse,reconstruction_mse}",
+        "--kind KIND the model kind: conv_reconstruction_mse, reconstruction_mse",
         "default reconstruction_mse",
         "--holdout FRACTION",
         "(default 0.2;",
