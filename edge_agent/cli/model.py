@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from edge_agent.cli import replay
 from edge_agent.cli.common import EXIT_CONFIG, EXIT_FAIL, EXIT_OK, _load
@@ -49,7 +53,8 @@ def cmd_model_inspect(args: argparse.Namespace) -> int:
         f"(scale {tensors['output']['scale']:.6g}, zero point {tensors['output']['zero_point']})\n"
         f"  window     {m.window} samples every {m.sample_interval:g}s\n"
         f"  score      {m.score.kind} ({kind.summary}), smoothing {m.score.smoothing}\n"
-        f"  threshold  {m.threshold.value:.6g} ({m.threshold.method}: q{m.threshold.quantile} × {m.threshold.margin}"
+        + "".join(f"    {k:9} {_short(v)}\n" for k, v in m.score.params.items())  # the kind's own numbers
+        + f"  threshold  {m.threshold.value:.6g} ({m.threshold.method}: q{m.threshold.quantile} × {m.threshold.margin}"
         f", {m.threshold.rows} rows of {m.threshold.calibrated_on or '?'} at {m.threshold.calibrated_at or '?'}"
         + (f", calibrated from sha256 {m.threshold.base_sha256[:12]}…" if m.threshold.base_sha256 else "")
         + ")\n"
@@ -61,6 +66,12 @@ def cmd_model_inspect(args: argparse.Namespace) -> int:
     if m.training:
         print("  training   " + ", ".join(f"{k}={v}" for k, v in m.training.items()))
     return EXIT_OK
+
+
+def _short(value: object, limit: int = 100) -> str:
+    """A score parameter in one line: JSON, cut at `limit` characters (a long list stays readable)."""
+    text = json.dumps(value, separators=(",", ":"))
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -150,6 +161,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from edge_agent.scoring.table import check_spacing, read_table
     from edge_agent.scoring.train import TrainOptions, train
 
+    started = time.monotonic()
     try:
         tables = [read_table(p) for p in args.data]
         inputs = (
@@ -163,27 +175,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"train: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    if args.holdout == 0:
+        print(
+            "train: warning: --holdout 0: the threshold comes from the windows the model was fitted on, "
+            "which it reconstructs better than new normal data: expect false alarms",
+            file=sys.stderr,
+        )
     try:
         series = [s[: args.rows] if args.rows else s for s in series]
-        options = TrainOptions(
-            name=args.name,
-            inputs=tuple(inputs),
-            window=args.window,
-            sample_interval=args.sample_interval,
-            hidden=args.hidden,
-            bottleneck=args.bottleneck,
-            epochs=args.epochs,
-            seed=args.seed,
-            dtype=args.dtype,
-            quantile=args.quantile,
-            margin=args.margin,
-            description=args.description,
-            normalise=args.normalise,
-            segment_rows=args.segment_rows,
-            smoothing=args.smoothing,
-            exit_ratio=args.exit_ratio,
-            min_duration=args.min_duration,
-        )
+        given = {f: getattr(args, f) for f in TRAIN_OPTIONS if getattr(args, f) is not None}
+        options = TrainOptions(name=args.name, inputs=tuple(inputs), description=args.description, **given)
         bundle = train(series, options, source=", ".join(Path(p).name for p in args.data))
     except (ModelError, ValueError) as exc:
         print(f"train: {exc}", file=sys.stderr)
@@ -193,11 +194,132 @@ def cmd_train(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"train: {args.out}: cannot write it: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_CONFIG
+    meta = bundle.metadata
+    t = meta.threshold
+    held = (
+        f"{meta.training['holdout_windows']} held-out windows ({meta.training['holdout_rows']} rows, "
+        f"the last {options.holdout:g} of each run)"
+        if options.holdout > 0
+        else f"{meta.training['windows']} training windows (no hold-out)"
+    )
     print(
-        f"{args.out}: {options.dtype} {bundle.metadata.training['architecture']}, threshold "
-        f"{bundle.metadata.threshold.value:.6g}, sha256 {bundle.sha256}"
+        f"{args.out}: {options.kind}, {options.dtype} {meta.training['architecture']}, sha256 {bundle.sha256}\n"
+        f"threshold {t.value:.6g} = q{t.quantile:g} × {t.margin:g} of {held}\n"
+        f"trained on {meta.training['windows']} windows of {meta.training['rows']} rows in "
+        f"{time.monotonic() - started:.1f} s"
     )
     return EXIT_OK
+
+
+class _TrainHelp(argparse.HelpFormatter):
+    """Fills an option's `{default}` from TrainOptions when help is printed: the recipe is imported only then."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "{default}" not in text:
+            return text
+        from edge_agent.scoring.train import TrainOptions
+
+        value = next(f.default for f in dataclasses.fields(TrainOptions) if f.name == action.dest)
+        return text.replace("{default}", f"{value:g}" if isinstance(value, float) else str(value))
+
+
+class _TrainableKinds:
+    """`--kind`'s choices: the registry's kinds with a training hook, looked up when a kind is checked or listed."""
+
+    def _keys(self) -> list[str]:
+        from edge_agent.scoring.base import SCORERS
+
+        return sorted(k for k, p in SCORERS.items() if p.fit is not None)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys())
+
+
+def _fraction(text: str) -> float:
+    """A hold-out fraction argument: 0 ≤ f < 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a hold-out fraction is at least 0 and below 1")
+    return value
+
+
+# the TrainOptions fields `train` sets, as (flag, add_argument keywords): no default here, TrainOptions holds
+# them (the one place); `{default}` in a help text is filled from it when help is printed (_TrainHelp)
+TRAIN_FLAGS: tuple[tuple[str, dict[str, Any]], ...] = (
+    (
+        "--kind",
+        {
+            "choices": _TrainableKinds(),
+            # a metavar, or argparse lists the choices (imports the registry) while building the parser
+            "metavar": "KIND",
+            "help": "the model kind: %(choices)s (score.kind; see models/README.md, 'which kind when'; "
+            "default {default})",
+        },
+    ),
+    ("--window", {"type": int, "help": "samples per window (default {default})"}),
+    (
+        "--sample-interval",
+        {
+            "type": float,
+            "metavar": "SECONDS",
+            "help": "seconds between the CSV's rows, the model's grid (default {default})",
+        },
+    ),
+    ("--hidden", {"type": int, "help": "units (dense) or filters (conv) of the outer layers (default {default})"}),
+    (
+        "--bottleneck",
+        {"type": int, "help": "units (dense) or filters (conv) of the innermost layer (default {default})"},
+    ),
+    ("--epochs", {"type": int, "help": "passes over the training windows (default {default})"}),
+    ("--seed", {"type": int, "help": "random seed: the same seed gives the same file (default {default})"}),
+    ("--dtype", {"choices": ["int8", "float32"], "help": "the TFLite model's arithmetic (default {default})"}),
+    (
+        "--quantile",
+        {"type": float, "help": "threshold = this quantile of the held-out scores × margin (default {default})"},
+    ),
+    ("--margin", {"type": float, "help": "threshold factor (default {default})"}),
+    (
+        "--holdout",
+        {
+            "type": _fraction,
+            "metavar": "FRACTION",
+            "help": "the last FRACTION of each run's rows is held out of fitting; the threshold comes from "
+            "their windows only (default {default}; 0: threshold from the training windows, too low)",
+        },
+    ),
+    (
+        "--normalise",
+        {
+            "choices": ["global", "per-run"],
+            "help": "per-run: standardise each file on its own, as per-machine calibration will (default {default})",
+        },
+    ),
+    (
+        "--segment-rows",
+        {"type": int, "help": "per-run: standardise every N rows on their own (default {default}: whole files)"},
+    ),
+    ("--smoothing", {"type": int, "help": "detector default: rolling mean over N window scores (default {default})"}),
+    (
+        "--exit-ratio",
+        {"type": float, "help": "detector default: an anomaly ends below ratio × threshold (default {default})"},
+    ),
+    (
+        "--min-duration",
+        {
+            "type": float,
+            "metavar": "SECONDS",
+            "help": "detector default: seconds an anomaly lasts at least (default {default})",
+        },
+    ),
+)
+TRAIN_OPTIONS = tuple(flag[2:].replace("-", "_") for flag, _ in TRAIN_FLAGS)
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -224,30 +346,20 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
     replay.add_parser(sub, threshold=_threshold, exit_ratio=_exit_ratio, seconds=_seconds)
 
-    t = sub.add_parser("train", help="train an int8 model bundle from CSVs of normal operation (train extra)")
-    t.add_argument("data", nargs="+")
-    t.add_argument("--out", required=True)
-    t.add_argument("--name", required=True)
-    t.add_argument("--inputs", help="comma-separated columns (default: every column but labels)")
-    t.add_argument("--rows", type=int, default=0, help="use only the first N rows of each file")
-    t.add_argument("--window", type=int, default=16)
-    t.add_argument("--sample-interval", type=float, default=1.0)
-    t.add_argument("--hidden", type=int, default=32)
-    t.add_argument("--bottleneck", type=int, default=8)
-    t.add_argument("--epochs", type=int, default=30)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--dtype", choices=["int8", "float32"], default="int8")
-    t.add_argument("--quantile", type=float, default=0.99)
-    t.add_argument("--margin", type=float, default=1.5)
-    t.add_argument("--description", default="")
-    t.add_argument(
-        "--normalise",
-        choices=["global", "per-run"],
-        default="global",
-        help="per-run: standardise each file on its own, as per-machine calibration will (default global)",
+    t = sub.add_parser(
+        "train",
+        help="train an int8 model bundle from CSVs of normal operation (train extra)",
+        formatter_class=_TrainHelp,
+        description="Fit a model of the chosen kind on the first rows of each run, set its threshold on the "
+        "held-out last rows, and write an int8 .tflite bundle. Only the result is printed on stdout; "
+        "TensorFlow's own messages go to stderr.",
     )
-    t.add_argument("--segment-rows", type=int, default=0, help="per-run: standardise every N rows on their own")
-    t.add_argument("--smoothing", type=int, default=1, help="detector default: rolling mean over N window scores")
-    t.add_argument("--exit-ratio", type=float, default=0.8, help="detector default: leave below ratio × threshold")
-    t.add_argument("--min-duration", type=float, default=5.0, help="detector default: seconds an anomaly lasts")
+    t.add_argument("data", nargs="+", help="CSVs of normal operation: a time column and the input columns")
+    t.add_argument("--out", required=True, help="the bundle to write (.tflite)")
+    t.add_argument("--name", required=True, help="the model's name in its metadata and events")
+    t.add_argument("--inputs", help="comma-separated columns (default: every column but labels)")
+    t.add_argument("--rows", type=int, default=0, help="use only the first N rows of each file (default 0: all)")
+    t.add_argument("--description", default="", help="one line for the bundle's metadata (default empty)")
+    for flag, keywords in TRAIN_FLAGS:
+        t.add_argument(flag, **keywords)
     t.set_defaults(func=cmd_train)

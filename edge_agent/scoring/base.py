@@ -9,7 +9,7 @@ with too little good data; ModelRuntime runs the TFLite model; the detector smoo
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -45,8 +45,11 @@ class Trained:
     """What a kind's training hook hands back to the recipe (train.py), which converts and calibrates it."""
 
     model: Any  # a tf.keras.Model over normalised windows, converted to TFLite by the recipe
-    final_loss: float
+    final_loss: float  # NaN for a kind fitted without a loss (e.g. computed in closed form)
     architecture: str  # one line for the bundle's training metadata
+    # kind-specific numbers the scorer needs besides the model (JSON values), stored as the bundle's
+    # `score.params` and read back by the kind's scorer from `bundle.metadata.score.params`
+    score_params: dict[str, Any] = field(default_factory=dict)
 
 
 def window_shape(meta: BundleMetadata) -> tuple[int, ...]:

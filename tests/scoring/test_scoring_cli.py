@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from edge_agent.scoring.base import SCORERS
 from edge_agent.scoring.bundle import ScoreSpec, embed_metadata, load_bundle
 
 ROOT = Path(__file__).parents[2]
@@ -73,7 +74,8 @@ def test_inspect_and_replay_refuse_an_unknown_model_kind_in_one_line(tmp_path: P
         r = cli(*args)
         assert r.returncode == 2 and "Traceback" not in r.stderr, (args, r.stderr)
         (line,) = r.stderr.strip().splitlines()
-        assert line.endswith(f"{bad}: unknown model kind 'pca_t2_q' (score.kind); this agent knows reconstruction_mse")
+        known = ", ".join(sorted(SCORERS))
+        assert line.endswith(f"{bad}: unknown model kind 'pca_t2_q' (score.kind); this agent knows {known}")
 
 
 def test_replay_flags_the_fault_and_writes_one_row_per_input(plant_csv: tuple[Path, Path], tmp_path: Path) -> None:
@@ -282,3 +284,67 @@ def test_a_wide_text_column_costs_no_more_than_its_text(tmp_path: Path) -> None:
     tracemalloc.stop()
     assert table.select(["pump.flow"])[:, 0].tolist() == [40.3] * 2000
     assert peak < 16 * 2**20, peak  # the old path held 2000 rows × 10 cells × 8 kB = 160 MB
+
+
+CONV = ROOT / "models" / "pump-skid-conv.tflite"
+
+
+def test_every_command_works_with_the_conv_kind(plant_csv: tuple[Path, Path], tmp_path: Path) -> None:
+    normal, faulty = plant_csv
+    r = cli("model", "inspect", str(CONV))
+    assert r.returncode == 0, r.stderr
+    assert "score      conv_reconstruction_mse (temporal convolutional autoencoder" in r.stdout
+    assert "input      [1, 16, 8] int8" in r.stdout and "held-out" in r.stdout
+    mine = tmp_path / "mine.tflite"
+    r = cli("calibrate", "--model", str(CONV), "--csv", str(normal), "--rows", "600", "--out", str(mine))
+    assert r.returncode == 0, r.stderr
+    assert load_bundle(mine).metadata.score.kind == "conv_reconstruction_mse"
+    assert load_bundle(mine).metadata.threshold.base_sha256 == load_bundle(CONV).sha256
+    out = tmp_path / "out.csv"
+    for model in (CONV, mine):  # as shipped, and calibrated on this plant
+        r = cli("replay", str(faulty), "--model", str(model), "--out", str(out))
+        assert r.returncode == 0, r.stderr
+        flags = [int(x.split(",")[3]) for x in out.read_text().splitlines()[1:]]
+        truth = [int(x.split(",")[-1]) for x in faulty.read_text().splitlines()[1:]]
+        assert sum(flags[:590]) == 0  # nothing before the fault starts (row 600 at 0.2 s)
+        assert sum(f and t for f, t in zip(flags, truth, strict=True)) > 0.5 * sum(truth)
+
+
+def test_train_help_gives_units_and_defaults_and_bad_options_are_one_line_errors(tmp_path: Path) -> None:
+    r = cli("train", "--help")
+    assert r.returncode == 0, r.stderr
+    text = " ".join(r.stdout.split())  # argparse wraps lines
+    for fragment in (
+        "--kind KIND the model kind: conv_reconstruction_mse, reconstruction_mse",
+        "default reconstruction_mse",
+        "--holdout FRACTION",
+        "(default 0.2;",
+        "--sample-interval SECONDS",
+        "samples per window (default 16)",
+        "(default 0.99)",
+        "--min-duration SECONDS",
+    ):
+        assert fragment in text, fragment
+    assert "{default}" not in text  # every placeholder filled from TrainOptions
+    normal = tmp_path / "n.csv"
+    normal.write_text(HEADER + "\n2020-03-09 10:14:33" + ROW + "\n")
+    for args, message in (
+        (("--holdout", "1"), "argument --holdout: '1': a hold-out fraction is at least 0 and below 1"),
+        (("--kind", "nope"), "argument --kind: invalid choice: 'nope'"),
+    ):
+        r = cli("train", str(normal), "--out", str(tmp_path / "x.tflite"), "--name", "x", *args)
+        assert r.returncode == 2 and message in r.stderr, r.stderr
+
+
+def test_inspect_shows_a_kinds_score_params_and_calibrate_keeps_them(tmp_path: Path) -> None:
+    shipped = load_bundle(CONV)
+    params = {"member_thresholds": [0.25, 1.5], "note": "x" * 200}
+    meta = shipped.metadata.model_copy(update={"score": ScoreSpec(kind=shipped.metadata.score.kind, params=params)})
+    path = tmp_path / "p.tflite"
+    path.write_bytes(embed_metadata(shipped.data, meta))
+    r = cli("model", "inspect", str(path))
+    assert r.returncode == 0, r.stderr
+    assert "    member_thresholds [0.25,1.5]\n" in r.stdout
+    (note,) = [line for line in r.stdout.splitlines() if line.startswith("    note ")]
+    assert note.endswith("…") and len(note) < 120  # one readable line, however long the value
+    assert json.loads(cli("model", "inspect", str(path), "--json").stdout)["metadata"]["score"]["params"] == params

@@ -139,7 +139,9 @@ def test_state_payload_is_the_3_0_json() -> None:
     assert parse_state(b'{"online":"yes"}') is None
 
 
-@pytest.mark.parametrize(("datatype", "wire", "value"), [(DataType.INT8, 2**32 - 1, -1), (DataType.INT16, 2**32 - 2, -2)])
+@pytest.mark.parametrize(
+    ("datatype", "wire", "value"), [(DataType.INT8, 2**32 - 1, -1), (DataType.INT16, 2**32 - 2, -2)]
+)
 def test_small_signed_integers_sign_extended_to_32_bits_read_back_negative(
     datatype: DataType, wire: int, value: int
 ) -> None:
