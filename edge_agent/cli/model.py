@@ -5,11 +5,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edge_agent.cli.common import EXIT_CONFIG, EXIT_FAIL, EXIT_OK, _load
 from edge_agent.cli.run import _collect_live
+
+if TYPE_CHECKING:
+    from edge_agent.config import ModelAdaptation
 
 # ---------------------------------------------------------------- model, calibrate, replay, train
 
@@ -92,7 +98,16 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             return EXIT_FAIL
         source = f"live {args.config} ({len(data)} samples)"
     try:
-        new = calibrate(bundle, data, quantile=args.quantile, margin=args.margin, source=source)
+        new = calibrate(
+            bundle,
+            data,
+            quantile=args.quantile,
+            margin=args.margin,
+            source=source,
+            what="threshold" if args.threshold_only else "all",
+            scaling=args.scaling,
+            floor=args.threshold_floor,
+        )
     except ModelError as exc:
         print(f"calibrate: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -105,7 +120,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         print(f"calibrate: {args.out}: cannot write it: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_CONFIG
     t = new.metadata.threshold
-    print(f"{args.out}: threshold {t.value:.6g} (q{t.quantile} × {t.margin} of {len(data)} rows), sha256 {new.sha256}")
+    kept = ", the bundle's normalisation kept" if args.threshold_only else ""
+    print(
+        f"{args.out}: threshold {t.value:.6g} (q{t.quantile} × {t.margin} of {len(data)} rows{kept}), "
+        f"sha256 {new.sha256}"
+    )
     return EXIT_OK
 
 
@@ -144,6 +163,64 @@ def _exit_ratio(text: str) -> float:
     return value
 
 
+def _adaptation(args: argparse.Namespace) -> ModelAdaptation | None:
+    """models[].adapt from replay's --adapt options (None without --adapt)."""
+    from edge_agent.config import ModelAdaptation
+
+    if not args.adapt:
+        return None
+    given = {k: getattr(args, f"adapt_{k}") for k in ("rate", "below", "max_shift")}
+    return ModelAdaptation(**{k: v for k, v in given.items() if v is not None})
+
+
+def _calibration_options(p: argparse.ArgumentParser, *, what: str) -> None:
+    """The calibrate section's options: --threshold-only, --scaling, --threshold-floor (calibrate and replay)."""
+    p.add_argument(
+        "--threshold-only",
+        action="store_true",
+        help=f"keep the bundle's normalisation and set only the threshold from {what}",
+    )
+    p.add_argument(
+        "--scaling",
+        choices=["standard", "robust"],
+        help="standard: mean and standard deviation; robust: median and IQR (a sensor's spikes cannot set its "
+        "scale); default: the bundle's own",
+    )
+    p.add_argument(
+        "--threshold-floor",
+        type=_nonnegative,
+        default=0.0,
+        metavar="R",
+        help="raise the threshold to at least R × the bundle's own threshold (default 0: no floor)",
+    )
+
+
+def _nonnegative(text: str) -> float:
+    """A number ≥ 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: a number ≥ 0")
+    return value
+
+
+def _in_range(low: float, high: float) -> Callable[[str], float]:
+    """A number in (low, high], as the config's models[].adapt fields."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not low < value <= high:
+            raise argparse.ArgumentTypeError(f"{text!r}: a number above {low:g} and at most {high:g}")
+        return value
+
+    return parse
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     """Run a CSV through buffers, scoring and the detector; write scores and anomaly flags."""
     from edge_agent.scoring.bundle import ModelError, load_bundle
@@ -176,6 +253,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
             exit_ratio=args.exit_ratio,
             min_duration=args.min_duration,
             source=str(args.data),
+            calibrate_what="threshold" if args.threshold_only else "all",
+            scaling=args.scaling,
+            threshold_floor=args.threshold_floor,
+            adapt=_adaptation(args),
         )
     except (ModelError, ValueError) as exc:  # the runtime finds some model problems only when it loads it
         print(f"replay: {args.data}: {exc}", file=sys.stderr)
@@ -194,6 +275,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
         except (ValueError, OSError) as exc:
             print(f"replay: --plot: {exc}", file=sys.stderr)
             return EXIT_FAIL
+    if result.adaptation is not None:
+        a = result.adaptation
+        print(
+            f"adaptation: {a['windows']} windows adapted, largest shift {a['shift']:.3g} scales ({a['tag']})"
+            + (f", stopped at max_shift {a['max_shift']:g}" if a["stopped"] else "")
+        )
     n_anom = int(result.anomaly.sum())
     spans = int(((result.anomaly[1:] == 1) & (result.anomaly[:-1] == 0)).sum() + result.anomaly[:1].sum())
     print(
@@ -240,6 +327,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             smoothing=args.smoothing,
             exit_ratio=args.exit_ratio,
             min_duration=args.min_duration,
+            scaling=args.scaling,
         )
         bundle = train(series, options, source=", ".join(Path(p).name for p in args.data))
     except (ModelError, ValueError) as exc:
@@ -276,6 +364,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     c.add_argument("--quantile", type=float, default=0.99)
     c.add_argument("--margin", type=float, default=1.5, help="threshold = quantile of normal scores × margin")
     c.add_argument("--out", required=True, help="the new bundle")
+    _calibration_options(c, what="the normal data")
     c.set_defaults(func=cmd_calibrate)
 
     rp = sub.add_parser("replay", help="score a CSV offline through the agent's own path")
@@ -290,6 +379,15 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     )
     rp.add_argument("--quantile", type=float, default=0.99)
     rp.add_argument("--margin", type=float, default=1.5)
+    _calibration_options(rp, what="the first N rows (with --calibrate-rows)")
+    rp.add_argument(
+        "--adapt", action="store_true", help="drift adaptation of the normalisation's centre, as models[].adapt"
+    )
+    rp.add_argument("--adapt-rate", type=_in_range(0, 0.5), metavar="R", help="as models[].adapt.rate (0.01)")
+    rp.add_argument("--adapt-below", type=_in_range(0, 0.999999), metavar="B", help="as models[].adapt.below (0.5)")
+    rp.add_argument(
+        "--adapt-max-shift", type=_in_range(0, 1000), metavar="S", help="as models[].adapt.max_shift (3 scales)"
+    )
     # the overrides a config's models[] entry can make, so a replay matches a configured model
     rp.add_argument(
         "--threshold", type=_threshold, metavar="X|auto", help="as models[].threshold (default auto: the bundle's)"
@@ -331,6 +429,13 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         help="per-run: standardise each file on its own, as per-machine calibration will (default global)",
     )
     t.add_argument("--segment-rows", type=int, default=0, help="per-run: standardise every N rows on their own")
+    t.add_argument(
+        "--scaling",
+        choices=["standard", "robust"],
+        default="standard",
+        help="standard: mean and standard deviation; robust: median and IQR × 0.7413 (stored in the bundle, "
+        "and calibrations of it follow it)",
+    )
     t.add_argument("--smoothing", type=int, default=1, help="detector default: rolling mean over N window scores")
     t.add_argument("--exit-ratio", type=float, default=0.8, help="detector default: leave below ratio × threshold")
     t.add_argument("--min-duration", type=float, default=5.0, help="detector default: seconds an anomaly lasts")

@@ -8,15 +8,20 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
 from edge_agent.buffers import Buffers
+from edge_agent.scoring.adapt import adapter_for
 from edge_agent.scoring.bundle import Bundle
 from edge_agent.scoring.calibrate import calibrate
 from edge_agent.scoring.detector import Detector, WindowScorer
 from edge_agent.types import SampleBatch
+
+if TYPE_CHECKING:  # the config (and with it the driver registry) is not imported to score a CSV
+    from edge_agent.config import ModelAdaptation
 
 F64 = npt.NDArray[np.float64]
 TIME_COLUMNS = ("datetime", "timestamp", "time", "ts", "date")
@@ -144,6 +149,7 @@ class ReplayResult:
     bundle: Bundle
     raw_score: F64  # the window's own score, before smoothing
     status: npt.NDArray[np.str_]  # warmup (before the first full window), insufficient (too little good data), scored
+    adaptation: Mapping[str, float | int | bool | str] | None = None  # drift adaptation's state at the end
 
 
 def replay(
@@ -158,10 +164,15 @@ def replay(
     exit_ratio: float | None = None,
     min_duration: float | None = None,
     source: str = "",
+    calibrate_what: str = "all",
+    scaling: str | None = None,
+    threshold_floor: float = 0.0,
+    adapt: ModelAdaptation | None = None,
 ) -> ReplayResult:
     """Replay rows (times, rows × inputs) through buffers, windows, scoring and the detector.
 
-    `threshold`, `exit_ratio` and `min_duration` override the bundle's, as a config's models[] entry does.
+    `threshold`, `exit_ratio`, `min_duration` and `adapt` override the bundle's, as a config's models[] entry
+    does; `calibrate_what`, `scaling` and `threshold_floor` are its calibrate section's (see calibrate()).
     """
     n = len(times)
     if n == 0:
@@ -174,7 +185,14 @@ def replay(
         raise ValueError(f"cannot calibrate on the first {calibrate_rows} rows of {n}")
     if calibrate_rows:
         bundle = calibrate(
-            bundle, data[:calibrate_rows], quantile=quantile, margin=margin, source=f"{source} rows 1-{calibrate_rows}"
+            bundle,
+            data[:calibrate_rows],
+            quantile=quantile,
+            margin=margin,
+            source=f"{source} rows 1-{calibrate_rows}",
+            what=calibrate_what,
+            scaling=scaling,
+            floor=threshold_floor,
         )
     meta = bundle.metadata
     tags = tuple(meta.inputs)
@@ -184,32 +202,9 @@ def replay(
     quality = np.zeros(len(tags), dtype=np.uint8)
     scorer = WindowScorer(bundle)
     scores = np.full(n, np.nan)
+    compared = np.full(n, np.nan)
+    anomaly = np.zeros(n, dtype=np.int8)
     first = meta.window - 1
-    pending: list[int] = []
-    values_b: list[npt.NDArray[np.float32]] = []
-    good_b: list[npt.NDArray[np.bool_]] = []
-
-    def flush() -> None:
-        if pending:
-            s, _ = scorer.score(np.stack(values_b), np.stack(good_b))
-            scores[pending] = s
-            pending.clear()
-            values_b.clear()
-            good_b.clear()
-
-    for i in range(n):
-        row = data[i]
-        q = np.where(np.isfinite(row), quality, np.uint8(2))
-        buffers.write(SampleBatch("replay", float(times[i]), tags, row, q))
-        if i < first:
-            continue
-        w = buffers.window(tags, t_end=float(times[i]), interval=meta.sample_interval, n_samples=meta.window)
-        pending.append(i)
-        values_b.append(np.nan_to_num(w.values))
-        good_b.append(w.good)
-        if len(pending) >= BATCH:
-            flush()
-    flush()
     limit = meta.threshold.value if threshold is None else threshold
     det = Detector(
         model=meta.name,
@@ -221,23 +216,55 @@ def replay(
         min_duration=min_duration if min_duration is not None else meta.detector.min_duration,
         smoothing=meta.score.smoothing,
     )
-    compared = np.full(n, np.nan)
-    anomaly = np.zeros(n, dtype=np.int8)
-    for i in range(first, n):
-        det.update(
-            t_end=float(times[i]),
-            window_start=float(times[i]) - meta.sample_interval * (meta.window - 1),
-            score=float(scores[i]),
-            contributions={t: 0.0 for t in tags},
-            values={},
-        )
-        compared[i] = det.last_score
-        anomaly[i] = det.active
+    adapter = adapter_for(bundle, adapt, meta.name)
+    # adapting, each window is normalised around the centre the windows before it left: scored one at a time
+    batch = BATCH if adapter is None else 1
+    pending: list[int] = []
+    values_b: list[npt.NDArray[np.float32]] = []
+    good_b: list[npt.NDArray[np.bool_]] = []
+    no_shares = dict.fromkeys(tags, 0.0)
+
+    def flush() -> None:
+        if not pending:
+            return
+        s, _ = scorer.score(np.stack(values_b), np.stack(good_b))
+        scores[pending] = s
+        for i in pending:
+            det.update(
+                t_end=float(times[i]),
+                window_start=float(times[i]) - meta.sample_interval * (meta.window - 1),
+                score=float(scores[i]),
+                contributions=no_shares,
+                values={},
+            )
+            compared[i] = det.last_score
+            anomaly[i] = det.active
+        if adapter is not None:
+            centre = adapter.update(values_b[0], good_b[0], max(float(s[0]), det.last_score), limit, det.active)
+            if centre is not None:
+                scorer.recentre(centre)
+        pending.clear()
+        values_b.clear()
+        good_b.clear()
+
+    for i in range(n):
+        row = data[i]
+        q = np.where(np.isfinite(row), quality, np.uint8(2))
+        buffers.write(SampleBatch("replay", float(times[i]), tags, row, q))
+        if i < first:
+            continue
+        w = buffers.window(tags, t_end=float(times[i]), interval=meta.sample_interval, n_samples=meta.window)
+        pending.append(i)
+        values_b.append(np.nan_to_num(w.values))
+        good_b.append(w.good)
+        if len(pending) >= batch:
+            flush()
+    flush()
     # warm-up: the window reaches back before the first row (not a lack of good data within the file)
     span = meta.sample_interval * (meta.window - 1)
     warmup = (np.arange(n) < first) | (times - span < times[0] - 1e-6 * meta.sample_interval)
     status = np.where(warmup, "warmup", np.where(np.isnan(scores), "insufficient", "scored"))
-    return ReplayResult(times, compared, limit, anomaly, bundle, scores, status)
+    return ReplayResult(times, compared, limit, anomaly, bundle, scores, status, adapter.state() if adapter else None)
 
 
 COLUMNS = ("score", "threshold", "anomaly", "raw_score", "status")

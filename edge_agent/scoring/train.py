@@ -36,7 +36,14 @@ from edge_agent.scoring.bundle import (
     embed_metadata,
     now_iso,
 )
-from edge_agent.scoring.calibrate import calibrate, fit_normalisation, normal_scores, sliding_windows, threshold_of
+from edge_agent.scoring.calibrate import (
+    SCALINGS,
+    calibrate,
+    fit_normalisation,
+    normal_scores,
+    sliding_windows,
+    threshold_of,
+)
 
 F64 = npt.NDArray[np.float64]
 Normalise = Literal["global", "per-run"]
@@ -67,10 +74,13 @@ class TrainOptions:
     # per-run: cut runs into slices of this many rows, each standardised on its own (0: whole runs)
     segment_rows: int = 0
     kind: str = "reconstruction_mse"  # the model kind (base.SCORERS) whose `fit` hook builds and fits the model
+    scaling: str = "standard"  # standard (mean/std) or robust (median/IQR): calibrate.fit_normalisation
 
     def __post_init__(self) -> None:
         if self.normalise not in ("global", "per-run"):
             raise ValueError(f"normalise must be 'global' or 'per-run', not {self.normalise!r}")
+        if self.scaling not in SCALINGS:
+            raise ValueError(f"scaling must be one of {', '.join(SCALINGS)}, not {self.scaling!r}")
         if self.segment_rows < 0:
             raise ValueError("segment_rows must be 0 (whole runs) or positive")
         try:
@@ -105,7 +115,7 @@ def runs_of(series: list[F64], options: TrainOptions) -> list[F64]:
 def training_windows(series: list[F64], options: TrainOptions) -> npt.NDArray[np.float32]:
     """Normalised windows of every run (a window never spans two runs)."""
     if options.normalise == "global":
-        mean, scale = fit_normalisation(np.concatenate(series))
+        mean, scale = fit_normalisation(np.concatenate(series), scaling=options.scaling)
         mean_a, scale_a = np.asarray(mean), np.asarray(scale)
         parts = [sliding_windows((s - mean_a) / scale_a, options.window) for s in series]
     else:
@@ -113,7 +123,7 @@ def training_windows(series: list[F64], options: TrainOptions) -> npt.NDArray[np
         for run in runs_of(series, options):
             if len(run) < options.window + 10:
                 continue  # too short to calibrate on, as calibrate() would refuse it
-            m, sc = fit_normalisation(run)
+            m, sc = fit_normalisation(run, scaling=options.scaling)
             parts.append(sliding_windows((run - np.asarray(m)) / np.asarray(sc), options.window))
     if not parts:
         raise ValueError(f"no run has the {options.window + 10} rows a window of {options.window} needs")
@@ -147,7 +157,7 @@ def train(series: list[F64], options: TrainOptions, *, source: str = "") -> Bund
     tf.keras.utils.set_random_seed(options.seed)
     tf.config.experimental.enable_op_determinism()
     data = np.concatenate(series)
-    mean, scale = fit_normalisation(data)
+    mean, scale = fit_normalisation(data, scaling=options.scaling)
     windows = training_windows(series, options)
     trained = fit(tf, windows, options)
     model = trained.model
@@ -172,7 +182,7 @@ def train(series: list[F64], options: TrainOptions, *, source: str = "") -> Bund
         inputs=list(options.inputs),
         window=options.window,
         sample_interval=options.sample_interval,
-        normalisation=Normalisation(mean=mean, scale=scale),
+        normalisation=Normalisation(mean=mean, scale=scale, scaling=options.scaling),
         score=ScoreSpec(kind=options.kind, smoothing=options.smoothing),
         detector=DetectorSpec(exit_ratio=options.exit_ratio, min_duration=options.min_duration),
         threshold=ThresholdSpec(value=1.0),  # replaced by the calibration below
