@@ -54,10 +54,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 ADAPT = {
     "no adaptation": None,
-    "--adapt (rate 0.01, below 0.5, max_shift 3)": ModelAdaptation(),
-    "--adapt --adapt-max-shift 10": ModelAdaptation(max_shift=10),
-    "--adapt --adapt-max-shift 30": ModelAdaptation(max_shift=30),
-    "--adapt --adapt-rate 0.05 --adapt-max-shift 30": ModelAdaptation(rate=0.05, max_shift=30),
+    "--adapt (rate 0.05, below 0.5, max_shift 10: the defaults)": ModelAdaptation(),
+    "--adapt --adapt-rate 0.01": ModelAdaptation(rate=0.01),
+    "--adapt --adapt-rate 0.02": ModelAdaptation(rate=0.02),
+    "--adapt --adapt-rate 0.2": ModelAdaptation(rate=0.2),
+    "--adapt --adapt-below 0.3": ModelAdaptation(below=0.3),
+    "--adapt --adapt-below 0.7": ModelAdaptation(below=0.7),
+    "--adapt --adapt-max-shift 3": ModelAdaptation(max_shift=3),
 }
 
 

@@ -383,10 +383,10 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     rp.add_argument(
         "--adapt", action="store_true", help="drift adaptation of the normalisation's centre, as models[].adapt"
     )
-    rp.add_argument("--adapt-rate", type=_in_range(0, 0.5), metavar="R", help="as models[].adapt.rate (0.01)")
+    rp.add_argument("--adapt-rate", type=_in_range(0, 0.5), metavar="R", help="as models[].adapt.rate (0.05)")
     rp.add_argument("--adapt-below", type=_in_range(0, 0.999999), metavar="B", help="as models[].adapt.below (0.5)")
     rp.add_argument(
-        "--adapt-max-shift", type=_in_range(0, 1000), metavar="S", help="as models[].adapt.max_shift (3 scales)"
+        "--adapt-max-shift", type=_in_range(0, 1000), metavar="S", help="as models[].adapt.max_shift (10 scales)"
     )
     # the overrides a config's models[] entry can make, so a replay matches a configured model
     rp.add_argument(

@@ -77,10 +77,12 @@ class ModelCalibration(StrictModel):
 class ModelAdaptation(StrictModel):
     """Opt-in drift adaptation: on windows judged normal, the normalisation's centre follows slow drift."""
 
-    rate: float = Field(0.01, gt=0, le=0.5, description="EWMA weight of each adapted window's mean (per window)")
+    # defaults from bench/calib.py: slower rates fall behind SKAB's temperature drift (and then stay in alarm),
+    # faster ones and a higher `below` learn more of the valve faults
+    rate: float = Field(0.05, gt=0, le=0.5, description="EWMA weight of each adapted window's mean (per window)")
     below: float = Field(0.5, gt=0, lt=1, description="adapt only on windows scoring below below × threshold")
     max_shift: float = Field(
-        3.0, gt=0, le=1000, description="stop adapting once a tag's centre moved this many calibrated scales"
+        10.0, gt=0, le=1000, description="stop adapting once a tag's centre moved this many calibrated scales"
     )
 
 

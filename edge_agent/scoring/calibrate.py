@@ -25,7 +25,7 @@ BATCH = 1024
 MIN_SCALE_RATIO = 0.01  # a tag that never moved in the normal data still gets a scale of 1 % of its level
 SCALINGS = ("standard", "robust")
 IQR_TO_SIGMA = 0.7413  # 1 / 1.349: the interquartile range of a normal distribution is 1.349 σ
-ROBUST_STD_FLOOR = 0.1  # robust scale ≥ 0.1 σ: a tag that is flat most of the time still gets a usable scale
+WINSOR_TO_SIGMA = 1.2145  # a normal distribution winsorised at its 10th/90th percentiles has a σ of 0.8234
 WHAT = ("all", "threshold")  # what a calibration sets: normalisation and threshold, or the threshold only
 
 
@@ -34,20 +34,20 @@ def fit_normalisation(
 ) -> tuple[list[float], list[float]]:
     """Per-column centre and scale, floored so flat signals do not divide by ~0.
 
-    standard: mean and standard deviation. robust: median and IQR × 0.7413 (σ for normal data), so one
-    sensor's spikes or a short excursion in the calibration rows do not set its scale; its scale is also
-    floored at ROBUST_STD_FLOOR × the standard deviation, so a tag that sits on one value most of the
-    time (IQR 0) and moves now and then is not scaled by ~0.
+    standard: mean and standard deviation. robust: median and IQR × 0.7413 (σ for normal data), so a
+    sensor's spikes or a short excursion (up to a tenth of the rows) cannot set its scale. A quantised tag
+    (a pressure that takes two values) has an IQR of 0 however much it moves, so the robust scale is at
+    least the standard deviation of the data winsorised at its 10th and 90th percentiles (also σ for normal
+    data once corrected, and as insensitive to a tenth of spikes).
     """
     if scaling not in SCALINGS:
         raise ValueError(f"scaling must be one of {', '.join(SCALINGS)}, not {scaling!r}")
-    std = np.nanstd(data, axis=0)
     if scaling == "robust":
-        centre = np.nanmedian(data, axis=0)
-        q25, q75 = np.nanpercentile(data, [25, 75], axis=0)
-        spread = np.maximum(IQR_TO_SIGMA * (q75 - q25), ROBUST_STD_FLOOR * std)
+        q10, q25, centre, q75, q90 = np.nanpercentile(data, [10, 25, 50, 75, 90], axis=0)
+        winsorised = WINSOR_TO_SIGMA * np.nanstd(np.clip(data, q10, q90), axis=0)
+        spread = np.maximum(IQR_TO_SIGMA * (q75 - q25), winsorised)
     else:
-        centre, spread = np.nanmean(data, axis=0), std
+        centre, spread = np.nanmean(data, axis=0), np.nanstd(data, axis=0)
     floor = np.maximum(min_scale_ratio * np.abs(centre), 1e-6)
     return centre.tolist(), np.maximum(spread, floor).tolist()
 
