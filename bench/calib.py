@@ -34,11 +34,11 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
-from skab import DEFAULT_DATA, DEFAULT_MODEL, FileResult, nab_metrics, outlier_metrics  # noqa: E402
+from skab import DEFAULT_DATA, DEFAULT_MODEL, FileResult, nab_metrics, outlier_metrics
 
-from edge_agent.config import ModelAdaptation  # noqa: E402
-from edge_agent.scoring.bundle import Bundle, load_bundle  # noqa: E402
-from edge_agent.scoring.replay import read_table, replay  # noqa: E402
+from edge_agent.config import ModelAdaptation
+from edge_agent.scoring.bundle import Bundle, load_bundle
+from edge_agent.scoring.replay import read_table, replay
 
 ROWS = 400
 FOLDS = 4
@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         machine["shipped"][name] = m
         print(_row(name, m), flush=True)
     print(f"\ndrift: anomaly-free.csv calibrated on its first {ROWS} rows, FAR over the rest; valve1 held out:")
-    print("| adaptation | anomaly-free FAR, % | adaptation at the end | valve1 F1 | FAR, % | MAR, % |\n|---|---|---|---|---|---|")
+    print("| adaptation | anomaly-free FAR, % | adaptation at the end | valve1 F1 | FAR, % | MAR, % |")
+    print("|---|---|---|---|---|---|")
     free = data_dir / "anomaly-free" / "anomaly-free.csv"
     for name, spec in ADAPT.items():
         far, state = normal_far(free, shipped, spec)

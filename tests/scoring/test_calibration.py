@@ -17,7 +17,7 @@ from edge_agent.errors import ConfigError
 from edge_agent.records import decode_event, encode, event_payload, load_schema
 from edge_agent.scoring.adapt import Adapter
 from edge_agent.scoring.bundle import Bundle, Normalisation, load_bundle
-from edge_agent.scoring.calibrate import IQR_TO_SIGMA, calibrate, fit_normalisation
+from edge_agent.scoring.calibrate import calibrate, fit_normalisation
 from edge_agent.scoring.monitor import LoadedModel, ModelMonitor
 from edge_agent.scoring.replay import replay
 from edge_agent.scoring.tflite_metadata import read_metadata_bytes
@@ -58,7 +58,7 @@ def test_threshold_only_keeps_the_bundles_normalisation() -> None:
     assert t.value != full.metadata.threshold.value  # scored in the bundle's coordinates, not the data's
     assert stored_json(kept)["threshold"]["calibrated"] == "threshold"  # type: ignore[index]
     # the same through replay, as `replay --calibrate-rows N --threshold-only`
-    times = np.arange(400) * base.metadata.sample_interval
+    times = np.arange(400, dtype=np.float64) * base.metadata.sample_interval
     result = replay(base, times, normal(400, seed=1), calibrate_rows=300, calibrate_what="threshold")
     assert result.bundle.metadata.normalisation == base.metadata.normalisation
     with pytest.raises(ValueError, match="threshold"):
@@ -89,7 +89,6 @@ def test_robust_scaling_is_not_set_by_one_noisy_sensor() -> None:
     assert robust[1] == pytest.approx(2.0, rel=0.1)  # a clean sensor: the same as σ
     assert std[2] <= robust[2] <= 1.25 * std[2]  # quantised: the winsorised σ, not IQR × 0.7413 = 0
     assert robust[3] == pytest.approx(0.5)  # flat: the floor, 1 % of its level
-    assert IQR_TO_SIGMA == pytest.approx(1 / 1.349, rel=1e-3)
     with pytest.raises(ValueError, match="scaling"):
         fit_normalisation(data, scaling="minmax")
 
@@ -164,7 +163,7 @@ def drifting(rows: int, ramp_scales: float, step_at: int | None = None) -> tuple
     data[:, 5] += np.linspace(0.0, ramp_scales, rows) * norm.scale[5]
     if step_at is not None:
         data[step_at:, 2] -= 8.0 * norm.scale[2]
-    return np.arange(rows) * b.metadata.sample_interval, data
+    return np.arange(rows, dtype=np.float64) * b.metadata.sample_interval, data
 
 
 def test_replay_adaptation_follows_slow_drift_but_not_a_step_fault() -> None:
@@ -261,3 +260,52 @@ def test_unknown_adapt_key_and_good_adapt_section() -> None:
     cfg = parse_config(CONFIG.replace("RATE", "0.02"), source="c.yaml")
     assert cfg.models[0].adapt == ModelAdaptation(rate=0.02, below=0.5)
     assert parse_config(CONFIG.split("    adapt:")[0], source="c.yaml").models[0].adapt is None
+
+
+def write_csv(path: Path, times: np.ndarray, data: np.ndarray) -> None:
+    names = bundle().metadata.inputs
+    rows = [",".join(["time", *names])] + [
+        ",".join([f"{t:.3f}", *(f"{v:.6g}" for v in row)]) for t, row in zip(times, data, strict=True)
+    ]
+    path.write_text("\n".join(rows) + "\n")
+
+
+def test_cli_threshold_only_scaling_and_adapt(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from edge_agent.cli import main
+
+    times, data = drifting(1500, ramp_scales=6.0)
+    csv = tmp_path / "run.csv"
+    write_csv(csv, times, data)
+    out = tmp_path / "kept.tflite"
+    assert (
+        main(
+            [
+                "calibrate",
+                "--model",
+                str(INT8),
+                "--csv",
+                str(csv),
+                "--rows",
+                "300",
+                "--threshold-only",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert "the bundle's normalisation kept" in capsys.readouterr().out
+    assert load_bundle(out).metadata.normalisation == bundle().metadata.normalisation
+    robust = tmp_path / "robust.tflite"
+    args = ["calibrate", "--model", str(INT8), "--csv", str(csv), "--rows", "300", "--scaling", "robust"]
+    assert main([*args, "--threshold-floor", "2", "--out", str(robust)]) == 0
+    made = load_bundle(robust).metadata
+    assert made.normalisation.scaling == "robust" and made.threshold.floor == 2.0
+    assert made.threshold.value >= 2 * bundle().metadata.threshold.value * (1 - 1e-5)
+
+    assert main(["replay", str(csv), "--model", str(INT8), "--adapt", "--adapt-max-shift", "20"]) == 0
+    text = capsys.readouterr().out
+    assert "windows adapted, largest shift" in text and "(pump.bearing_temp)" in text and "stopped" not in text
+    with pytest.raises(SystemExit) as exc:
+        main(["replay", str(csv), "--model", str(INT8), "--adapt", "--adapt-rate", "2"])
+    assert exc.value.code == 2 and "at most 0.5" in capsys.readouterr().err
