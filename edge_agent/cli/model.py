@@ -57,9 +57,12 @@ def cmd_model_inspect(args: argparse.Namespace) -> int:
         f"  threshold  {m.threshold.value:.6g} ({m.threshold.method}: q{m.threshold.quantile} × {m.threshold.margin}"
         f", {m.threshold.rows} rows of {m.threshold.calibrated_on or '?'} at {m.threshold.calibrated_at or '?'}"
         + (f", calibrated from sha256 {m.threshold.base_sha256[:12]}…" if m.threshold.base_sha256 else "")
+        + (", threshold only (normalisation kept)" if m.threshold.calibrated == "threshold" else "")
+        + (f", floor {m.threshold.floor:g} × the base's threshold" if m.threshold.floor else "")
         + ")\n"
         f"  detector   exit ratio {m.detector.exit_ratio}, min duration {m.detector.min_duration:g}s\n"
         f"  created    {m.created}\n  inputs"
+        + (f" (scaling {m.normalisation.scaling})" if m.normalisation.scaling != "standard" else "")
     )
     for tag, mean, scale in zip(m.inputs, m.normalisation.mean, m.normalisation.scale, strict=True):
         print(f"    {tag:32} mean {mean:12.6g}  scale {scale:10.6g}")

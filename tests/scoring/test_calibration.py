@@ -302,6 +302,12 @@ def test_cli_threshold_only_scaling_and_adapt(tmp_path: Path, capsys: pytest.Cap
     made = load_bundle(robust).metadata
     assert made.normalisation.scaling == "robust" and made.threshold.floor == 2.0
     assert made.threshold.value >= 2 * bundle().metadata.threshold.value * (1 - 1e-5)
+    capsys.readouterr()
+    assert main(["model", "inspect", str(robust)]) == 0
+    shown = capsys.readouterr().out
+    assert "floor 2 × the base's threshold" in shown and "inputs (scaling robust)" in shown
+    assert main(["model", "inspect", str(out)]) == 0
+    assert "threshold only (normalisation kept)" in capsys.readouterr().out
 
     assert main(["replay", str(csv), "--model", str(INT8), "--adapt", "--adapt-max-shift", "20"]) == 0
     text = capsys.readouterr().out
