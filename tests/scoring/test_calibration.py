@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
 from pathlib import Path
 
 import jsonschema
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 from edge_agent.buffers import Buffers
-from edge_agent.config import ModelAdaptation, ModelSection, parse_config
+from edge_agent.config import CalibrateMode, ModelAdaptation, ModelCalibration, ModelSection, parse_config
 from edge_agent.errors import ConfigError
 from edge_agent.records import decode_event, encode, event_payload, load_schema
 from edge_agent.scoring.adapt import Adapter
@@ -315,3 +316,32 @@ def test_cli_threshold_only_scaling_and_adapt(tmp_path: Path, capsys: pytest.Cap
     with pytest.raises(SystemExit) as exc:
         main(["replay", str(csv), "--model", str(INT8), "--adapt", "--adapt-rate", "2"])
     assert exc.value.code == 2 and "at most 0.5" in capsys.readouterr().err
+
+
+async def test_startup_calibration_takes_the_calibrate_sections_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    b = bundle()
+    meta = b.metadata
+    section = ModelSection(
+        name="pump",
+        file=INT8,
+        calibrate=ModelCalibration(mode=CalibrateMode.STARTUP, samples=200, threshold_only=True, threshold_floor=1.5),
+    )
+    buffers = Buffers(retention=600.0, max_samples=5000)
+    tags = tuple(meta.inputs)
+    buffers.register(tags, meta.sample_interval)
+    now = time.time()
+    data = normal(400, seed=11) * 1.2
+    quality = np.zeros(len(tags), dtype=np.uint8)
+    for k, row in enumerate(data):  # the last 80 s of operation, already in the buffers
+        buffers.write(SampleBatch("plc", now - (len(data) - k) * meta.sample_interval, tags, row, quality))
+
+    async def no_wait(_: float) -> None:  # the samples are there: calibration need not wait for them
+        return None
+
+    monitor = ModelMonitor(LoadedModel(section, b, calibrate=True), buffers, lambda e: None, agent="a", site="s")
+    monkeypatch.setattr("edge_agent.scoring.monitor.asyncio.sleep", no_wait)  # asyncio's own, restored after
+    await monitor._calibrate()
+    made = monitor.bundle.metadata
+    assert not monitor.calibrating and monitor.bundle.sha256 != b.sha256
+    assert made.normalisation == meta.normalisation and made.threshold.calibrated == "threshold"
+    assert made.threshold.floor == 1.5 and monitor.threshold >= 1.5 * meta.threshold.value * (1 - 1e-5)
