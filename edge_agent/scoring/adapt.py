@@ -85,7 +85,7 @@ class Adapter:
         return centre
 
     def state(self) -> dict[str, float | int | bool | str]:
-        """What an event records: windows adapted, the largest shift so far (in scales) and its tag, stopped."""
+        """What an event records: windows adapted, the largest current shift (in scales) and its tag, stopped."""
         return {
             "windows": self.windows,
             "shift": round(self.shift, 6) if math.isfinite(self.shift) else 0.0,

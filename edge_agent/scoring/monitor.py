@@ -131,7 +131,7 @@ class MonitorStats:
     windows_insufficient: int
     bundle_sha256: str
     windows_adapted: int = 0  # drift adaptation (models[].adapt): windows its normalisation's centre learnt from
-    adapt_shift: float = 0.0  # the largest move of a tag's centre so far, in calibrated scales
+    adapt_shift: float = 0.0  # the largest current move of a tag's centre from its calibration, in calibrated scales
     adapt_stopped: bool = False  # the move reached adapt.max_shift: adaptation stopped
 
 
