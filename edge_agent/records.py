@@ -34,7 +34,7 @@ def _num(v: float | None) -> float | None:
 
 def event_payload(e: AnomalyEvent) -> dict[str, Any]:
     """The anomaly event as SCADA systems receive it (stable keys; JSON-safe numbers)."""
-    return {
+    payload: dict[str, Any] = {
         "schema": EVENT_SCHEMA,
         "event_id": e.event_id,
         "type": e.type.value,
@@ -52,8 +52,11 @@ def event_payload(e: AnomalyEvent) -> dict[str, Any]:
         "contributions": [{"tag": k, "share": _num(v)} for k, v in e.contributions.items()],
         "values": {k: _num(v) for k, v in e.values.items()},
         "reason": e.reason or None,
-        "historical": e.historical,
     }
+    if e.adaptation is not None:  # optional: only models with drift adaptation carry it
+        payload["adaptation"] = {k: _num(v) if isinstance(v, float) else v for k, v in e.adaptation.items()}
+    payload["historical"] = e.historical  # last: mark_historical swaps the payload's tail
+    return payload
 
 
 STATUS_SCHEMA = "edge-agent/status/v1"
@@ -255,4 +258,5 @@ def decode_event(record: bytes) -> AnomalyEvent:
         started_at=_seconds(d["started_at"]),
         peak_score=float(d["peak_score"] if d["peak_score"] is not None else math.nan),
         reason=d["reason"] or "",
+        adaptation=d.get("adaptation"),
     )

@@ -167,6 +167,8 @@ class AnomalyEvent:
     peak_score: float
     reason: str = ""  # for an end: recovered, shutdown, agent_restart or reconfigured
     historical: bool = False
+    # drift adaptation's state when the event fired (scoring.adapt.Adapter.state); None: the model does not adapt
+    adaptation: Mapping[str, float | int | bool | str] | None = None
 
 
 def severity_of(ratio: float) -> Severity:

@@ -57,9 +57,12 @@ def cmd_model_inspect(args: argparse.Namespace) -> int:
         + f"  threshold  {m.threshold.value:.6g} ({m.threshold.method}: q{m.threshold.quantile} × {m.threshold.margin}"
         f", {m.threshold.rows} rows of {m.threshold.calibrated_on or '?'} at {m.threshold.calibrated_at or '?'}"
         + (f", calibrated from sha256 {m.threshold.base_sha256[:12]}…" if m.threshold.base_sha256 else "")
+        + (", threshold only (normalisation kept)" if m.threshold.calibrated == "threshold" else "")
+        + (f", floor {m.threshold.floor:g} × the base's threshold" if m.threshold.floor else "")
         + ")\n"
         f"  detector   exit ratio {m.detector.exit_ratio}, min duration {m.detector.min_duration:g}s\n"
         f"  created    {m.created}\n  inputs"
+        + (f" (scaling {m.normalisation.scaling})" if m.normalisation.scaling != "standard" else "")
     )
     for tag, mean, scale in zip(m.inputs, m.normalisation.mean, m.normalisation.scale, strict=True):
         print(f"    {tag:32} mean {mean:12.6g}  scale {scale:10.6g}")
@@ -103,7 +106,16 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             return EXIT_FAIL
         source = f"live {args.config} ({len(data)} samples)"
     try:
-        new = calibrate(bundle, data, quantile=args.quantile, margin=args.margin, source=source)
+        new = calibrate(
+            bundle,
+            data,
+            quantile=args.quantile,
+            margin=args.margin,
+            source=source,
+            what="threshold" if args.threshold_only else "all",
+            scaling=args.scaling,
+            floor=args.threshold_floor,
+        )
     except ModelError as exc:
         print(f"calibrate: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -116,7 +128,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         print(f"calibrate: {args.out}: cannot write it: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_CONFIG
     t = new.metadata.threshold
-    print(f"{args.out}: threshold {t.value:.6g} (q{t.quantile} × {t.margin} of {len(data)} rows), sha256 {new.sha256}")
+    kept = ", the bundle's normalisation kept" if args.threshold_only else ""
+    print(
+        f"{args.out}: threshold {t.value:.6g} (q{t.quantile} × {t.margin} of {len(data)} rows{kept}), "
+        f"sha256 {new.sha256}"
+    )
     return EXIT_OK
 
 
@@ -305,6 +321,14 @@ TRAIN_FLAGS: tuple[tuple[str, dict[str, Any]], ...] = (
         "--segment-rows",
         {"type": int, "help": "per-run: standardise every N rows on their own (default {default}: whole files)"},
     ),
+    (
+        "--scaling",
+        {
+            "choices": ["standard", "robust"],
+            "help": "standard: mean and standard deviation; robust: median and IQR × 0.7413 (stored in the bundle; "
+            "calibrations of it follow it) (default {default})",
+        },
+    ),
     ("--smoothing", {"type": int, "help": "detector default: rolling mean over N window scores (default {default})"}),
     (
         "--exit-ratio",
@@ -342,6 +366,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     c.add_argument("--margin", type=float, default=1.5, help="threshold = quantile of normal scores × margin")
     c.add_argument("--out", required=True, help="the new bundle")
     replay.add_csv_options(c)
+    replay.calibration_options(c, what="the normal data")
     c.set_defaults(func=cmd_calibrate)
 
     replay.add_parser(sub, threshold=_threshold, exit_ratio=_exit_ratio, seconds=_seconds)

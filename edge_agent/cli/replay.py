@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from edge_agent.cli.common import EXIT_CONFIG, EXIT_FAIL, EXIT_OK
 
 if TYPE_CHECKING:
+    from edge_agent.config import ModelAdaptation
     from edge_agent.scoring.bundle import Bundle
     from edge_agent.scoring.detector import WindowScorer
     from edge_agent.scoring.replay import ReplayResult
@@ -149,6 +151,64 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return EXIT_CONFIG if refused else EXIT_OK
 
 
+def adaptation(args: argparse.Namespace) -> ModelAdaptation | None:
+    """models[].adapt from replay's --adapt options (None without --adapt)."""
+    from edge_agent.config import ModelAdaptation
+
+    if not args.adapt:
+        return None
+    given = {k: getattr(args, f"adapt_{k}") for k in ("rate", "below", "max_shift")}
+    return ModelAdaptation(**{k: v for k, v in given.items() if v is not None})
+
+
+def calibration_options(p: argparse.ArgumentParser, *, what: str) -> None:
+    """The calibrate section's options: --threshold-only, --scaling, --threshold-floor (calibrate and replay)."""
+    p.add_argument(
+        "--threshold-only",
+        action="store_true",
+        help=f"keep the bundle's normalisation and set only the threshold from {what}",
+    )
+    p.add_argument(
+        "--scaling",
+        choices=["standard", "robust"],
+        help="standard: mean and standard deviation; robust: median and IQR (a sensor's spikes cannot set its "
+        "scale); default: the bundle's own",
+    )
+    p.add_argument(
+        "--threshold-floor",
+        type=_nonnegative,
+        default=0.0,
+        metavar="R",
+        help="raise the threshold to at least R × the bundle's own threshold (default 0: no floor)",
+    )
+
+
+def _nonnegative(text: str) -> float:
+    """A number ≥ 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: a number ≥ 0")
+    return value
+
+
+def _in_range(low: float, high: float) -> Callable[[str], float]:
+    """A number in (low, high], as the config's models[].adapt fields."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not low < value <= high:
+            raise argparse.ArgumentTypeError(f"{text!r}: a number above {low:g} and at most {high:g}")
+        return value
+
+    return parse
+
+
 def _replay_one(
     args: argparse.Namespace,
     path: str,
@@ -187,6 +247,10 @@ def _replay_one(
             source=str(path),
             scorer=scorer,
             contributions=bool(args.plot),
+            calibrate_what="threshold" if args.threshold_only else "all",
+            scaling=args.scaling,
+            threshold_floor=args.threshold_floor,
+            adapt=adaptation(args),
         )
     except (ModelError, ValueError) as exc:  # the runtime finds some model problems only when it loads it
         print(f"replay: {path}: {exc}", file=sys.stderr)
@@ -207,6 +271,12 @@ def _replay_one(
             return EXIT_FAIL
     text, n_spans, n_flagged = summary(path, result, table, out)
     print(text)
+    if result.adaptation is not None:
+        a = result.adaptation
+        print(
+            f"{path}: adaptation: {a['windows']} windows adapted, largest shift {a['shift']:.3g} scales ({a['tag']})"
+            + (f", stopped at max_shift {a['max_shift']:g}" if a["stopped"] else "")
+        )
     return len(result.times), n_spans, n_flagged
 
 
@@ -234,6 +304,15 @@ def add_parser(
     )
     rp.add_argument("--quantile", type=float, default=0.99)
     rp.add_argument("--margin", type=float, default=1.5)
+    calibration_options(rp, what="the first N rows (with --calibrate-rows)")
+    rp.add_argument(
+        "--adapt", action="store_true", help="drift adaptation of the normalisation's centre, as models[].adapt"
+    )
+    rp.add_argument("--adapt-rate", type=_in_range(0, 0.5), metavar="R", help="as models[].adapt.rate (0.05)")
+    rp.add_argument("--adapt-below", type=_in_range(0, 0.999999), metavar="B", help="as models[].adapt.below (0.5)")
+    rp.add_argument(
+        "--adapt-max-shift", type=_in_range(0, 1000), metavar="S", help="as models[].adapt.max_shift (10 scales)"
+    )
     # the overrides a config's models[] entry can make, so a replay matches a configured model
     rp.add_argument(
         "--threshold", type=threshold, metavar="X|auto", help="as models[].threshold (default auto: the bundle's)"

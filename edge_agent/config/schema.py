@@ -65,6 +65,26 @@ class ModelCalibration(StrictModel):
     quantile: float = Field(0.99, gt=0.5, lt=1)
     margin: float = Field(1.5, ge=1, le=100, description="threshold = quantile of normal scores × margin")
     save_to: Path | None = Field(None, description="write the calibrated bundle here (reused after restarts)")
+    threshold_only: bool = Field(False, description="keep the bundle's normalisation, set only the threshold")
+    scaling: Literal["standard", "robust"] | None = Field(
+        None,
+        description="standard: mean/std; robust: median/IQR (one noisy sensor cannot set it); default: the bundle's",
+    )
+    threshold_floor: float = Field(
+        0.0, ge=0, le=100, description="threshold at least this × the bundle's own threshold (0: no floor)"
+    )
+
+
+class ModelAdaptation(StrictModel):
+    """Opt-in drift adaptation: on windows judged normal, the normalisation's centre follows slow drift."""
+
+    # defaults from bench/calib.py: slower rates fall behind SKAB's temperature drift (and then stay in alarm),
+    # faster ones and a higher `below` learn more of the valve faults
+    rate: float = Field(0.05, gt=0, le=0.5, description="EWMA weight of each adapted window's mean (per window)")
+    below: float = Field(0.5, gt=0, lt=1, description="adapt only on windows scoring below below × threshold")
+    max_shift: float = Field(
+        10.0, gt=0, le=1000, description="stop adapting once a tag's centre moved this many calibrated scales"
+    )
 
 
 class ModelSection(StrictModel):
@@ -81,6 +101,7 @@ class ModelSection(StrictModel):
     hysteresis: Hysteresis | None = Field(None, description="default: the bundle's detector settings")
     min_good: float = Field(0.9, ge=0.1, le=1, description="share of good cells a window needs to be scored")
     calibrate: ModelCalibration = ModelCalibration()
+    adapt: ModelAdaptation | None = Field(None, description="drift adaptation of the normalisation (default off)")
 
     @field_validator("threshold")
     @classmethod

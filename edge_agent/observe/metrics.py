@@ -96,6 +96,12 @@ def model_metrics(models: Iterable[MonitorStats]) -> Iterable[Metric]:
     score = GaugeMetricFamily("edge_agent_score", "Latest window score", labels=["model"])
     threshold = GaugeMetricFamily("edge_agent_threshold", "Anomaly threshold in use", labels=["model"])
     active = GaugeMetricFamily("edge_agent_anomaly_active", "1 while an anomaly is open", labels=["model"])
+    adapted = CounterMetricFamily(
+        "edge_agent_windows_adapted", "Windows drift adaptation learnt from (models[].adapt)", labels=["model"]
+    )
+    shift = GaugeMetricFamily(
+        "edge_agent_adapt_shift", "Largest move of a tag's normalisation centre, in calibrated scales", labels=["model"]
+    )
     for m in models:
         scored.add_metric([m.model], m.windows_scored)
         skipped.add_metric([m.model], m.windows_insufficient)
@@ -103,7 +109,9 @@ def model_metrics(models: Iterable[MonitorStats]) -> Iterable[Metric]:
             score.add_metric([m.model], m.last_score)
         threshold.add_metric([m.model], m.threshold)
         active.add_metric([m.model], 1.0 if m.active else 0.0)
-    yield from (scored, skipped, score, threshold, active)
+        adapted.add_metric([m.model], m.windows_adapted)
+        shift.add_metric([m.model], m.adapt_shift)
+    yield from (scored, skipped, score, threshold, active, adapted, shift)
 
 
 def reload_metrics(reloads: Mapping[str, int]) -> Iterable[Metric]:

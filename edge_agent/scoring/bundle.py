@@ -60,6 +60,10 @@ class Normalisation(_Meta):
 
     mean: list[Annotated[float, Field(ge=-FLOAT32_BOUND, le=FLOAT32_BOUND)]]
     scale: list[Annotated[float, Field(gt=0, le=FLOAT32_BOUND), AfterValidator(_divisible)]]
+    # how mean and scale were fitted: standard (mean, standard deviation) or robust (median, IQR × 0.7413);
+    # bundles from before this field are standard, and calibrating a bundle fits the way it was trained.
+    # A str, not a Literal: scoring does not depend on it, so a newer agent's method must not make a bundle unreadable
+    scaling: str = "standard"
 
 
 class ScoreSpec(_Meta):
@@ -99,6 +103,9 @@ class ThresholdSpec(_Meta):
     rows: int = 0
     calibrated_at: str = ""
     base_sha256: str = Field("", description="sha256 of the bundle this one was calibrated from ('' if unknown)")
+    # what a calibration set (all: normalisation and threshold; threshold: the bundle's normalisation was kept)
+    calibrated: str = "all"
+    floor: float = Field(0.0, ge=0, description="the value was raised to at least floor × the base bundle's threshold")
 
 
 class BundleMetadata(_Meta):
@@ -252,10 +259,28 @@ def read_metadata(data: bytes, where: str = "model") -> BundleMetadata:
     return meta
 
 
+# fields added after bundles were first shipped, written only when they differ from their default, so a
+# bundle made as before (same options, same data) stays byte for byte the same file with the same sha256
+_LATER_FIELDS: dict[str, dict[str, Any]] = {
+    "normalisation": {"scaling": "standard"},
+    "threshold": {"calibrated": "all", "floor": 0.0},
+}
+
+
+def _dump(metadata: BundleMetadata) -> dict[str, Any]:
+    out = metadata.model_dump(mode="json")
+    for section, defaults in _LATER_FIELDS.items():
+        fields: dict[str, Any] = out[section]
+        for key, default in defaults.items():
+            if fields.get(key) == default:
+                del fields[key]
+    return out
+
+
 def embed_metadata(data: bytes, metadata: BundleMetadata) -> bytes:
     """Return the model with `metadata` stored in its metadata table (replacing an older copy)."""
     _check_tflite(data, "model")
-    blob = json.dumps(metadata.model_dump(mode="json"), separators=(",", ":")).encode()
+    blob = json.dumps(_dump(metadata), separators=(",", ":")).encode()
     try:
         # a bundle already has the entry: patch it, which needs no schema module (tflite-runtime devices)
         patched = replace_metadata_bytes(data, METADATA_NAME, blob)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import numpy.typing as npt
 from pydantic import ValidationError
@@ -21,14 +23,33 @@ from edge_agent.scoring.runtime import ModelRuntime
 F64 = npt.NDArray[np.float64]
 BATCH = 1024
 MIN_SCALE_RATIO = 0.01  # a tag that never moved in the normal data still gets a scale of 1 % of its level
+SCALINGS = ("standard", "robust")
+IQR_TO_SIGMA = 0.7413  # 1 / 1.349: the interquartile range of a normal distribution is 1.349 σ
+WINSOR_TO_SIGMA = 1.2145  # a normal distribution winsorised at its 10th/90th percentiles has a σ of 0.8234
+WHAT = ("all", "threshold")  # what a calibration sets: normalisation and threshold, or the threshold only
 
 
-def fit_normalisation(data: F64, *, min_scale_ratio: float = MIN_SCALE_RATIO) -> tuple[list[float], list[float]]:
-    """Per-column mean and scale (standard deviation, floored so flat signals do not divide by ~0)."""
-    mean = np.nanmean(data, axis=0)
-    std = np.nanstd(data, axis=0)
-    floor = np.maximum(min_scale_ratio * np.abs(mean), 1e-6)
-    return mean.tolist(), np.maximum(std, floor).tolist()
+def fit_normalisation(
+    data: F64, *, min_scale_ratio: float = MIN_SCALE_RATIO, scaling: str = "standard"
+) -> tuple[list[float], list[float]]:
+    """Per-column centre and scale, floored so flat signals do not divide by ~0.
+
+    standard: mean and standard deviation. robust: median and IQR × 0.7413 (σ for normal data), so a
+    sensor's spikes or a short excursion (up to a tenth of the rows) cannot set its scale. A quantised tag
+    (a pressure that takes two values) has an IQR of 0 however much it moves, so the robust scale is at
+    least the standard deviation of the data winsorised at its 10th and 90th percentiles (also σ for normal
+    data once corrected, and as insensitive to a tenth of spikes).
+    """
+    if scaling not in SCALINGS:
+        raise ValueError(f"scaling must be one of {', '.join(SCALINGS)}, not {scaling!r}")
+    if scaling == "robust":
+        q10, q25, centre, q75, q90 = np.nanpercentile(data, [10, 25, 50, 75, 90], axis=0)
+        winsorised = WINSOR_TO_SIGMA * np.nanstd(np.clip(data, q10, q90), axis=0)
+        spread = np.maximum(IQR_TO_SIGMA * (q75 - q25), winsorised)
+    else:
+        centre, spread = np.nanmean(data, axis=0), np.nanstd(data, axis=0)
+    floor = np.maximum(min_scale_ratio * np.abs(centre), 1e-6)
+    return centre.tolist(), np.maximum(spread, floor).tolist()
 
 
 def sliding_windows(data: F64, window: int) -> npt.NDArray[np.float32]:
@@ -60,11 +81,20 @@ def rolling_mean(scores: F64, smoothing: int) -> F64:
     return (c[i] - c[lo]) / (i - lo)
 
 
-def normal_scores(bundle: Bundle, data: F64, *, min_scale_ratio: float = MIN_SCALE_RATIO) -> tuple[Normalisation, F64]:
+def normal_scores(
+    bundle: Bundle,
+    data: F64,
+    *,
+    min_scale_ratio: float = MIN_SCALE_RATIO,
+    scaling: str | None = None,
+    keep_normalisation: bool = False,
+) -> tuple[Normalisation, F64]:
     """Normalisation fitted on `data` (rows × inputs of normal operation) and the detector's scores of it under that.
 
-    The scores are smoothed as the detector will smooth them (the bundle's `score.smoothing`), so that a
-    quantile of them is a quantile of what the threshold is compared with.
+    `scaling` defaults to the bundle's own (how it was trained); with `keep_normalisation` the bundle's
+    normalisation is used as it is and only the scores are computed. The scores are smoothed as the
+    detector will smooth them (the bundle's `score.smoothing`), so that a quantile of them is a quantile
+    of what the threshold is compared with.
     """
     meta = bundle.metadata
     if data.shape[1] != len(meta.inputs):
@@ -74,13 +104,17 @@ def normal_scores(bundle: Bundle, data: F64, *, min_scale_ratio: float = MIN_SCA
     empty = [tag for tag, n in zip(meta.inputs, np.isfinite(data).sum(axis=0), strict=True) if n == 0]
     if empty:
         raise ValueError(f"the calibration data has no value of {', '.join(empty)}")
-    mean, scale = fit_normalisation(data, min_scale_ratio=min_scale_ratio)
-    try:
-        norm = Normalisation(mean=mean, scale=scale)
-    except ValidationError as exc:
-        raise ValueError(f"cannot normalise the calibration data: {one_line(exc)}") from None
-    staged = meta.model_copy(update={"normalisation": norm})
-    scorer = WindowScorer(bundle_from_bytes(embed_metadata(bundle.data, staged)), runtime=ModelRuntime(bundle))
+    if keep_normalisation:
+        norm, scorer = meta.normalisation, WindowScorer(bundle)
+    else:
+        how = scaling or meta.normalisation.scaling
+        mean, scale = fit_normalisation(data, min_scale_ratio=min_scale_ratio, scaling=how)
+        try:
+            norm = Normalisation(mean=mean, scale=scale, scaling=how)
+        except ValidationError as exc:
+            raise ValueError(f"cannot normalise the calibration data: {one_line(exc)}") from None
+        staged = meta.model_copy(update={"normalisation": norm})
+        scorer = WindowScorer(bundle_from_bytes(embed_metadata(bundle.data, staged)), runtime=ModelRuntime(bundle))
     scores = score_series(scorer, data)
     scores = scores[np.isfinite(scores)]
     if scores.size == 0:
@@ -105,10 +139,24 @@ def calibrate(
     margin: float = 1.5,
     source: str = "",
     min_scale_ratio: float = MIN_SCALE_RATIO,
+    what: str = "all",
+    scaling: str | None = None,
+    floor: float = 0.0,
 ) -> Bundle:
-    """A new bundle whose normalisation and threshold come from `data` (rows × inputs of normal operation)."""
-    norm, scores = normal_scores(bundle, data, min_scale_ratio=min_scale_ratio)
-    value = threshold_of(scores, quantile, margin)
+    """A new bundle whose normalisation and threshold come from `data` (rows × inputs of normal operation).
+
+    what="threshold" keeps the bundle's normalisation and sets only the threshold. `scaling` (standard |
+    robust) defaults to the bundle's. `floor` > 0 raises the threshold to at least floor × the bundle's
+    own threshold, so a calibration on a quiet stretch cannot set it far below what the model was made with.
+    """
+    if what not in WHAT:
+        raise ValueError(f"a calibration sets {' or '.join(WHAT)}, not {what!r}")
+    if not (math.isfinite(floor) and floor >= 0):
+        raise ValueError(f"the threshold floor is a multiple of the bundle's threshold (≥ 0), not {floor}")
+    norm, scores = normal_scores(
+        bundle, data, min_scale_ratio=min_scale_ratio, scaling=scaling, keep_normalisation=what == "threshold"
+    )
+    value = max(threshold_of(scores, quantile, margin), float(f"{floor * bundle.metadata.threshold.value:.6g}"))
     try:
         threshold = ThresholdSpec(
             value=value,
@@ -118,6 +166,8 @@ def calibrate(
             rows=len(data),
             calibrated_at=now_iso(),
             base_sha256=bundle.sha256,  # lets startup calibration tell a saved copy of this bundle from a stale one
+            calibrated=what,
+            floor=floor,
         )
     except ValidationError as exc:  # a margin of nan or inf: the bundle would never alarm
         raise ValueError(f"no usable threshold (quantile {quantile:g} × margin {margin:g}): {one_line(exc)}") from None

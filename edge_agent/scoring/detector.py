@@ -7,7 +7,7 @@ import math
 import secrets
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,6 +35,10 @@ class WindowScorer:
         self.kind: Scorer = self.plugin.scorer(bundle, self.runtime)
         self._mean = np.asarray(meta.normalisation.mean, dtype=np.float32)
         self._inv_scale = (1.0 / np.asarray(meta.normalisation.scale, dtype=np.float64)).astype(np.float32)
+
+    def recentre(self, mean: F64) -> None:
+        """Normalise from now on around `mean` (drift adaptation; the scale stays)."""
+        self._mean = np.asarray(mean, dtype=np.float32)
 
     def score(self, values: F32, good: npt.NDArray[np.bool_]) -> tuple[F64, F64]:
         """Scores (NaN where data was insufficient) and per-tag contributions for batch × window × inputs."""
@@ -89,6 +93,7 @@ class Detector:
     _active: _Active | None = None
     insufficient: bool = False
     last_score: float = math.nan  # the smoothed score last compared with the threshold (NaN: not scored)
+    adaptation: Callable[[], Mapping[str, float | int | bool | str]] | None = None  # drift adaptation's state
 
     @property
     def active(self) -> bool:
@@ -181,6 +186,7 @@ class Detector:
             started_at=a.started_at,
             peak_score=a.peak,
             reason=reason,
+            adaptation=None if self.adaptation is None else self.adaptation(),
         )
 
 

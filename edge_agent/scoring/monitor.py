@@ -15,6 +15,7 @@ import numpy as np
 from edge_agent.buffers import Buffers
 from edge_agent.config import CalibrateMode, Config, ModelSection
 from edge_agent.errors import ConfigError, ConfigIssue
+from edge_agent.scoring.adapt import adapter_for
 from edge_agent.scoring.bundle import Bundle, ModelError, load_bundle, save_bundle
 from edge_agent.scoring.calibrate import calibrate
 from edge_agent.scoring.detector import Detector, WindowScorer
@@ -129,6 +130,9 @@ class MonitorStats:
     windows_scored: int
     windows_insufficient: int
     bundle_sha256: str
+    windows_adapted: int = 0  # drift adaptation (models[].adapt): windows its normalisation's centre learnt from
+    adapt_shift: float = 0.0  # the largest current move of a tag's centre from its calibration, in calibrated scales
+    adapt_stopped: bool = False  # the move reached adapt.max_shift: adaptation stopped
 
 
 class ModelMonitor:
@@ -183,6 +187,9 @@ class ModelMonitor:
             windows_scored=self.windows_scored,
             windows_insufficient=self.windows_insufficient,
             bundle_sha256=self.bundle.sha256,
+            windows_adapted=self.adapter.windows if self.adapter else 0,
+            adapt_shift=self.adapter.shift if self.adapter else 0.0,
+            adapt_stopped=self.adapter.stopped if self.adapter else False,
         )
 
     def _install(self, bundle: Bundle) -> None:
@@ -206,6 +213,10 @@ class ModelMonitor:
             site=self._site,
             counter=self._counter,
         )
+        # a new bundle (startup calibration, reload) starts adapting afresh from its own normalisation
+        self.adapter = adapter_for(bundle, s.adapt, s.name)
+        if self.adapter is not None:
+            self.detector.adaptation = self.adapter.state
 
     async def run(self) -> None:
         """Score until cancelled; on cancellation an open anomaly is closed, so every start gets its end."""
@@ -247,6 +258,10 @@ class ModelMonitor:
         )
         # what is reported is what the detector compared with the threshold: the smoothed score
         score = self.detector.last_score
+        if self.adapter is not None:
+            centre = self.adapter.update(w.values, w.good, max(raw, score), self.threshold, self.detector.active)
+            if centre is not None:
+                self.scorer.recentre(centre)
         if math.isnan(score):
             self.windows_insufficient += 1
             if not was_insufficient:
@@ -313,6 +328,9 @@ class ModelMonitor:
             quantile=c.quantile,
             margin=c.margin,
             source=f"startup, {int(rows.sum())} live samples",
+            what="threshold" if c.threshold_only else "all",
+            scaling=c.scaling,
+            floor=c.threshold_floor,
         )
         if c.save_to:
             save_bundle(new, c.save_to)

@@ -9,17 +9,22 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
+from edge_agent.scoring.adapt import adapter_for
 from edge_agent.scoring.bundle import Bundle
 from edge_agent.scoring.calibrate import calibrate
 from edge_agent.scoring.detector import Detector, WindowScorer
 from edge_agent.scoring.table import TIME_COLUMNS, Table, check_increasing, read_table
+
+if TYPE_CHECKING:  # the config (and with it the driver registry) is not imported to score a CSV
+    from edge_agent.config import ModelAdaptation
 
 __all__ = [
     "COLUMNS",
@@ -69,6 +74,7 @@ class ReplayResult:
     raw_score: F64  # the window's own score, before smoothing
     status: npt.NDArray[np.str_]  # warmup (before the first full window), insufficient (too little good data), scored
     contributions: npt.NDArray[np.float32] | None = None  # rows × inputs: each tag's share of the score (if asked)
+    adaptation: Mapping[str, float | int | bool | str] | None = None  # drift adaptation's state at the end
 
 
 def check_rows(times: F64, calibrate_rows: int = 0) -> None:
@@ -94,10 +100,15 @@ def replay(
     source: str = "",
     scorer: WindowScorer | None = None,
     contributions: bool = False,
+    calibrate_what: str = "all",
+    scaling: str | None = None,
+    threshold_floor: float = 0.0,
+    adapt: ModelAdaptation | None = None,
 ) -> ReplayResult:
     """Replay rows (times, rows × inputs) through windows, scoring and the detector.
 
-    `threshold`, `exit_ratio` and `min_duration` override the bundle's, as a config's models[] entry does.
+    `threshold`, `exit_ratio`, `min_duration` and `adapt` override the bundle's, as a config's models[] entry
+    does; `calibrate_what`, `scaling` and `threshold_floor` are its calibrate section's (see calibrate()).
     `scorer`: one already built for `bundle` (its interpreter is reused: replaying many files loads it once).
     `contributions`: keep each row's per-tag shares of the score (rows × inputs float32), for the plot.
     """
@@ -106,7 +117,14 @@ def replay(
     runtime = scorer.runtime if scorer is not None else None
     if calibrate_rows:
         bundle = calibrate(
-            bundle, data[:calibrate_rows], quantile=quantile, margin=margin, source=f"{source} rows 1-{calibrate_rows}"
+            bundle,
+            data[:calibrate_rows],
+            quantile=quantile,
+            margin=margin,
+            source=f"{source} rows 1-{calibrate_rows}",
+            what=calibrate_what,
+            scaling=scaling,
+            floor=threshold_floor,
         )
     if scorer is None or scorer.bundle.sha256 != bundle.sha256:
         scorer = WindowScorer(bundle, runtime=runtime)  # the same model tensors: only the metadata changed
@@ -118,13 +136,6 @@ def replay(
     scores = np.full(n, np.nan)
     shares = np.full((n, len(tags)), np.nan, dtype=np.float32) if contributions else None
     first = meta.window - 1
-    for lo in range(first, n, BATCH):
-        ends = np.arange(lo, min(lo + BATCH, n))
-        x, good = windows(times, data, ends, interval=meta.sample_interval, n_samples=meta.window, age_limit=age_limit)
-        s, per_tag = scorer.score(x, good)
-        scores[ends] = s
-        if shares is not None:
-            shares[ends] = per_tag
     limit = meta.threshold.value if threshold is None else threshold
     det = Detector(
         model=meta.name,
@@ -140,15 +151,41 @@ def replay(
     anomaly = np.zeros(n, dtype=np.int8)
     none: dict[str, float] = {}  # the events' contributions are not kept: the flags and scores are the output
     span = meta.sample_interval * (meta.window - 1)
-    for i in range(first, n):
-        t = float(times[i])
-        det.update(t_end=t, window_start=t - span, score=float(scores[i]), contributions=none, values=none)
-        compared[i] = det.last_score
-        anomaly[i] = det.active
+    adapter = adapter_for(bundle, adapt, meta.name)
+    if adapter is not None:
+        # each window is normalised around the centre the windows before it left: scored one at a time, by a
+        # scorer of its own (recentring a caller's shared scorer would carry one file's drift into the next)
+        scorer = WindowScorer(bundle, runtime=scorer.runtime)
+    # adapting, a block is one window; otherwise BATCH window ends are scored together, then the detector runs
+    block = BATCH if adapter is None else 1
+    for lo in range(first, n, block):
+        ends = np.arange(lo, min(lo + block, n))
+        x, good = windows(times, data, ends, interval=meta.sample_interval, n_samples=meta.window, age_limit=age_limit)
+        s, per_tag = scorer.score(x.copy() if adapter is not None else x, good)
+        scores[ends] = s
+        if shares is not None:
+            shares[ends] = per_tag
+        if adapter is None:
+            continue
+        t = float(times[lo])
+        det.update(t_end=t, window_start=t - span, score=float(s[0]), contributions=none, values=none)
+        compared[lo] = det.last_score
+        anomaly[lo] = det.active
+        centre = adapter.update(x[0], good[0], max(float(s[0]), det.last_score), limit, det.active)
+        if centre is not None:
+            scorer.recentre(centre)
+    if adapter is None:
+        for i in range(first, n):
+            t = float(times[i])
+            det.update(t_end=t, window_start=t - span, score=float(scores[i]), contributions=none, values=none)
+            compared[i] = det.last_score
+            anomaly[i] = det.active
     # warm-up: the window reaches back before the first row (not a lack of good data within the file)
     warmup = (np.arange(n) < first) | (times - span < times[0] - 1e-6 * meta.sample_interval)
     status = np.where(warmup, "warmup", np.where(np.isnan(scores), "insufficient", "scored"))
-    return ReplayResult(times, compared, limit, anomaly, bundle, scores, status, shares)
+    return ReplayResult(
+        times, compared, limit, anomaly, bundle, scores, status, shares, adapter.state() if adapter else None
+    )
 
 
 COLUMNS = ("score", "threshold", "anomaly", "raw_score", "status")

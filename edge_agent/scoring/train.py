@@ -47,6 +47,7 @@ from edge_agent.scoring.bundle import (
     now_iso,
 )
 from edge_agent.scoring.calibrate import (
+    SCALINGS,
     calibrate,
     fit_normalisation,
     normal_scores,
@@ -89,12 +90,15 @@ class TrainOptions:
     kind: str = "reconstruction_mse"  # the model kind (base.SCORERS) whose `fit` hook builds and fits the model
     # the fraction of each run's rows (a tail block) the model is not fitted on; the threshold comes from them
     holdout: float = 0.2
+    scaling: str = "standard"  # standard (mean/std) or robust (median/IQR): calibrate.fit_normalisation
 
     def __post_init__(self) -> None:
         if not 0 <= self.holdout < 1:
             raise ValueError(f"holdout must be at least 0 and below 1, not {self.holdout!r}")
         if self.normalise not in ("global", "per-run"):
             raise ValueError(f"normalise must be 'global' or 'per-run', not {self.normalise!r}")
+        if self.scaling not in SCALINGS:
+            raise ValueError(f"scaling must be one of {', '.join(SCALINGS)}, not {self.scaling!r}")
         if self.segment_rows < 0:
             raise ValueError("segment_rows must be 0 (whole runs) or positive")
         try:
@@ -151,7 +155,7 @@ def runs_of(series: list[F64], options: TrainOptions) -> list[F64]:
 def training_windows(series: list[F64], options: TrainOptions) -> npt.NDArray[np.float32]:
     """Normalised windows of every run (a window never spans two runs)."""
     if options.normalise == "global":
-        mean, scale = fit_normalisation(np.concatenate(series))
+        mean, scale = fit_normalisation(np.concatenate(series), scaling=options.scaling)
         mean_a, scale_a = np.asarray(mean), np.asarray(scale)
         parts = [sliding_windows((s - mean_a) / scale_a, options.window) for s in series]
     else:
@@ -159,7 +163,7 @@ def training_windows(series: list[F64], options: TrainOptions) -> npt.NDArray[np
         for run in runs_of(series, options):
             if len(run) < options.window + 10:
                 continue  # too short to calibrate on, as calibrate() would refuse it
-            m, sc = fit_normalisation(run)
+            m, sc = fit_normalisation(run, scaling=options.scaling)
             parts.append(sliding_windows((run - np.asarray(m)) / np.asarray(sc), options.window))
     if not parts:
         raise ValueError(f"no run has the {options.window + 10} rows a window of {options.window} needs")
@@ -263,8 +267,8 @@ def _held_blocks(
     pairs = []
     for f, h in zip(fit_parts, held, strict=True):
         if len(f) >= options.window + 10:  # the runs training_windows used
-            mean, scale = fit_normalisation(f)
-            pairs.append((Normalisation(mean=mean, scale=scale), h))
+            mean, scale = fit_normalisation(f, scaling=options.scaling)
+            pairs.append((Normalisation(mean=mean, scale=scale, scaling=options.scaling), h))
     return pairs
 
 
@@ -278,8 +282,8 @@ def train(series: list[F64], options: TrainOptions, *, source: str = "") -> Bund
     tf.config.experimental.enable_op_determinism()
     data = np.concatenate(series)
     fit_parts, held = split_holdout(series, options)
-    mean, scale = fit_normalisation(np.concatenate(fit_parts))
-    norm = Normalisation(mean=mean, scale=scale)
+    mean, scale = fit_normalisation(np.concatenate(fit_parts), scaling=options.scaling)
+    norm = Normalisation(mean=mean, scale=scale, scaling=options.scaling)
     windows = training_windows(fit_parts, options)
     with stdout_to_stderr():
         trained = fit(tf, windows, options)
