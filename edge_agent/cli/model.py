@@ -186,7 +186,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             else tables[0].inputs  # every column but the labels (anomaly, label, changepoint, fault_active)
         )
         series = [t.select(inputs) for t in tables]
-        for warning in (w for t in tables for w in check_spacing(t, args.sample_interval, allow=True)):
+        # the flag is None when not given: TrainOptions holds the default
+        interval = args.sample_interval or TrainOptions.__dataclass_fields__["sample_interval"].default
+        for warning in (w for t in tables for w in check_spacing(t, interval, allow=True)):
             print(f"train: warning: {warning} (--sample-interval)", file=sys.stderr)  # the bundle would say so
     except ValueError as exc:
         print(f"train: {exc}", file=sys.stderr)

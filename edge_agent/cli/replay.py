@@ -153,10 +153,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 def adaptation(args: argparse.Namespace) -> ModelAdaptation | None:
     """models[].adapt from replay's --adapt options (None without --adapt)."""
-    from edge_agent.config import ModelAdaptation
-
     if not args.adapt:
         return None
+    from edge_agent.config import ModelAdaptation  # only with --adapt: the config imports the driver registry
+
     given = {k: getattr(args, f"adapt_{k}") for k in ("rate", "below", "max_shift")}
     return ModelAdaptation(**{k: v for k, v in given.items() if v is not None})
 
