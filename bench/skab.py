@@ -11,7 +11,7 @@ are normal data only: their false-alarm rate after the first 400 rows is printed
 and again with the file cut into runs as long as the labelled ones (each calibrated on its own
 first 400 rows), the horizon a 400-row calibration is meant for.
 
-    python bench/skab.py                                   # /work/shared/data/skab, models/skab/skab-pump-ae.tflite
+    python bench/skab.py                                   # /work/shared/data/skab, models/skab/skab-pump.tflite
     python bench/skab.py DATA_DIR --model other.tflite
     python bench/skab.py --quiet                           # only the machine line (JSON after "SKAB ")
 
@@ -49,7 +49,7 @@ from edge_agent.scoring.bundle import Bundle, load_bundle
 from edge_agent.scoring.replay import Table, read_table, replay
 
 DEFAULT_DATA = "/work/shared/data/skab"
-DEFAULT_MODEL = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "models", "skab", "skab-pump-ae.tflite"))
+DEFAULT_MODEL = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "models", "skab", "skab-pump.tflite"))
 TRAIN_ROWS = 400  # SKAB protocol: the first 400 rows of each file are its training part
 NAB_WINDOW = 60.0  # seconds, to the right of each labelled changepoint
 # the recipe of models/skab/skab-pump.tflite (models/README.md has its `edge-agent train` command)
@@ -331,7 +331,7 @@ def main_cv(data_dir: Path, recipes: list[str], folds: int, calibrate_rows: int,
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("data_dir", nargs="?", default=DEFAULT_DATA, help=f"SKAB-like data/ folder (default {DEFAULT_DATA})")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="model bundle (default models/skab/skab-pump-ae.tflite)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model bundle (default models/skab/skab-pump.tflite)")
     p.add_argument("--calibrate-rows", type=int, default=TRAIN_ROWS)
     p.add_argument("--quantile", type=float, default=0.99, help="as `replay --quantile` (CLI default 0.99)")
     p.add_argument("--margin", type=float, default=1.5, help="as `replay --margin` (CLI default 1.5)")
