@@ -240,6 +240,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             smoothing=args.smoothing,
             exit_ratio=args.exit_ratio,
             min_duration=args.min_duration,
+            threshold_floor=args.threshold_floor,
         )
         bundle = train(series, options, source=", ".join(Path(p).name for p in args.data))
     except (ModelError, ValueError) as exc:
@@ -334,4 +335,11 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     t.add_argument("--smoothing", type=int, default=1, help="detector default: rolling mean over N window scores")
     t.add_argument("--exit-ratio", type=float, default=0.8, help="detector default: leave below ratio × threshold")
     t.add_argument("--min-duration", type=float, default=5.0, help="detector default: seconds an anomaly lasts")
+    t.add_argument(
+        "--threshold-floor",
+        type=float,
+        default=0.0,
+        metavar="RATIO",
+        help="later calibrations keep the threshold at least RATIO × the trained one (default 0: no floor)",
+    )
     t.set_defaults(func=cmd_train)

@@ -10,7 +10,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 from pydantic_core import ErrorDetails
 
 from edge_agent.errors import ModelError
@@ -78,6 +88,17 @@ class ThresholdSpec(_Meta):
     rows: int = 0
     calibrated_at: str = ""
     base_sha256: str = Field("", description="sha256 of the bundle this one was calibrated from ('' if unknown)")
+    # a calibration on a short quiet stretch can set a threshold far below what the model scores on normal
+    # data elsewhere; a floor (train --threshold-floor) keeps every recalibration at or above it
+    floor: float = Field(0.0, ge=0, description="calibration never sets the threshold below this (0: no floor)")
+
+    @model_serializer(mode="wrap")
+    def _omit_no_floor(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Leave `floor` out when it is 0, so bundles without one keep their bytes (and sha256) on a rebuild."""
+        data: dict[str, Any] = handler(self)
+        if not self.floor:
+            data.pop("floor", None)
+        return data
 
 
 class BundleMetadata(_Meta):

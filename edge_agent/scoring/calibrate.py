@@ -106,9 +106,13 @@ def calibrate(
     source: str = "",
     min_scale_ratio: float = MIN_SCALE_RATIO,
 ) -> Bundle:
-    """A new bundle whose normalisation and threshold come from `data` (rows × inputs of normal operation)."""
+    """A new bundle whose normalisation and threshold come from `data` (rows × inputs of normal operation).
+
+    The threshold is quantile × margin of the data's scores, but never below the bundle's `threshold.floor`.
+    """
     norm, scores = normal_scores(bundle, data, min_scale_ratio=min_scale_ratio)
-    value = threshold_of(scores, quantile, margin)
+    floor = bundle.metadata.threshold.floor
+    value = max(threshold_of(scores, quantile, margin), floor)
     try:
         threshold = ThresholdSpec(
             value=value,
@@ -118,6 +122,7 @@ def calibrate(
             rows=len(data),
             calibrated_at=now_iso(),
             base_sha256=bundle.sha256,  # lets startup calibration tell a saved copy of this bundle from a stale one
+            floor=floor,
         )
     except ValidationError as exc:  # a margin of nan or inf: the bundle would never alarm
         raise ValueError(f"no usable threshold (quantile {quantile:g} × margin {margin:g}): {one_line(exc)}") from None

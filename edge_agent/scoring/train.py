@@ -67,12 +67,17 @@ class TrainOptions:
     # per-run: cut runs into slices of this many rows, each standardised on its own (0: whole runs)
     segment_rows: int = 0
     kind: str = "reconstruction_mse"  # the model kind (base.SCORERS) whose `fit` hook builds and fits the model
+    # > 0: later calibrations keep the threshold ≥ this × the trained one (bench/skab.py --cv: fewer false
+    # alarms after a quiet calibration stretch, models/skab/NOTES.md)
+    threshold_floor: float = 0.0
 
     def __post_init__(self) -> None:
         if self.normalise not in ("global", "per-run"):
             raise ValueError(f"normalise must be 'global' or 'per-run', not {self.normalise!r}")
         if self.segment_rows < 0:
             raise ValueError("segment_rows must be 0 (whole runs) or positive")
+        if not 0 <= self.threshold_floor < 100:
+            raise ValueError("threshold_floor must be 0 (none) or a positive ratio below 100")
         try:
             plugin_for(self.kind)
         except ModelError as exc:
@@ -200,5 +205,17 @@ def train(series: list[F64], options: TrainOptions, *, source: str = "") -> Bund
     bundle = bundle_from_bytes(embed_metadata(tflite, meta))
     if options.normalise == "per-run":
         # the stored normalisation (all the data) is a fallback: this model is meant to be calibrated on its machine
-        return _per_run_threshold(bundle, series, options, source)
-    return calibrate(bundle, data, quantile=options.quantile, margin=options.margin, source=source or "training data")
+        bundle = _per_run_threshold(bundle, series, options, source)
+    else:
+        bundle = calibrate(
+            bundle, data, quantile=options.quantile, margin=options.margin, source=source or "training data"
+        )
+    return with_floor(bundle, options.threshold_floor) if options.threshold_floor else bundle
+
+
+def with_floor(bundle: Bundle, ratio: float) -> Bundle:
+    """The bundle with `threshold.floor` = ratio × its threshold (6 digits, as thresholds are stored)."""
+    threshold = bundle.metadata.threshold
+    floor = float(f"{threshold.value * ratio:.6g}")
+    final = bundle.metadata.model_copy(update={"threshold": threshold.model_copy(update={"floor": floor})})
+    return bundle_from_bytes(embed_metadata(bundle.data, final))
