@@ -14,6 +14,8 @@ first 400 rows), the horizon a 400-row calibration is meant for.
     python bench/skab.py                                   # /work/shared/data/skab, models/skab/skab-pump.tflite
     python bench/skab.py DATA_DIR --model other.tflite
     python bench/skab.py --quiet                           # only the machine line (JSON after "SKAB ")
+    python bench/skab.py --cv [--folds 16] [--recipe 'normalise=per-run,bottleneck=4,hidden=64' ...]
+                              # cross-validation by run, in-sample beside it (TensorFlow; bench/skab_cv.py)
 
 NAB scoring follows SKAB's own `core/metrics.py` (from the tsad library, as called by SKAB's notebooks:
 `chp_score(true_cp, predicted_cp, metric="nab", window_width="60s", anomaly_window_destination="righter")`):
