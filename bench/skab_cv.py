@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from edge_agent.scoring.bundle import Bundle, DetectorSpec, ScoreSpec, bundle_from_bytes, embed_metadata, load_bundle
+from edge_agent.scoring.bundle import Bundle, bundle_from_bytes, embed_metadata, load_bundle
 from edge_agent.scoring.calibrate import calibrate
 from edge_agent.scoring.replay import ReplayResult, Table, read_table, replay
 
@@ -112,11 +112,9 @@ def trained(recipe: Recipe, tables: list[Table], rows: int) -> Bundle:
 def with_detector(bundle: Bundle, recipe: Recipe) -> Bundle:
     """The bundle with the recipe's smoothing, exit ratio and minimum duration as its defaults."""
     meta = bundle.metadata
-    score = ScoreSpec(kind=meta.score.kind, smoothing=recipe.detector.get("smoothing", meta.score.smoothing))
-    det = DetectorSpec(
-        exit_ratio=recipe.detector.get("exit_ratio", meta.detector.exit_ratio),
-        min_duration=recipe.detector.get("min_duration", meta.detector.min_duration),
-    )
+    # model_copy keeps what this bench does not set (a kind's score.params)
+    score = meta.score.model_copy(update={k: v for k, v in recipe.detector.items() if k == "smoothing"})
+    det = meta.detector.model_copy(update={k: v for k, v in recipe.detector.items() if k != "smoothing"})
     new = meta.model_copy(update={"score": score, "detector": det})
     return bundle_from_bytes(embed_metadata(bundle.data, new))
 
