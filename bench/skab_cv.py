@@ -11,9 +11,11 @@ all 17 runs' first 400 rows, scoring all 16 runs, as the shipped bundle is made)
 A recipe is `key=value,...`: keys of `TrainOptions` (window, hidden, bottleneck, epochs, seed,
 normalise, segment_rows, kind, learning_rate, batch_size) pick the model; smoothing, exit_ratio and
 min_duration are the bundle's detector defaults (set after training, as `train --smoothing` would:
-replay recalibrates the threshold anyway); quantile and margin are the replay's threshold rule. Trained
+replay recalibrates the threshold anyway); quantile and margin are the replay's threshold rule, and floor
+holds each calibrated threshold at ≥ floor × the bundle's trained one (what `threshold_floor` trains into a
+bundle, here without retraining). Trained
 models are cached under $TMPDIR/edge-agent-skab-cv, keyed by the training keys and the training files'
-contents, so detector variants of one model train nothing.
+contents and the scoring package's source, so detector variants of one model train nothing.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from edge_agent import scoring
 from edge_agent.scoring.bundle import Bundle, bundle_from_bytes, embed_metadata, load_bundle
 from edge_agent.scoring.calibrate import calibrate
 from edge_agent.scoring.replay import ReplayResult, Table, read_table, replay
@@ -89,6 +92,8 @@ def parse_recipe(text: str) -> Recipe:
 
 def _digest(recipe: Recipe, tables: list[Table], rows: int) -> str:
     h = hashlib.sha256(json.dumps(sorted(recipe.train.items()), default=str).encode())
+    for source in sorted(Path(scoring.__file__).parent.glob("*.py")):  # other training code: other models
+        h.update(source.read_bytes())
     for t in tables:
         h.update(np.ascontiguousarray(t.select(list(INPUTS))[:rows]).tobytes())
     return h.hexdigest()[:20]
