@@ -11,9 +11,11 @@ are normal data only: their false-alarm rate after the first 400 rows is printed
 and again with the file cut into runs as long as the labelled ones (each calibrated on its own
 first 400 rows), the horizon a 400-row calibration is meant for.
 
-    python bench/skab.py                                   # /work/shared/data/skab, models/skab/skab-pump-ae.tflite
+    python bench/skab.py                                   # /work/shared/data/skab, models/skab/skab-pump.tflite
     python bench/skab.py DATA_DIR --model other.tflite
     python bench/skab.py --quiet                           # only the machine line (JSON after "SKAB ")
+    python bench/skab.py --cv [--folds 16] [--recipe 'normalise=per-run,bottleneck=4,hidden=64' ...]
+                              # cross-validation by run, in-sample beside it (TensorFlow; bench/skab_cv.py)
 
 NAB scoring follows SKAB's own `core/metrics.py` (from the tsad library, as called by SKAB's notebooks:
 `chp_score(true_cp, predicted_cp, metric="nab", window_width="60s", anomaly_window_destination="righter")`):
@@ -45,13 +47,15 @@ import numpy.typing as npt
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from edge_agent.scoring.bundle import load_bundle
-from edge_agent.scoring.replay import read_table, replay
+from edge_agent.scoring.bundle import Bundle, load_bundle
+from edge_agent.scoring.replay import Table, read_table, replay
 
 DEFAULT_DATA = "/work/shared/data/skab"
-DEFAULT_MODEL = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "models", "skab", "skab-pump-ae.tflite"))
+DEFAULT_MODEL = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "models", "skab", "skab-pump.tflite"))
 TRAIN_ROWS = 400  # SKAB protocol: the first 400 rows of each file are its training part
 NAB_WINDOW = 60.0  # seconds, to the right of each labelled changepoint
+# the recipe of models/skab/skab-pump.tflite (models/README.md has its `edge-agent train` command)
+SHIPPED_RECIPE = "normalise=per-run,bottleneck=4,epochs=20"
 PROFILES = {"standard": (1.0, -0.11, -1.0), "low_fp": (1.0, -0.22, -1.0), "low_fn": (1.0, -0.11, -2.0)}
 
 # Published numbers (SKAB README at commit b2c0d46, see /work/shared/data/skab/README.md): F1, FAR %, MAR %.
@@ -197,6 +201,35 @@ def nab_metrics(results: list[FileResult]) -> dict[str, float]:
     return out
 
 
+def file_result(table: Table, rel: Path, anomaly_flags: npt.NDArray[np.int8], calibrate_rows: int) -> FileResult | None:
+    """A labelled file's test part (rows from `calibrate_rows` on) with the agent's flags; None without labels."""
+    a_col, c_col = _column(table.columns, "anomaly"), _column(table.columns, "changepoint")
+    if a_col is None:
+        return None
+    test = slice(calibrate_rows, None)  # the rows the threshold was not calibrated on
+    anomaly = np.nan_to_num(table.values[test, a_col]).astype(np.int8)
+    cp = (
+        np.nan_to_num(table.values[test, c_col]).astype(np.int8)
+        if c_col is not None
+        else predicted_changepoints(anomaly)
+    )
+    group = rel.parts[0] if len(rel.parts) > 1 else "."
+    return FileResult(str(rel), group, table.times[test], anomaly, cp, anomaly_flags[test].astype(np.int8))
+
+
+def far_in_runs(
+    bundle: Bundle, times: F64, data: F64, span: int, *, calibrate_rows: int, quantile: float, margin: float
+) -> float:
+    """FAR % of normal data cut into consecutive runs of `span` rows, each calibrated on its own first rows."""
+    fp = rows = 0
+    for start in range(0, len(times) - span + 1, span):
+        part = slice(start, start + span)
+        r = replay(bundle, times[part], data[part], calibrate_rows=calibrate_rows, quantile=quantile, margin=margin)
+        fp += int(r.anomaly[calibrate_rows:].sum())
+        rows += span - calibrate_rows
+    return 100.0 * fp / rows if rows else 0.0
+
+
 def run(
     data_dir: Path, model: Path, *, calibrate_rows: int = TRAIN_ROWS, quantile: float = 0.99, margin: float = 1.5
 ) -> tuple[list[FileResult], dict[str, dict[str, float]], str]:
@@ -207,7 +240,6 @@ def run(
     normal_files: list[tuple[str, F64, F64, I8]] = []
     for path in find_csvs(data_dir):
         table = read_table(path)
-        a_col, c_col = _column(table.columns, "anomaly"), _column(table.columns, "changepoint")
         try:
             data = table.select(inputs)
         except ValueError:
@@ -218,19 +250,11 @@ def run(
             bundle, table.times, data, calibrate_rows=calibrate_rows, quantile=quantile, margin=margin, source=str(path)
         )
         rel = path.relative_to(data_dir)
-        test = slice(calibrate_rows, None)  # the rows the threshold was not calibrated on
-        pred = result.anomaly[test].astype(np.int8)
-        if a_col is None:
-            normal_files.append((str(rel), table.times, data, pred))
-            continue
-        anomaly = np.nan_to_num(table.values[test, a_col]).astype(np.int8)
-        cp = (
-            np.nan_to_num(table.values[test, c_col]).astype(np.int8)
-            if c_col is not None
-            else predicted_changepoints(anomaly)
-        )
-        group = rel.parts[0] if len(rel.parts) > 1 else "."
-        labelled.append(FileResult(str(rel), group, table.times[test], anomaly, cp, pred))
+        found = file_result(table, rel, result.anomaly, calibrate_rows)
+        if found is None:
+            normal_files.append((str(rel), table.times, data, result.anomaly[calibrate_rows:].astype(np.int8)))
+        else:
+            labelled.append(found)
     # normal-only files: false alarms after the first 400 rows, and (a fairer horizon for a model calibrated on
     # 400 rows) in consecutive runs as long as the labelled files, each calibrated on its own first 400 rows
     span = int(np.median([len(r.times) for r in labelled])) + calibrate_rows if labelled else 0
@@ -238,15 +262,10 @@ def run(
     for name, times, data, pred in normal_files:
         m = {"rows": float(len(pred)), "fp": float(pred.sum()), "far": 100.0 * float(pred.mean())}
         if span and len(times) >= span:
-            fp = rows = 0
-            for start in range(0, len(times) - span + 1, span):
-                part = slice(start, start + span)
-                r = replay(
-                    bundle, times[part], data[part], calibrate_rows=calibrate_rows, quantile=quantile, margin=margin
-                )
-                fp += int(r.anomaly[calibrate_rows:].sum())
-                rows += span - calibrate_rows
-            m.update({"span": float(span), "runs": float(len(times) // span), "far_runs": 100.0 * fp / rows})
+            far = far_in_runs(
+                bundle, times, data, span, calibrate_rows=calibrate_rows, quantile=quantile, margin=margin
+            )
+            m.update({"span": float(span), "runs": float(len(times) // span), "far_runs": far})
         normal[name] = m
     return labelled, normal, bundle.sha256
 
@@ -282,15 +301,58 @@ def table(summary: dict[str, dict[str, float]], model_name: str) -> str:
     return "\n".join(lines)
 
 
+def main_cv(data_dir: Path, recipes: list[str], folds: int, calibrate_rows: int, quiet: bool) -> int:
+    """--cv: in-sample and cross-validated figures per recipe, a table and one machine line per recipe."""
+    from skab_cv import cross_validate, cv_table, parse_recipe
+
+    if not 2 <= folds <= 16:
+        print(f"--folds {folds}: between 2 and 16 (the valve1 runs)", file=sys.stderr)
+        return 2
+    try:
+        parsed = [parse_recipe(r) for r in recipes]
+    except ValueError as exc:
+        print(f"--recipe: {exc}", file=sys.stderr)
+        return 2
+    results = []
+    for recipe in parsed:
+        r = cross_validate(data_dir, recipe, folds=folds, rows=calibrate_rows)
+        results.append(r)
+        print("SKAB-CV " + json.dumps(r, separators=(",", ":")), flush=True)
+    if not quiet:
+        print(
+            f"\nSKAB valve1, {folds}-fold cross-validation by run (run i in fold i mod {folds}); each model trained "
+            f"on the first {calibrate_rows} rows of anomaly-free.csv and of the other folds' runs; replay "
+            "--calibrate-rows "
+            f"{calibrate_rows}, test rows ≥ {calibrate_rows}, pooled over all 16 runs. In-sample: one model on all "
+            "17 runs scoring all 16.\n"
+        )
+        print(cv_table(results))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("data_dir", nargs="?", default=DEFAULT_DATA, help=f"SKAB-like data/ folder (default {DEFAULT_DATA})")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="model bundle (default models/skab/skab-pump-ae.tflite)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model bundle (default models/skab/skab-pump.tflite)")
     p.add_argument("--calibrate-rows", type=int, default=TRAIN_ROWS)
     p.add_argument("--quantile", type=float, default=0.99, help="as `replay --quantile` (CLI default 0.99)")
     p.add_argument("--margin", type=float, default=1.5, help="as `replay --margin` (CLI default 1.5)")
     p.add_argument("--quiet", action="store_true", help="print only the machine line")
+    p.add_argument(
+        "--cv", action="store_true", help="cross-validate training recipes by valve1 run (TensorFlow; bench/skab_cv.py)"
+    )
+    p.add_argument("--folds", type=int, default=4, help="--cv: folds by run, run i in fold i mod K (16: leave one out)")
+    p.add_argument(
+        "--recipe",
+        action="append",
+        help="--cv: key=value,... (TrainOptions keys, smoothing/exit_ratio/min_duration, quantile/margin); repeatable; "
+        f"default the shipped recipe: {SHIPPED_RECIPE}",
+    )
     args = p.parse_args(argv)
+    if args.cv:
+        return main_cv(
+            Path(args.data_dir), args.recipe or [SHIPPED_RECIPE], args.folds, args.calibrate_rows, args.quiet
+        )
     data_dir, model = Path(args.data_dir), Path(args.model)
     t0 = time.perf_counter()
     results, normal, sha = run(

@@ -333,6 +333,15 @@ TRAIN_FLAGS: tuple[tuple[str, dict[str, Any]], ...] = (
     ),
     ("--smoothing", {"type": int, "help": "detector default: rolling mean over N window scores (default {default})"}),
     (
+        "--threshold-floor",
+        {
+            "type": float,
+            "metavar": "RATIO",
+            "help": "later calibrations (calibrate, replay --calibrate-rows, startup) keep the threshold at least "
+            "RATIO × the trained one (default {default}: no floor)",
+        },
+    ),
+    (
         "--exit-ratio",
         {"type": float, "help": "detector default: an anomaly ends below ratio × threshold (default {default})"},
     ),

@@ -105,7 +105,10 @@ class ThresholdSpec(_Meta):
     base_sha256: str = Field("", description="sha256 of the bundle this one was calibrated from ('' if unknown)")
     # what a calibration set (all: normalisation and threshold; threshold: the bundle's normalisation was kept)
     calibrated: str = "all"
-    floor: float = Field(0.0, ge=0, description="the value was raised to at least floor × the base bundle's threshold")
+    # a calibration on a short quiet stretch can set a threshold far below what the model scores on normal
+    # data elsewhere; a floor (train --threshold-floor, calibrate --threshold-floor) keeps every recalibration at
+    # or above it
+    floor: float = Field(0.0, ge=0, description="calibration never sets the threshold below this (0: no floor)")
 
 
 class BundleMetadata(_Meta):

@@ -146,8 +146,10 @@ def calibrate(
     """A new bundle whose normalisation and threshold come from `data` (rows × inputs of normal operation).
 
     what="threshold" keeps the bundle's normalisation and sets only the threshold. `scaling` (standard |
-    robust) defaults to the bundle's. `floor` > 0 raises the threshold to at least floor × the bundle's
-    own threshold, so a calibration on a quiet stretch cannot set it far below what the model was made with.
+    robust) defaults to the bundle's. The threshold is quantile × margin of the data's scores, never below the
+    bundle's `threshold.floor` (train --threshold-floor) nor below `floor` × the bundle's own threshold, so a
+    calibration on a quiet stretch cannot set it far below what the model was made with; the new bundle keeps
+    the higher of the two as its floor, for the calibrations after it.
     """
     if what not in WHAT:
         raise ValueError(f"a calibration sets {' or '.join(WHAT)}, not {what!r}")
@@ -156,7 +158,9 @@ def calibrate(
     norm, scores = normal_scores(
         bundle, data, min_scale_ratio=min_scale_ratio, scaling=scaling, keep_normalisation=what == "threshold"
     )
-    value = max(threshold_of(scores, quantile, margin), float(f"{floor * bundle.metadata.threshold.value:.6g}"))
+    base = bundle.metadata.threshold
+    lowest = max(base.floor, float(f"{floor * base.value:.6g}")) if floor else base.floor
+    value = max(threshold_of(scores, quantile, margin), lowest)
     try:
         threshold = ThresholdSpec(
             value=value,
@@ -167,7 +171,7 @@ def calibrate(
             calibrated_at=now_iso(),
             base_sha256=bundle.sha256,  # lets startup calibration tell a saved copy of this bundle from a stale one
             calibrated=what,
-            floor=floor,
+            floor=lowest,
         )
     except ValidationError as exc:  # a margin of nan or inf: the bundle would never alarm
         raise ValueError(f"no usable threshold (quantile {quantile:g} × margin {margin:g}): {one_line(exc)}") from None

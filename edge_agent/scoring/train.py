@@ -91,6 +91,9 @@ class TrainOptions:
     # the fraction of each run's rows (a tail block) the model is not fitted on; the threshold comes from them
     holdout: float = 0.2
     scaling: str = "standard"  # standard (mean/std) or robust (median/IQR): calibrate.fit_normalisation
+    # > 0: later calibrations keep the threshold ≥ this × the trained one (bench/skab.py --cv: fewer false
+    # alarms after a quiet calibration stretch, models/skab/NOTES.md)
+    threshold_floor: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.holdout < 1:
@@ -101,6 +104,8 @@ class TrainOptions:
             raise ValueError(f"scaling must be one of {', '.join(SCALINGS)}, not {self.scaling!r}")
         if self.segment_rows < 0:
             raise ValueError("segment_rows must be 0 (whole runs) or positive")
+        if not 0 <= self.threshold_floor < 100:
+            raise ValueError("threshold_floor must be 0 (none) or a positive ratio below 100")
         try:
             plugin_for(self.kind)
         except ModelError as exc:
@@ -322,8 +327,20 @@ def train(series: list[F64], options: TrainOptions, *, source: str = "") -> Bund
     )
     bundle = bundle_from_bytes(embed_metadata(_convert(tf, trained.model, windows, options), meta))
     if options.holdout > 0:
-        return _held_out_threshold(bundle, _held_blocks(fit_parts, held, options, norm), options, source)
-    if options.normalise == "per-run":
+        bundle = _held_out_threshold(bundle, _held_blocks(fit_parts, held, options, norm), options, source)
+    elif options.normalise == "per-run":
         # the stored normalisation (all the data) is a fallback: this model is meant to be calibrated on its machine
-        return _per_run_threshold(bundle, series, options, source)
-    return calibrate(bundle, data, quantile=options.quantile, margin=options.margin, source=source or "training data")
+        bundle = _per_run_threshold(bundle, series, options, source)
+    else:
+        bundle = calibrate(
+            bundle, data, quantile=options.quantile, margin=options.margin, source=source or "training data"
+        )
+    return with_floor(bundle, options.threshold_floor) if options.threshold_floor else bundle
+
+
+def with_floor(bundle: Bundle, ratio: float) -> Bundle:
+    """The bundle with `threshold.floor` = ratio × its threshold (6 digits, as thresholds are stored)."""
+    threshold = bundle.metadata.threshold
+    floor = float(f"{threshold.value * ratio:.6g}")
+    final = bundle.metadata.model_copy(update={"threshold": threshold.model_copy(update={"floor": floor})})
+    return bundle_from_bytes(embed_metadata(bundle.data, final))

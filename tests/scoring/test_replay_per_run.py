@@ -10,7 +10,7 @@ import pytest
 from edge_agent.cli import main
 from edge_agent.scoring.bundle import load_bundle
 
-SKAB = Path(__file__).parents[2] / "models" / "skab" / "skab-pump-ae.tflite"
+SKAB = Path(__file__).parents[2] / "models" / "skab" / "skab-pump.tflite"
 
 
 def _csv(path: Path, rows: int) -> Path:

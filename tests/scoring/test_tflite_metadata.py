@@ -20,6 +20,7 @@ BUNDLES = [
     ROOT / "tests" / "fixtures" / "pump-f32.tflite",
     ROOT / "models" / "pump-skid-ae.tflite",
     ROOT / "models" / "skab" / "skab-pump-ae.tflite",
+    ROOT / "models" / "skab" / "skab-pump.tflite",
 ]
 
 
