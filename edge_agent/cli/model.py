@@ -58,7 +58,7 @@ def cmd_model_inspect(args: argparse.Namespace) -> int:
         f", {m.threshold.rows} rows of {m.threshold.calibrated_on or '?'} at {m.threshold.calibrated_at or '?'}"
         + (f", calibrated from sha256 {m.threshold.base_sha256[:12]}…" if m.threshold.base_sha256 else "")
         + (", threshold only (normalisation kept)" if m.threshold.calibrated == "threshold" else "")
-        + (f", floor {m.threshold.floor:g} × the base's threshold" if m.threshold.floor else "")
+        + (f", never below {m.threshold.floor:.6g} (floor)" if m.threshold.floor else "")
         + ")\n"
         f"  detector   exit ratio {m.detector.exit_ratio}, min duration {m.detector.min_duration:g}s\n"
         f"  created    {m.created}\n  inputs"
@@ -187,7 +187,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
         series = [t.select(inputs) for t in tables]
         # the flag is None when not given: TrainOptions holds the default
-        interval = args.sample_interval or TrainOptions.__dataclass_fields__["sample_interval"].default
+        interval = args.sample_interval or TrainOptions.sample_interval  # the class attribute is the default
         for warning in (w for t in tables for w in check_spacing(t, interval, allow=True)):
             print(f"train: warning: {warning} (--sample-interval)", file=sys.stderr)  # the bundle would say so
     except ValueError as exc:

@@ -111,7 +111,8 @@ def test_threshold_floor_is_a_multiple_of_the_bundles_threshold() -> None:
     low = calibrate(base, quiet).metadata.threshold
     floored = calibrate(base, quiet, floor=1.0).metadata.threshold
     assert low.value < base.metadata.threshold.value
-    assert floored.value == pytest.approx(base.metadata.threshold.value, rel=1e-5) and floored.floor == 1.0
+    assert floored.value == pytest.approx(base.metadata.threshold.value, rel=1e-5)
+    assert floored.floor == pytest.approx(base.metadata.threshold.value, rel=1e-5)  # kept for later calibrations
     loud = calibrate(base, normal(300, spread=3.0), floor=0.1).metadata.threshold
     assert loud.value > 0.1 * base.metadata.threshold.value  # the floor only ever raises it
     with pytest.raises(ValueError, match="floor"):
@@ -301,12 +302,13 @@ def test_cli_threshold_only_scaling_and_adapt(tmp_path: Path, capsys: pytest.Cap
     args = ["calibrate", "--model", str(INT8), "--csv", str(csv), "--rows", "300", "--scaling", "robust"]
     assert main([*args, "--threshold-floor", "2", "--out", str(robust)]) == 0
     made = load_bundle(robust).metadata
-    assert made.normalisation.scaling == "robust" and made.threshold.floor == 2.0
+    assert made.normalisation.scaling == "robust"
+    assert made.threshold.floor == pytest.approx(2 * bundle().metadata.threshold.value, rel=1e-5)  # kept
     assert made.threshold.value >= 2 * bundle().metadata.threshold.value * (1 - 1e-5)
     capsys.readouterr()
     assert main(["model", "inspect", str(robust)]) == 0
     shown = capsys.readouterr().out
-    assert "floor 2 × the base's threshold" in shown and "inputs (scaling robust)" in shown
+    assert f"never below {made.threshold.floor:.6g} (floor)" in shown and "inputs (scaling robust)" in shown
     assert main(["model", "inspect", str(out)]) == 0
     assert "threshold only (normalisation kept)" in capsys.readouterr().out
 
@@ -344,4 +346,5 @@ async def test_startup_calibration_takes_the_calibrate_sections_options(monkeypa
     made = monitor.bundle.metadata
     assert not monitor.calibrating and monitor.bundle.sha256 != b.sha256
     assert made.normalisation == meta.normalisation and made.threshold.calibrated == "threshold"
-    assert made.threshold.floor == 1.5 and monitor.threshold >= 1.5 * meta.threshold.value * (1 - 1e-5)
+    assert made.threshold.floor == pytest.approx(1.5 * meta.threshold.value, rel=1e-5)
+    assert monitor.threshold >= 1.5 * meta.threshold.value * (1 - 1e-5)
