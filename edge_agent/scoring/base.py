@@ -9,7 +9,7 @@ with too little good data; ModelRuntime runs the TFLite model; the detector smoo
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -47,6 +47,8 @@ class Trained:
     model: Any  # a tf.keras.Model over normalised windows, converted to TFLite by the recipe
     final_loss: float
     architecture: str  # one line for the bundle's training metadata
+    # the kind's own score parameters (limits, member thresholds): stored as the bundle's `score.params`
+    score_params: dict[str, Any] = field(default_factory=dict)
 
 
 def window_shape(meta: BundleMetadata) -> tuple[int, ...]:
@@ -67,6 +69,10 @@ class ScorerPlugin:
     output_shape: Callable[[BundleMetadata], tuple[int, ...]] = window_shape  # the model's output per batch row
     # the training recipe's model builder: fit(tf, normalised windows, options); None: `train` cannot make this kind
     fit: Callable[[Any, F32, TrainOptions], Trained] | None = None
+    # a kind whose score has calibrated parts of its own (the ensemble's member thresholds) sets them here,
+    # before the bundle's threshold: calibrate(bundle, scores_of, quantile, margin) → the bundle with them set,
+    # where scores_of(variant) scores the calibration data with a variant of the bundle as the threshold will be
+    calibrate: Callable[[Bundle, Callable[[Bundle], F64], float, float], Bundle] | None = None
 
 
 SCORERS: dict[str, ScorerPlugin] = {}

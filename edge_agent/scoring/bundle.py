@@ -58,6 +58,8 @@ class ScoreSpec(_Meta):
     # the model kind: a key of edge_agent.scoring.base.SCORERS, checked when the bundle is read
     kind: str = "reconstruction_mse"
     smoothing: int = Field(1, ge=1, le=1000, description="rolling mean over this many window scores")
+    # the kind's own parameters (e.g. PCA limits, ensemble members), validated by the kind when it loads
+    params: dict[str, Any] = Field(default_factory=dict)
 
 
 class DetectorSpec(_Meta):

@@ -6,6 +6,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import ValidationError
 
+from edge_agent.scoring.base import plugin_for
 from edge_agent.scoring.bundle import (
     Bundle,
     Normalisation,
@@ -107,6 +108,9 @@ def calibrate(
     min_scale_ratio: float = MIN_SCALE_RATIO,
 ) -> Bundle:
     """A new bundle whose normalisation and threshold come from `data` (rows × inputs of normal operation)."""
+    base, own = bundle.sha256, plugin_for(bundle.metadata.score.kind).calibrate
+    if own is not None:  # the kind's own calibrated parts first (an ensemble's member thresholds)
+        bundle = own(bundle, lambda b: normal_scores(b, data, min_scale_ratio=min_scale_ratio)[1], quantile, margin)
     norm, scores = normal_scores(bundle, data, min_scale_ratio=min_scale_ratio)
     value = threshold_of(scores, quantile, margin)
     try:
@@ -117,7 +121,7 @@ def calibrate(
             calibrated_on=source,
             rows=len(data),
             calibrated_at=now_iso(),
-            base_sha256=bundle.sha256,  # lets startup calibration tell a saved copy of this bundle from a stale one
+            base_sha256=base,  # lets startup calibration tell a saved copy of this bundle from a stale one
         )
     except ValidationError as exc:  # a margin of nan or inf: the bundle would never alarm
         raise ValueError(f"no usable threshold (quantile {quantile:g} × margin {margin:g}): {one_line(exc)}") from None

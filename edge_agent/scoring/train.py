@@ -173,7 +173,7 @@ def train(series: list[F64], options: TrainOptions, *, source: str = "") -> Bund
         window=options.window,
         sample_interval=options.sample_interval,
         normalisation=Normalisation(mean=mean, scale=scale),
-        score=ScoreSpec(kind=options.kind, smoothing=options.smoothing),
+        score=ScoreSpec(kind=options.kind, smoothing=options.smoothing, params=trained.score_params),
         detector=DetectorSpec(exit_ratio=options.exit_ratio, min_duration=options.min_duration),
         threshold=ThresholdSpec(value=1.0),  # replaced by the calibration below
         training={
