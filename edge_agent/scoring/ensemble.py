@@ -70,13 +70,13 @@ def params_of(meta: BundleMetadata) -> EnsembleParams:
     try:
         p = EnsembleParams.model_validate(meta.score.params)
     except ValidationError as exc:
-        raise ModelError(f"{meta.name}: invalid score.params for {KEY}: {one_line(exc)}") from None
+        raise ModelError(f"invalid score.params for {KEY}: {one_line(exc)}") from None
     for m in p.members:
         if m.kind == KEY:
-            raise ModelError(f"{meta.name}: an {KEY} cannot be a member of an {KEY}")
+            raise ModelError(f"an {KEY} cannot be a member of an {KEY}")
         plugin_for(m.kind)  # a ModelError naming the kinds this agent knows
     if p.only is not None and not 0 <= p.only < len(p.members):
-        raise ModelError(f"{meta.name}: score.params.only is {p.only}, the ensemble has {len(p.members)} members")
+        raise ModelError(f"score.params.only is {p.only}, the ensemble has {len(p.members)} members")
     return p
 
 

@@ -41,6 +41,9 @@ LIMIT_QUANTILE = 0.99  # T² and Q limits: this quantile of the training windows
 # the window's samples the PCA sees, counted from its end; 0: the whole window. The whole window (a
 # dynamic PCA over lags) detects best on the dev data, see models/README.md "Model kinds"
 LAGS = 0
+# the graph outputs t/(T_SCALE·√λ): an int8 output shares one range with the projection, about the normal
+# windows' ±3; unscaled, a scaled score could never pass ~3 and T² of one component never its limit
+T_SCALE = 4.0
 
 
 class PcaParams(BaseModel):
@@ -54,6 +57,7 @@ class PcaParams(BaseModel):
     q_limit: float = Field(gt=0, description="Q of normal windows (training quantile)")
     combine: Literal["max", "sum"] = "max"
     explained: float = Field(0.0, ge=0, le=1, description="share of the training variance the k components hold")
+    t_scale: float = Field(1.0, gt=0, description="the graph outputs t/(t_scale·√λ)")
     # P Λ^-1/2 (lags·inputs × k): maps the scaled scores back onto the inputs for the T² contributions
     weights: list[list[float]]
 
@@ -63,11 +67,11 @@ def params_of(meta: BundleMetadata) -> PcaParams:
     try:
         p = PcaParams.model_validate(meta.score.params)
     except ValidationError as exc:
-        raise ModelError(f"{meta.name}: invalid score.params for {KEY}: {one_line(exc)}") from None
+        raise ModelError(f"invalid score.params for {KEY}: {one_line(exc)}") from None
     n = p.lags * len(meta.inputs)
     if p.lags > meta.window or len(p.weights) != n or any(len(row) != p.components for row in p.weights):
         raise ModelError(
-            f"{meta.name}: score.params for {KEY}: weights must be {n} × {p.components} for {p.lags} lags of "
+            f"score.params for {KEY}: weights must be {n} × {p.components} for {p.lags} lags of "
             f"{len(meta.inputs)} inputs (window {meta.window})"
         )
     return p
@@ -88,12 +92,13 @@ class PcaScorer:
         self.k, self.lags = p.components, p.lags
         self.inv_t2, self.inv_q = 1.0 / p.t2_limit, 1.0 / p.q_limit
         self.combine = p.combine
+        self.t_scale = np.float32(p.t_scale)
         self.weights = np.asarray(p.weights, dtype=np.float32).T  # k × lags·inputs
 
     def statistics(self, x: F32, out: F32, good: npt.NDArray[np.bool_] | None) -> tuple[F64, F64, F64, F64]:
         """T², Q [batch] and each tag's part of them [batch × inputs] from the model output `out`."""
         batch, n = x.shape[0], x.shape[2]
-        s = out[:, : self.k]
+        s = out[:, : self.k] * self.t_scale
         xl = x[:, -self.lags :, :]
         r = xl - out[:, self.k :].reshape(batch, self.lags, n)  # x − PPᵀx
         if good is not None:
@@ -168,7 +173,7 @@ def fit_pca(tf: Any, windows: F32, options: TrainOptions, *, lags: int = LAGS, e
     scaled = tf.keras.layers.Dense(k, use_bias=False, trainable=False, name="scaled_scores")
     project = tf.keras.layers.Dense(lags * n_in, use_bias=False, trainable=False, name="projection")
     out = tf.keras.layers.Concatenate()([scaled(flat), project(flat)])
-    scaled.set_weights([np.vstack([np.repeat(lead, k, axis=1), w_t]).astype(np.float32)])
+    scaled.set_weights([np.vstack([np.repeat(lead, k, axis=1), w_t / T_SCALE]).astype(np.float32)])
     project.set_weights([np.vstack([np.repeat(lead, lags * n_in, axis=1), w_p]).astype(np.float32)])
     model = tf.keras.Model(inp, out)
     return Trained(
@@ -182,6 +187,7 @@ def fit_pca(tf: Any, windows: F32, options: TrainOptions, *, lags: int = LAGS, e
             "q_limit": float(limits[1]),
             "combine": "max",
             "explained": round(share, 6),
+            "t_scale": T_SCALE,
             "weights": w_t.tolist(),
         },
     )
