@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from edge_agent.cli.common import EXIT_CONFIG, EXIT_FAIL, EXIT_OK, _load
@@ -209,6 +212,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from edge_agent.scoring.replay import read_table
     from edge_agent.scoring.train import TrainOptions, train
 
+    started = time.monotonic()
     try:
         tables = [read_table(p) for p in args.data]
         inputs = (
@@ -220,27 +224,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"train: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    if args.holdout == 0:
+        print(
+            "train: warning: --holdout 0: the threshold comes from the windows the model was fitted on, "
+            "which it reconstructs better than new normal data: expect false alarms",
+            file=sys.stderr,
+        )
     try:
         series = [s[: args.rows] if args.rows else s for s in series]
-        options = TrainOptions(
-            name=args.name,
-            inputs=tuple(inputs),
-            window=args.window,
-            sample_interval=args.sample_interval,
-            hidden=args.hidden,
-            bottleneck=args.bottleneck,
-            epochs=args.epochs,
-            seed=args.seed,
-            dtype=args.dtype,
-            quantile=args.quantile,
-            margin=args.margin,
-            description=args.description,
-            normalise=args.normalise,
-            segment_rows=args.segment_rows,
-            smoothing=args.smoothing,
-            exit_ratio=args.exit_ratio,
-            min_duration=args.min_duration,
-        )
+        given = {f: getattr(args, f) for f in TRAIN_OPTIONS if getattr(args, f) is not None}
+        options = TrainOptions(name=args.name, inputs=tuple(inputs), description=args.description, **given)
         bundle = train(series, options, source=", ".join(Path(p).name for p in args.data))
     except (ModelError, ValueError) as exc:
         print(f"train: {exc}", file=sys.stderr)
@@ -250,11 +243,81 @@ def cmd_train(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"train: {args.out}: cannot write it: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_CONFIG
+    meta = bundle.metadata
+    t = meta.threshold
+    held = (
+        f"{meta.training['holdout_windows']} held-out windows ({meta.training['holdout_rows']} rows, "
+        f"the last {options.holdout:g} of each run)"
+        if options.holdout > 0
+        else f"{meta.training['windows']} training windows (no hold-out)"
+    )
     print(
-        f"{args.out}: {options.dtype} {bundle.metadata.training['architecture']}, threshold "
-        f"{bundle.metadata.threshold.value:.6g}, sha256 {bundle.sha256}"
+        f"{args.out}: {options.kind}, {options.dtype} {meta.training['architecture']}, sha256 {bundle.sha256}\n"
+        f"threshold {t.value:.6g} = q{t.quantile:g} × {t.margin:g} of {held}\n"
+        f"trained on {meta.training['windows']} windows of {meta.training['rows']} rows in "
+        f"{time.monotonic() - started:.1f} s"
     )
     return EXIT_OK
+
+
+# the train options the command passes on when given; TrainOptions holds their defaults (the one place)
+TRAIN_OPTIONS = (
+    "kind",
+    "window",
+    "sample_interval",
+    "hidden",
+    "bottleneck",
+    "epochs",
+    "seed",
+    "dtype",
+    "quantile",
+    "margin",
+    "holdout",
+    "normalise",
+    "segment_rows",
+    "smoothing",
+    "exit_ratio",
+    "min_duration",
+)
+
+
+class _TrainHelp(argparse.HelpFormatter):
+    """Fills an option's `{default}` from TrainOptions when help is printed: the recipe is imported only then."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "{default}" not in text:
+            return text
+        from edge_agent.scoring.train import TrainOptions
+
+        value = next(f.default for f in dataclasses.fields(TrainOptions) if f.name == action.dest)
+        return text.replace("{default}", f"{value:g}" if isinstance(value, float) else str(value))
+
+
+class _TrainableKinds:
+    """`--kind`'s choices: the registry's kinds with a training hook, looked up when a kind is checked or listed."""
+
+    def _keys(self) -> list[str]:
+        from edge_agent.scoring.base import SCORERS
+
+        return sorted(k for k, p in SCORERS.items() if p.fit is not None)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys())
+
+
+def _fraction(text: str) -> float:
+    """A hold-out fraction argument: 0 ≤ f < 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a hold-out fraction is at least 0 and below 1")
+    return value
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -308,30 +371,86 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     rp.add_argument("--plot", help="PNG of the tags, the score against its threshold and the anomaly spans")
     rp.set_defaults(func=cmd_replay)
 
-    t = sub.add_parser("train", help="train an int8 model bundle from CSVs of normal operation (train extra)")
-    t.add_argument("data", nargs="+")
-    t.add_argument("--out", required=True)
-    t.add_argument("--name", required=True)
+    t = sub.add_parser(
+        "train",
+        help="train an int8 model bundle from CSVs of normal operation (train extra)",
+        formatter_class=_TrainHelp,
+        description="Fit a model of the chosen kind on the first rows of each run, set its threshold on the "
+        "held-out last rows, and write an int8 .tflite bundle. Only the result is printed on stdout; "
+        "TensorFlow's own messages go to stderr.",
+    )
+    t.add_argument("data", nargs="+", help="CSVs of normal operation: a time column and the input columns")
+    t.add_argument("--out", required=True, help="the bundle to write (.tflite)")
+    t.add_argument("--name", required=True, help="the model's name in its metadata and events")
+    t.add_argument(
+        "--kind",
+        choices=_TrainableKinds(),
+        help="the model kind (score.kind; see models/README.md, 'which kind when'; default {default})",
+    )
     t.add_argument("--inputs", help="comma-separated columns (default: every column but labels)")
-    t.add_argument("--rows", type=int, default=0, help="use only the first N rows of each file")
-    t.add_argument("--window", type=int, default=16)
-    t.add_argument("--sample-interval", type=float, default=1.0)
-    t.add_argument("--hidden", type=int, default=32)
-    t.add_argument("--bottleneck", type=int, default=8)
-    t.add_argument("--epochs", type=int, default=30)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--dtype", choices=["int8", "float32"], default="int8")
-    t.add_argument("--quantile", type=float, default=0.99)
-    t.add_argument("--margin", type=float, default=1.5)
-    t.add_argument("--description", default="")
+    t.add_argument("--rows", type=int, default=0, help="use only the first N rows of each file (default 0: all)")
+    t.add_argument("--window", type=int, help="samples per window (default {default})")
+    t.add_argument(
+        "--sample-interval",
+        type=float,
+        metavar="SECONDS",
+        help="seconds between the CSV's rows, the model's grid (default {default})",
+    )
+    t.add_argument(
+        "--hidden",
+        type=int,
+        help="units (dense) or filters (conv) of the outer layers (default {default})",
+    )
+    t.add_argument(
+        "--bottleneck",
+        type=int,
+        help="units (dense) or filters (conv) of the innermost layer (default {default})",
+    )
+    t.add_argument("--epochs", type=int, help="passes over the training windows (default {default})")
+    t.add_argument("--seed", type=int, help="random seed: the same seed gives the same file (default {default})")
+    t.add_argument(
+        "--dtype",
+        choices=["int8", "float32"],
+        help="the TFLite model's arithmetic (default {default})",
+    )
+    t.add_argument(
+        "--quantile",
+        type=float,
+        help="threshold = this quantile of the held-out scores × margin (default {default})",
+    )
+    t.add_argument("--margin", type=float, help="threshold factor (default {default})")
+    t.add_argument(
+        "--holdout",
+        type=_fraction,
+        metavar="FRACTION",
+        help="the last FRACTION of each run's rows is held out of fitting; the threshold comes from their "
+        "windows only (default {default}; 0: threshold from the training windows, too low)",
+    )
+    t.add_argument("--description", default="", help="one line for the bundle's metadata (default empty)")
     t.add_argument(
         "--normalise",
         choices=["global", "per-run"],
-        default="global",
-        help="per-run: standardise each file on its own, as per-machine calibration will (default global)",
+        help="per-run: standardise each file on its own, as per-machine calibration will (default {default})",
     )
-    t.add_argument("--segment-rows", type=int, default=0, help="per-run: standardise every N rows on their own")
-    t.add_argument("--smoothing", type=int, default=1, help="detector default: rolling mean over N window scores")
-    t.add_argument("--exit-ratio", type=float, default=0.8, help="detector default: leave below ratio × threshold")
-    t.add_argument("--min-duration", type=float, default=5.0, help="detector default: seconds an anomaly lasts")
+    t.add_argument(
+        "--segment-rows",
+        type=int,
+        help="per-run: standardise every N rows on their own (default {default}: whole files)",
+    )
+    t.add_argument(
+        "--smoothing",
+        type=int,
+        help="detector default: rolling mean over N window scores (default {default})",
+    )
+    t.add_argument(
+        "--exit-ratio",
+        type=float,
+        help="detector default: an anomaly ends below ratio × threshold (default {default})",
+    )
+    t.add_argument(
+        "--min-duration",
+        type=float,
+        metavar="SECONDS",
+        help="detector default: seconds an anomaly lasts at least (default {default})",
+    )
     t.set_defaults(func=cmd_train)

@@ -45,9 +45,10 @@ class Trained:
     """What a kind's training hook hands back to the recipe (train.py), which converts and calibrates it."""
 
     model: Any  # a tf.keras.Model over normalised windows, converted to TFLite by the recipe
-    final_loss: float
+    final_loss: float  # NaN for a kind fitted without a loss (e.g. computed in closed form)
     architecture: str  # one line for the bundle's training metadata
-    # the kind's own score parameters (limits, member thresholds): stored as the bundle's `score.params`
+    # kind-specific numbers the scorer needs besides the model (JSON values), stored as the bundle's
+    # `score.params` and read back by the kind's scorer from `bundle.metadata.score.params`
     score_params: dict[str, Any] = field(default_factory=dict)
 
 

@@ -10,7 +10,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 from pydantic_core import ErrorDetails
 
 from edge_agent.errors import ModelError
@@ -58,8 +68,17 @@ class ScoreSpec(_Meta):
     # the model kind: a key of edge_agent.scoring.base.SCORERS, checked when the bundle is read
     kind: str = "reconstruction_mse"
     smoothing: int = Field(1, ge=1, le=1000, description="rolling mean over this many window scores")
-    # the kind's own parameters (e.g. PCA limits, ensemble members), validated by the kind when it loads
+    # what the kind's training hook handed back besides the model (base.Trained.score_params): JSON values
+    # only that kind reads (e.g. per-member thresholds); empty for kinds that need nothing more
     params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_serializer(mode="wrap")
+    def _without_empty_params(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # a kind without params writes the metadata it wrote before params existed: rebuilt bundles keep their bytes
+        out: dict[str, Any] = handler(self)
+        if not out.get("params"):
+            out.pop("params", None)
+        return out
 
 
 class DetectorSpec(_Meta):

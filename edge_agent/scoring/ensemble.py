@@ -31,6 +31,7 @@ from edge_agent.scoring.bundle import (
     embed_metadata,
     one_line,
 )
+from edge_agent.scoring.calibrate import threshold_of
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -40,8 +41,6 @@ if TYPE_CHECKING:
 
 KEY = "ensemble"
 MEMBERS = ("reconstruction_mse", "pca_t2q")  # what `train --kind ensemble` fits
-# member thresholds from training windows (before calibration replaces them): as train's defaults
-QUANTILE, MARGIN = 0.99, 1.5
 
 
 class Member(BaseModel):
@@ -167,8 +166,6 @@ def with_params(bundle: Bundle, params: EnsembleParams) -> Bundle:
 
 def calibrate(bundle: Bundle, scores_of: Callable[[Bundle], F64], quantile: float, margin: float) -> Bundle:
     """Each member's threshold from its own scores of the calibration data (quantile × margin, as the bundle's)."""
-    from edge_agent.scoring.calibrate import threshold_of
-
     p = params_of(bundle.metadata)
     members = []
     for i, m in enumerate(p.members):
@@ -188,7 +185,7 @@ def fit_ensemble(tf: Any, windows: F32, options: TrainOptions) -> Trained:
     inp = tf.keras.layers.Input(shape=windows.shape[1:])
     outs = [tf.keras.layers.Flatten()(t.model(inp)) for t in trained]
     model = tf.keras.Model(inp, tf.keras.layers.Concatenate()(outs))
-    # first member thresholds from the training windows; calibration replaces them
+    # first member thresholds from the training windows; calibration (or train's hold-out) replaces them
     predicted = model.predict(windows, batch_size=1024, verbose=0)
     members, start = [], 0
     for kind, t in zip(MEMBERS, trained, strict=True):
@@ -198,7 +195,7 @@ def fit_ensemble(tf: Any, windows: F32, options: TrainOptions) -> Trained:
         start += size
         scorer = plugin_for(kind).scorer(_Stub(options, kind, t.score_params), view)  # type: ignore[arg-type]
         s, _ = scorer.score(windows.copy(), None)
-        threshold = max(float(f"{float(np.quantile(s, QUANTILE)) * MARGIN:.6g}"), 1e-9)
+        threshold = threshold_of(s, options.quantile, options.margin)
         members.append({"kind": kind, "params": t.score_params, "threshold": threshold})
     return Trained(
         model=model,

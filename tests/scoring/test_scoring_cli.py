@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from edge_agent.scoring.base import SCORERS
 from edge_agent.scoring.bundle import ScoreSpec, embed_metadata, load_bundle
 
 ROOT = Path(__file__).parents[2]
@@ -66,14 +67,15 @@ def test_inspect_refuses_a_non_model(tmp_path: Path) -> None:
 
 def test_inspect_and_replay_refuse_an_unknown_model_kind_in_one_line(tmp_path: Path) -> None:
     shipped = load_bundle(MODEL)
-    meta = shipped.metadata.model_copy(update={"score": ScoreSpec(kind="pca_t2_q")})
-    bad = tmp_path / "pca.tflite"
+    meta = shipped.metadata.model_copy(update={"score": ScoreSpec(kind="lstm_ae")})
+    bad = tmp_path / "lstm.tflite"
     bad.write_bytes(embed_metadata(shipped.data, meta))
     for args in (("model", "inspect", str(bad)), ("replay", str(tmp_path / "any.csv"), "--model", str(bad))):
         r = cli(*args)
         assert r.returncode == 2 and "Traceback" not in r.stderr, (args, r.stderr)
         (line,) = r.stderr.strip().splitlines()
-        assert line.endswith(f"{bad}: unknown model kind 'pca_t2_q' (score.kind); this agent knows reconstruction_mse")
+        known = ", ".join(sorted(SCORERS))
+        assert line.endswith(f"{bad}: unknown model kind 'lstm_ae' (score.kind); this agent knows {known}")
 
 
 def test_replay_flags_the_fault_and_writes_one_row_per_input(plant_csv: tuple[Path, Path], tmp_path: Path) -> None:
