@@ -39,7 +39,7 @@ KEY = "pca_t2q"
 EXPLAINED = 0.95  # components kept: the fewest that explain this share of the normal variance
 LIMIT_QUANTILE = 0.99  # T² and Q limits: this quantile of the training windows' values
 # the window's samples the PCA sees, counted from its end; 0: the whole window. The whole window (a
-# dynamic PCA over lags) detects best on the dev data, see models/README.md "Model kinds"
+# dynamic PCA over lags) detects best on the dev data: models/README.md, "Choices, measured on the development data"
 LAGS = 0
 # the graph outputs t/(T_SCALE·√λ): an int8 output shares one range with the projection, about the normal
 # windows' ±3; unscaled, a scaled score could never pass ~3 and T² of one component never its limit
