@@ -284,3 +284,53 @@ def test_a_wide_text_column_costs_no_more_than_its_text(tmp_path: Path) -> None:
     tracemalloc.stop()
     assert table.select(["pump.flow"])[:, 0].tolist() == [40.3] * 2000
     assert peak < 16 * 2**20, peak  # the old path held 2000 rows × 10 cells × 8 kB = 160 MB
+
+
+CONV = ROOT / "models" / "pump-skid-conv.tflite"
+
+
+def test_every_command_works_with_the_conv_kind(plant_csv: tuple[Path, Path], tmp_path: Path) -> None:
+    normal, faulty = plant_csv
+    r = cli("model", "inspect", str(CONV))
+    assert r.returncode == 0, r.stderr
+    assert "score      conv_reconstruction_mse (temporal convolutional autoencoder" in r.stdout
+    assert "input      [1, 16, 8] int8" in r.stdout and "held-out" in r.stdout
+    mine = tmp_path / "mine.tflite"
+    r = cli("calibrate", "--model", str(CONV), "--csv", str(normal), "--rows", "600", "--out", str(mine))
+    assert r.returncode == 0, r.stderr
+    assert load_bundle(mine).metadata.score.kind == "conv_reconstruction_mse"
+    assert load_bundle(mine).metadata.threshold.base_sha256 == load_bundle(CONV).sha256
+    out = tmp_path / "out.csv"
+    for model in (CONV, mine):  # as shipped, and calibrated on this plant
+        r = cli("replay", str(faulty), "--model", str(model), "--out", str(out))
+        assert r.returncode == 0, r.stderr
+        flags = [int(x.split(",")[3]) for x in out.read_text().splitlines()[1:]]
+        truth = [int(x.split(",")[-1]) for x in faulty.read_text().splitlines()[1:]]
+        assert sum(flags[:590]) == 0  # nothing before the fault starts (row 600 at 0.2 s)
+        assert sum(f and t for f, t in zip(flags, truth, strict=True)) > 0.5 * sum(truth)
+
+
+def test_train_help_gives_units_and_defaults_and_bad_options_are_one_line_errors(tmp_path: Path) -> None:
+    r = cli("train", "--help")
+    assert r.returncode == 0, r.stderr
+    text = " ".join(r.stdout.split())  # argparse wraps lines
+    for fragment in (
+        "{conv_reconstruction_mse,reconstruction_mse}",
+        "default reconstruction_mse",
+        "--holdout FRACTION",
+        "(default 0.2;",
+        "--sample-interval SECONDS",
+        "samples per window (default 16)",
+        "(default 0.99)",
+        "--min-duration SECONDS",
+    ):
+        assert fragment in text, fragment
+    assert "{default}" not in text  # every placeholder filled from TrainOptions
+    normal = tmp_path / "n.csv"
+    normal.write_text(HEADER + "\n2020-03-09 10:14:33" + ROW + "\n")
+    for args, message in (
+        (("--holdout", "1"), "argument --holdout: '1': a hold-out fraction is at least 0 and below 1"),
+        (("--kind", "nope"), "argument --kind: invalid choice: 'nope'"),
+    ):
+        r = cli("train", str(normal), "--out", str(tmp_path / "x.tflite"), "--name", "x", *args)
+        assert r.returncode == 2 and message in r.stderr, r.stderr

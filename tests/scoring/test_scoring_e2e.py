@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 from helpers import free_port, wait_for
 
 from edge_agent.agent import Agent
@@ -51,10 +52,21 @@ class Case:
     agent: Agent | None = None
 
 
-async def run_case(faults: tuple[str, ...], case: Case, done: asyncio.Event) -> None:
+def example_with(model: str, tmp_path: Path) -> Path:
+    """examples/simulator.yaml with its model replaced by another shipped bundle of models/ (the same as-is)."""
+    if model == "pump-skid-ae.tflite":
+        return EXAMPLE
+    text = EXAMPLE.read_text()
+    assert "../models/pump-skid-ae.tflite" in text
+    path = tmp_path / "sim.yaml"
+    path.write_text(text.replace("../models/pump-skid-ae.tflite", str(EXAMPLE.parents[1] / "models" / model)))
+    return path
+
+
+async def run_case(config: Path, faults: tuple[str, ...], case: Case, done: asyncio.Event) -> None:
     """Run the simulator and the agent until `done` is set."""
     sim, environ = start_simulator(11, faults)
-    cfg = load_config(EXAMPLE, environ=environ)
+    cfg = load_config(config, environ=environ)
     agent = case.agent = Agent(cfg, on_event=case.events.append, on_score=case.scores.append)
     stop = asyncio.Event()
     task = asyncio.create_task(agent.run(stop))
@@ -68,10 +80,12 @@ async def run_case(faults: tuple[str, ...], case: Case, done: asyncio.Event) -> 
             await sim
 
 
-async def run_both() -> tuple[Case, Case]:
+async def run_both(config: Path) -> tuple[Case, Case]:
     """The faulty and the normal plant side by side: for RUN_FOR, then until the faulty one raised an anomaly."""
     faulty, normal, done = Case(), Case(), asyncio.Event()
-    both = asyncio.gather(run_case((f"cavitation@{FAULT_AT:g}",), faulty, done), run_case((), normal, done))
+    both = asyncio.gather(
+        run_case(config, (f"cavitation@{FAULT_AT:g}",), faulty, done), run_case(config, (), normal, done)
+    )
     loop = asyncio.get_running_loop()
     start = loop.time()
     try:
@@ -86,9 +100,12 @@ async def run_both() -> tuple[Case, Case]:
     return faulty, normal
 
 
-async def test_fault_raises_an_anomaly_and_normal_operation_does_not() -> None:
-    f, n = await run_both()
+# one live run per model kind shipped for the simulator: every kind works in `run`, not only offline
+@pytest.mark.parametrize("model", ["pump-skid-ae.tflite", "pump-skid-conv.tflite"])
+async def test_fault_raises_an_anomaly_and_normal_operation_does_not(model: str, tmp_path: Path) -> None:
+    f, n = await run_both(example_with(model, tmp_path))
     assert f.agent is not None and n.agent is not None
+    assert f.agent.monitors[0].bundle.sha256 == load_bundle(EXAMPLE.parents[1] / "models" / model).sha256
     faulty, scores, agent_f, normal, agent_n = f.events, f.scores, f.agent, n.events, n.agent
     monitor = agent_f.monitors[0]
     starts = [e for e in faulty if e.type is EventType.START]

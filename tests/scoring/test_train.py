@@ -1,4 +1,4 @@
-"""The training recipe's parts that need no TensorFlow: runs, training windows, the per-run threshold."""
+"""The training recipe's parts that need no TensorFlow: runs, training windows, hold-out, the per-run threshold."""
 
 from __future__ import annotations
 
@@ -8,9 +8,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_agent.scoring.bundle import ModelError, load_bundle
-from edge_agent.scoring.calibrate import calibrate, normal_scores
-from edge_agent.scoring.train import TrainOptions, _per_run_threshold, runs_of, train, training_windows
+from edge_agent.scoring.bundle import ModelError, bundle_from_bytes, embed_metadata, load_bundle
+from edge_agent.scoring.calibrate import calibrate, normal_scores, score_series
+from edge_agent.scoring.detector import WindowScorer
+from edge_agent.scoring.train import (
+    TrainOptions,
+    _held_blocks,
+    _held_out_threshold,
+    _per_run_threshold,
+    runs_of,
+    split_holdout,
+    train,
+    training_windows,
+)
 
 INT8 = Path(__file__).parents[1] / "fixtures" / "pump-i8.tflite"
 
@@ -90,3 +100,47 @@ def test_train_without_tensorflow_says_how_to_get_it(monkeypatch: pytest.MonkeyP
     monkeypatch.setitem(sys.modules, "tensorflow", None)  # import fails, whether or not it is installed
     with pytest.raises(ModelError, match=r"pip install 'edge-agent\[train\]'"):
         train([run(60, 0.0)], options())
+
+
+def test_holdout_is_a_tail_block_of_each_run_and_of_each_per_run_slice() -> None:
+    series = [run(100, 0.0), run(51, 5.0, 1)]
+    fit, held = split_holdout(series, options())  # default 0.2
+    assert [len(f) for f in fit] == [80, 41] and [len(h) for h in held] == [20, 10]
+    for s, f, h in zip(series, fit, held, strict=True):
+        np.testing.assert_array_equal(np.concatenate([f, h]), s)  # the first rows are fitted on, the last held out
+    fit, held = split_holdout(series, options(normalise="per-run", segment_rows=50, holdout=0.1))
+    assert [len(f) for f in fit] == [45, 45, 46] and [len(h) for h in held] == [5, 5, 5]
+    fit, held = split_holdout(series, options(holdout=0))
+    assert held == [] and all(a is b for a, b in zip(fit, series, strict=True))
+    for bad in (-0.1, 1.0, float("nan")):
+        with pytest.raises(ValueError, match="holdout must be at least 0 and below 1"):
+            options(holdout=bad)
+
+
+def test_the_held_out_threshold_comes_from_the_held_out_windows_only() -> None:
+    bundle = load_bundle(INT8)
+    meta = bundle.metadata
+    n = len(meta.inputs)
+    mean, scale = np.asarray(meta.normalisation.mean), np.asarray(meta.normalisation.scale)
+    opts = TrainOptions(name="t", inputs=tuple(meta.inputs), window=meta.window, quantile=0.9, holdout=0.25)
+    # the fitted part is quiet, the held-out tail noisier: a threshold from the tail is the larger one
+    quiet, noisy = mean + 0.5 * scale * run(300, 0.0, 1, n), mean + 2 * scale * run(100, 0.0, 2, n)
+    fit, held = split_holdout([np.concatenate([quiet, noisy])], opts)
+    np.testing.assert_array_equal(held[0], noisy)
+    staged = bundle.metadata.model_copy(update={"training": {"holdout": 0.25}})
+    out = _held_out_threshold(
+        bundle_from_bytes(embed_metadata(bundle.data, staged)), [(meta.normalisation, noisy)], opts, "a.csv"
+    )
+    t = out.metadata.threshold
+    expected = np.quantile(score_series(WindowScorer(bundle), noisy), 0.9) * opts.margin
+    assert t.value == pytest.approx(expected, rel=1e-5) and t.method == "quantile×margin, held-out"
+    assert t.value > 2 * np.quantile(score_series(WindowScorer(bundle), quiet), 0.9) * opts.margin
+    assert (t.rows, t.quantile, t.calibrated_on) == (100, 0.9, "held-out last 0.25 of each run of a.csv")
+    assert out.metadata.training == {"holdout": 0.25, "holdout_rows": 100, "holdout_windows": 100 - meta.window + 1}
+    assert out.metadata.normalisation == meta.normalisation  # only the threshold (and its record) change
+    # per run: each held-out block is scored under the normalisation of its own run's fitted part
+    pairs = _held_blocks(fit, held, TrainOptions(**{**opts.__dict__, "normalise": "per-run"}), meta.normalisation)
+    ((norm, block),) = pairs
+    assert block is held[0] and norm.mean == pytest.approx(np.mean(fit[0], axis=0).tolist())
+    with pytest.raises(ValueError, match=r"held-out tails \(holdout 0.25\) hold no scorable window of 8 rows"):
+        _held_out_threshold(bundle_from_bytes(embed_metadata(bundle.data, staged)), [(norm, noisy[:7])], opts, "")
