@@ -103,8 +103,8 @@ class _Slice:
         self.out: F32 = np.empty((0, *shape), np.float32)
 
     def run(self, x: F32) -> F32:
-        """The member's slice of the output set for this batch (a copy: member scorers may write into it)."""
-        return self.out.copy()
+        """The member's slice of the output set for this batch (its own cells: a member may write into them)."""
+        return self.out
 
 
 class EnsembleScorer:
@@ -131,30 +131,33 @@ class EnsembleScorer:
 
     def member_scores(self, x: F32, good: npt.NDArray[np.bool_] | None) -> tuple[F64, F64]:
         """Each member's raw score [batch × members] and shares [batch × members × inputs]."""
-        out = self.runtime.run(x)
-        batch = x.shape[0]
-        scores, shares = [], []
-        for scorer, view, (a, b) in zip(self.members, self.slices, self.bounds, strict=True):
+        out = self.runtime.run(x)  # a fresh array: each member's slice of it is that member's to write into
+        batch, last = x.shape[0], len(self.members) - 1
+        scores = np.empty((batch, last + 1))
+        shares = np.empty((batch, last + 1, x.shape[2]))
+        for i, (scorer, view, (a, b)) in enumerate(zip(self.members, self.slices, self.bounds, strict=True)):
             view.out = out[:, a:b].reshape(batch, *view.shape)
-            s, sh = scorer.score(x.copy(), good)  # a copy: a member may overwrite its input
-            scores.append(s)
-            shares.append(sh)
-        return np.stack(scores, axis=1), np.stack(shares, axis=1)
+            # a copy for all but the last: a kind's scorer may overwrite its input
+            scores[:, i], shares[:, i] = scorer.score(x if i == last else x.copy(), good)
+        return scores, shares
 
     def score(self, x: F32, good: npt.NDArray[np.bool_] | None) -> tuple[F64, F64]:
         """See base.Scorer."""
         raw, shares = self.member_scores(x, good)
         if self.only is not None:
             return raw[:, self.only], shares[:, self.only]
-        ratios = raw * self.inv_threshold
+        raw *= self.inv_threshold
         if self.combine == "max":
-            pick = ratios.argmax(axis=1)
+            if len(raw) == 1:  # the live agent's batch: plain indexing is cheaper than fancy indexing
+                i = int(raw[0].argmax())
+                return raw[:, i], shares[:, i]
+            pick = raw.argmax(axis=1)
             rows = np.arange(len(pick))
-            return ratios[rows, pick], shares[rows, pick]
-        weight = ratios.sum(axis=1)
-        combined = np.einsum("bm,bmi->bi", ratios, shares)
-        weight[weight <= 0] = 1.0
-        return ratios.mean(axis=1), combined / weight[:, None]
+            return raw[rows, pick], shares[rows, pick]
+        weight = np.add.reduce(raw, axis=1)
+        combined = np.einsum("bm,bmi->bi", raw, shares)
+        combined /= np.maximum(weight, 1e-30)[:, None]
+        return weight / raw.shape[1], combined
 
 
 def with_params(bundle: Bundle, params: EnsembleParams) -> Bundle:

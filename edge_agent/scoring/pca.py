@@ -90,47 +90,49 @@ class PcaScorer:
         p = params_of(bundle.metadata)
         self.runtime = runtime
         self.k, self.lags = p.components, p.lags
-        self.inv_t2, self.inv_q = 1.0 / p.t2_limit, 1.0 / p.q_limit
         self.combine = p.combine
-        self.t_scale = np.float32(p.t_scale)
-        self.weights = np.asarray(p.weights, dtype=np.float32).T  # k × lags·inputs
+        self.t_scale2 = p.t_scale * p.t_scale
+        self.inv_limits = np.asarray([1.0 / p.t2_limit, 1.0 / p.q_limit])
+        # PΛ^-1/2, times t_scale: the graph's scaled-score outputs → PΛ⁻¹Pᵀx for the T² parts
+        self.weights = np.asarray(p.weights, dtype=np.float32).T * np.float32(p.t_scale)  # k × lags·inputs
 
-    def statistics(self, x: F32, out: F32, good: npt.NDArray[np.bool_] | None) -> tuple[F64, F64, F64, F64]:
-        """T², Q [batch] and each tag's part of them [batch × inputs] from the model output `out`."""
+    def parts(self, x: F32, out: F32, good: npt.NDArray[np.bool_] | None) -> tuple[F64, F64]:
+        """T² [batch], and each tag's part of T² and Q [batch × 2 × inputs] from the model output `out`."""
+        # few numpy calls, no Python per window: at batch 1 each call costs about a microsecond
         batch, n = x.shape[0], x.shape[2]
-        s = out[:, : self.k] * self.t_scale
-        xl = x[:, -self.lags :, :]
-        r = xl - out[:, self.k :].reshape(batch, self.lags, n)  # x − PPᵀx
+        d = self.lags * n
+        xl = x[:, -self.lags :, :].reshape(batch, d)
+        s = out[:, : self.k]
+        m = np.empty((batch, 2, d), np.float32)
+        # T² = xᵀPΛ⁻¹Pᵀx = Σ_j x_j (PΛ⁻¹Pᵀx)_j: each cell's part; negative parts are left out of the shares
+        np.multiply(s @ self.weights, xl, out=m[:, 0])
+        np.maximum(m[:, 0], 0.0, out=m[:, 0])
+        r = np.subtract(xl, out[:, self.k :], out=m[:, 1])  # the residual x − PPᵀx: Q's parts
         if good is not None:
-            r *= good[:, -self.lags :, :]  # a missing cell's residual is not evidence
-        r2 = r * r
-        q_tag = np.add.reduce(r2, axis=1).astype(np.float64)
-        # T² = xᵀ PΛ⁻¹Pᵀ x = Σ_j x_j (PΛ^-1/2 s)_j: each cell's part, negative parts left out of the shares
-        c = (s @ self.weights).reshape(batch, self.lags, n)
-        c *= xl
-        np.maximum(c, 0.0, out=c)
-        t_tag = np.add.reduce(c, axis=1).astype(np.float64)
-        t2 = np.add.reduce(s * s, axis=1).astype(np.float64)
-        q = np.add.reduce(q_tag, axis=1)
-        return t2, q, t_tag, q_tag
+            r *= good[:, -self.lags :, :].reshape(batch, d)  # a missing cell's residual is not evidence
+        np.multiply(r, r, out=r)
+        per_tag = np.add.reduce(m.reshape(batch, 2, self.lags, n), axis=2, dtype=np.float64)
+        t2 = np.add.reduce(s * s, axis=1, dtype=np.float64)
+        t2 *= self.t_scale2
+        return t2, per_tag
 
-    def combined(self, t2: F64, q: F64, t_tag: F64, q_tag: F64) -> tuple[F64, F64]:
-        """The combined score and shares from T², Q and their per-tag parts."""
-        a, b = t2 * self.inv_t2, q * self.inv_q
-        scores = np.maximum(a, b) if self.combine == "max" else a + b
+    def combined(self, t2: F64, per_tag: F64) -> tuple[F64, F64]:
+        """The combined score and shares from T² and the per-tag parts of T² and Q."""
+        sums = np.add.reduce(per_tag, axis=2)  # batch × [T² parts left in, Q]
+        ratios = sums * self.inv_limits
+        ratios[:, 0] = t2 * self.inv_limits[0]
+        scores = ratios.max(axis=1) if self.combine == "max" else ratios.sum(axis=1)
         # each statistic's shares, weighted by its ratio to its limit
-        t_sum, q_sum = t_tag.sum(axis=1), q_tag.sum(axis=1)
-        t_sum[t_sum <= 0] = 1.0
-        q_sum[q_sum <= 0] = 1.0
-        shares = t_tag * (a / t_sum)[:, None] + q_tag * (b / q_sum)[:, None]
-        total = shares.sum(axis=1)
-        total[total <= 0] = 1.0
-        shares /= total[:, None]
+        w = ratios / np.maximum(sums, 1e-30)
+        shares = per_tag[:, 0] * w[:, :1]
+        shares += per_tag[:, 1] * w[:, 1:]
+        total = np.add.reduce(shares, axis=1, keepdims=True)
+        shares /= np.maximum(total, 1e-30)
         return scores, shares
 
     def score(self, x: F32, good: npt.NDArray[np.bool_] | None) -> tuple[F64, F64]:
         """See base.Scorer."""
-        return self.combined(*self.statistics(x, self.runtime.run(x), good))
+        return self.combined(*self.parts(x, self.runtime.run(x), good))
 
 
 def pca(samples: F64, explained: float = EXPLAINED) -> tuple[F64, F64, float]:

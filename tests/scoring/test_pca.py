@@ -65,6 +65,12 @@ def meta_with(params: dict[str, object], window: int = 4) -> BundleMetadata:
     )
 
 
+def statistics(scorer: pca_kind.PcaScorer, x: np.ndarray, good: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+    """T², Q and each tag's part of T² and of Q, from the scorer's own run of the model."""
+    t2, per_tag = scorer.parts(x, scorer.runtime.run(x), good)
+    return t2, per_tag[:, 1].sum(axis=1), per_tag[:, 0], per_tag[:, 1]
+
+
 def exact_scorer(combine: str = "max", lags: int = 4) -> tuple[pca_kind.PcaScorer, np.ndarray, np.ndarray]:
     """A PcaScorer on the exact graph, limits 10 (T²) and 2 (Q)."""
     _, p, lam = fitted(lags=lags)
@@ -110,7 +116,7 @@ def test_pca_keeps_the_fewest_components_that_explain_the_share() -> None:
 def test_t2_and_q_match_a_hand_computation(combine: str) -> None:
     scorer, p, lam = exact_scorer(combine)
     x = np.random.default_rng(2).standard_normal((50, 4, len(TAGS))).astype(np.float32)
-    t2, q, _, q_tag = scorer.statistics(x, scorer.runtime.run(x), None)
+    t2, q, _, q_tag = statistics(scorer, x)
     want_t2, want_q = by_hand(x, p, lam)
     np.testing.assert_allclose(t2, want_t2, rtol=1e-4)
     np.testing.assert_allclose(q, want_q, rtol=1e-4)
@@ -124,7 +130,7 @@ def test_t2_and_q_match_a_hand_computation(combine: str) -> None:
 def test_contributions_by_hand() -> None:
     scorer, p, lam = exact_scorer()
     x = np.random.default_rng(3).standard_normal((20, 4, len(TAGS))).astype(np.float32)
-    _, _, t_tag, q_tag = scorer.statistics(x, scorer.runtime.run(x), None)
+    _, _, t_tag, q_tag = statistics(scorer, x)
     flat = x.reshape(len(x), -1).astype(np.float64)
     g = flat @ p @ np.diag(1 / lam) @ p.T  # PΛ⁻¹Pᵀx: Σ_j x_j g_j = T²
     want_t = np.maximum(flat * g, 0).reshape(len(x), 4, len(TAGS)).sum(axis=1)
@@ -146,9 +152,9 @@ def test_missing_cells_are_left_out_of_q() -> None:
     x = np.zeros((1, 4, len(TAGS)), np.float32)
     x[0, :, 2] = 3.0  # a break in one tag
     good = np.ones_like(x, dtype=bool)
-    _, q_all, _, q_tag = scorer.statistics(x, scorer.runtime.run(x), good)
+    _, q_all, _, q_tag = statistics(scorer, x, good)
     good[0, :, 2] = False
-    _, q_some, _, q_tag_some = scorer.statistics(x, scorer.runtime.run(x), good)
+    _, q_some, _, q_tag_some = statistics(scorer, x, good)
     assert q_some[0] < q_all[0] and q_tag_some[0, 2] == 0.0 and q_tag[0, 2] > 0
 
 
@@ -189,7 +195,7 @@ def test_a_fault_only_q_sees_and_one_only_t2_sees(path: Path) -> None:
     for vec, sees in ((off, "q"), (on, "t2")):
         raw, good = windows_for(bundle, vec)
         x = normalised(bundle, raw)
-        t2, q, _, _ = kind.statistics(x, kind.runtime.run(x), None)
+        t2, q, _, _ = statistics(kind, x)
         t2_ratio, q_ratio = t2[0] / params.t2_limit, q[0] / params.q_limit
         if sees == "q":
             assert q_ratio > 1.2 and t2_ratio < 0.5, (t2_ratio, q_ratio)
@@ -214,7 +220,7 @@ def test_int8_a_t2_fault_beyond_the_input_range_is_still_flagged_by_q() -> None:
     kind = WindowScorer(bundle).kind
     assert isinstance(kind, pca_kind.PcaScorer)
     x = normalised(bundle, raw)
-    _, q, _, _ = kind.statistics(x, kind.runtime.run(x), None)
+    _, q, _, _ = statistics(kind, x)
     assert q[0] / params.q_limit > 2.0
     assert WindowScorer(bundle).score(raw, good)[0][0] > bundle.metadata.threshold.value
 
@@ -227,7 +233,7 @@ def test_the_tflite_graph_computes_the_hand_statistics() -> None:
     for path, rtol in ((PCA_F32, 1e-3), (PCA_I8, 0.25)):
         kind = WindowScorer(load_bundle(path)).kind
         assert isinstance(kind, pca_kind.PcaScorer)
-        t2, q, _, _ = kind.statistics(x, kind.runtime.run(x), None)
+        t2, q, _, _ = statistics(kind, x)
         # the bundle's normalisation is the training data's, so its windows are the same as `windows`
         assert np.median(np.abs(t2 - want_t2) / want_t2) < rtol
         assert np.median(np.abs(q - want_q) / want_q) < rtol
