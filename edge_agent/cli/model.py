@@ -286,6 +286,8 @@ class _TrainHelp(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
+        if "{kinds}" in text:
+            text = text.replace("{kinds}", ", ".join(_TrainableKinds()))
         if "{default}" not in text:
             return text
         from edge_agent.scoring.train import TrainOptions
@@ -385,7 +387,8 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     t.add_argument(
         "--kind",
         choices=_TrainableKinds(),
-        help="the model kind (score.kind; see models/README.md, 'which kind when'; default {default})",
+        metavar="KIND",  # argparse would list the choices at parser build, importing the registry (numpy) for --help
+        help="the model kind: {kinds} (score.kind; see models/README.md, 'which kind when'; default {default})",
     )
     t.add_argument("--inputs", help="comma-separated columns (default: every column but labels)")
     t.add_argument("--rows", type=int, default=0, help="use only the first N rows of each file (default 0: all)")

@@ -286,23 +286,31 @@ def test_a_wide_text_column_costs_no_more_than_its_text(tmp_path: Path) -> None:
     assert peak < 16 * 2**20, peak  # the old path held 2000 rows × 10 cells × 8 kB = 160 MB
 
 
-CONV = ROOT / "models" / "pump-skid-conv.tflite"
+# every kind shipped for the simulator, with what `model inspect` says of its score
+KINDS = {
+    "pump-skid-conv.tflite": "conv_reconstruction_mse (temporal convolutional autoencoder",
+    "pump-skid-pca.tflite": "pca_t2q (PCA, score = max(T²/T²_limit, Q/Q_limit))",
+    "pump-skid-ensemble.tflite": "ensemble (members side by side, score = max over members of score / member",
+}
 
 
-def test_every_command_works_with_the_conv_kind(plant_csv: tuple[Path, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", sorted(KINDS))
+def test_every_command_works_with_each_kind(name: str, plant_csv: tuple[Path, Path], tmp_path: Path) -> None:
     normal, faulty = plant_csv
-    r = cli("model", "inspect", str(CONV))
+    model = ROOT / "models" / name
+    kind = load_bundle(model).metadata.score.kind
+    r = cli("model", "inspect", str(model))
     assert r.returncode == 0, r.stderr
-    assert "score      conv_reconstruction_mse (temporal convolutional autoencoder" in r.stdout
+    assert f"score      {KINDS[name]}" in r.stdout
     assert "input      [1, 16, 8] int8" in r.stdout and "held-out" in r.stdout
     mine = tmp_path / "mine.tflite"
-    r = cli("calibrate", "--model", str(CONV), "--csv", str(normal), "--rows", "600", "--out", str(mine))
+    r = cli("calibrate", "--model", str(model), "--csv", str(normal), "--rows", "600", "--out", str(mine))
     assert r.returncode == 0, r.stderr
-    assert load_bundle(mine).metadata.score.kind == "conv_reconstruction_mse"
-    assert load_bundle(mine).metadata.threshold.base_sha256 == load_bundle(CONV).sha256
+    assert load_bundle(mine).metadata.score.kind == kind
+    assert load_bundle(mine).metadata.threshold.base_sha256 == load_bundle(model).sha256
     out = tmp_path / "out.csv"
-    for model in (CONV, mine):  # as shipped, and calibrated on this plant
-        r = cli("replay", str(faulty), "--model", str(model), "--out", str(out))
+    for bundle in (model, mine):  # as shipped, and calibrated on this plant
+        r = cli("replay", str(faulty), "--model", str(bundle), "--out", str(out))
         assert r.returncode == 0, r.stderr
         flags = [int(x.split(",")[3]) for x in out.read_text().splitlines()[1:]]
         truth = [int(x.split(",")[-1]) for x in faulty.read_text().splitlines()[1:]]
@@ -315,7 +323,7 @@ def test_train_help_gives_units_and_defaults_and_bad_options_are_one_line_errors
     assert r.returncode == 0, r.stderr
     text = " ".join(r.stdout.split())  # argparse wraps lines
     for fragment in (
-        "{conv_reconstruction_mse,reconstruction_mse}",
+        "kind: conv_reconstruction_mse, ensemble, pca_t2q, reconstruction_mse (score.kind",
         "default reconstruction_mse",
         "--holdout FRACTION",
         "(default 0.2;",
