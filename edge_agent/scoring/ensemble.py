@@ -50,7 +50,8 @@ class Member(BaseModel):
 
     kind: str
     params: dict[str, Any] = Field(default_factory=dict)
-    threshold: float = Field(gt=0, description="the member's own calibrated threshold")
+    # bounded so that no ratio overflows (threshold_of floors a threshold at 1e-9)
+    threshold: float = Field(ge=1e-9, le=1e30, description="the member's own calibrated threshold")
 
 
 class EnsembleParams(BaseModel):

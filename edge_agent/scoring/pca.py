@@ -21,7 +21,7 @@ F and χ² formulas: overlapping windows are strongly autocorrelated, which thos
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -44,6 +44,8 @@ LAGS = 0
 # the graph outputs t/(T_SCALE·√λ): an int8 output shares one range with the projection, about the normal
 # windows' ±3; unscaled, a scaled score could never pass ~3 and T² of one component never its limit
 T_SCALE = 4.0
+# what a bundle may say: fit floors λ at 1e-6, so a scaled loading is at most 1e3 and a limit at least 1e-9
+MAX_WEIGHT, LIMIT_RANGE = 1e6, (1e-9, 1e30)
 
 
 class PcaParams(BaseModel):
@@ -53,13 +55,16 @@ class PcaParams(BaseModel):
 
     components: int = Field(ge=1, description="k: principal components kept")
     lags: int = Field(ge=1, description="the window's last samples the PCA sees")
-    t2_limit: float = Field(gt=0, description="T² of normal windows (training quantile)")
-    q_limit: float = Field(gt=0, description="Q of normal windows (training quantile)")
+    # bounded so that no window's arithmetic overflows (float32 for the parts, float64 for the ratios)
+    t2_limit: float = Field(
+        ge=LIMIT_RANGE[0], le=LIMIT_RANGE[1], description="T² of normal windows (training quantile)"
+    )
+    q_limit: float = Field(ge=LIMIT_RANGE[0], le=LIMIT_RANGE[1], description="Q of normal windows (a quantile)")
     combine: Literal["max", "sum"] = "max"
     explained: float = Field(0.0, ge=0, le=1, description="share of the training variance the k components hold")
-    t_scale: float = Field(1.0, gt=0, description="the graph outputs t/(t_scale·√λ)")
+    t_scale: float = Field(1.0, ge=1e-3, le=1e3, description="the graph outputs t/(t_scale·√λ)")
     # P Λ^-1/2 (lags·inputs × k): maps the scaled scores back onto the inputs for the T² contributions
-    weights: list[list[float]]
+    weights: list[list[Annotated[float, Field(ge=-MAX_WEIGHT, le=MAX_WEIGHT)]]]
 
 
 def params_of(meta: BundleMetadata) -> PcaParams:

@@ -262,7 +262,9 @@ def test_bundle_round_trip_keeps_the_params() -> None:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"q_limit": 0.0}, "q_limit: must be above 0"),
+        ({"q_limit": 0.0}, "q_limit: must be at least 1e-09"),
+        ({"weights": [[1e30] * 6] * 24}, r"weights\[0\]\[0\]: must be at most 1000000.0 \(got 1e\+30\)"),
+        ({"t_scale": 1e9}, "t_scale: must be at most 1000"),
         ({"components": None}, "components"),
         ({"weights": [[1.0]]}, "weights must be 24 × "),
         ({"lags": 9}, "weights must be"),
