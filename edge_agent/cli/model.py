@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from edge_agent.cli.common import EXIT_CONFIG, EXIT_FAIL, EXIT_OK, _load
 from edge_agent.cli.run import _collect_live
@@ -51,7 +52,8 @@ def cmd_model_inspect(args: argparse.Namespace) -> int:
         f"(scale {tensors['output']['scale']:.6g}, zero point {tensors['output']['zero_point']})\n"
         f"  window     {m.window} samples every {m.sample_interval:g}s\n"
         f"  score      {m.score.kind} ({kind.summary}), smoothing {m.score.smoothing}\n"
-        f"  threshold  {m.threshold.value:.6g} ({m.threshold.method}: q{m.threshold.quantile} × {m.threshold.margin}"
+        + "".join(f"    {k:9} {_short(v)}\n" for k, v in m.score.params.items())  # the kind's own numbers
+        + f"  threshold  {m.threshold.value:.6g} ({m.threshold.method}: q{m.threshold.quantile} × {m.threshold.margin}"
         f", {m.threshold.rows} rows of {m.threshold.calibrated_on or '?'} at {m.threshold.calibrated_at or '?'}"
         + (f", calibrated from sha256 {m.threshold.base_sha256[:12]}…" if m.threshold.base_sha256 else "")
         + ")\n"
@@ -63,6 +65,12 @@ def cmd_model_inspect(args: argparse.Namespace) -> int:
     if m.training:
         print("  training   " + ", ".join(f"{k}={v}" for k, v in m.training.items()))
     return EXIT_OK
+
+
+def _short(value: object, limit: int = 100) -> str:
+    """A score parameter in one line: JSON, cut at `limit` characters (a long list stays readable)."""
+    text = json.dumps(value, separators=(",", ":"))
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -260,34 +268,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# the train options the command passes on when given; TrainOptions holds their defaults (the one place)
-TRAIN_OPTIONS = (
-    "kind",
-    "window",
-    "sample_interval",
-    "hidden",
-    "bottleneck",
-    "epochs",
-    "seed",
-    "dtype",
-    "quantile",
-    "margin",
-    "holdout",
-    "normalise",
-    "segment_rows",
-    "smoothing",
-    "exit_ratio",
-    "min_duration",
-)
-
-
 class _TrainHelp(argparse.HelpFormatter):
     """Fills an option's `{default}` from TrainOptions when help is printed: the recipe is imported only then."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
-        if "{kinds}" in text:
-            text = text.replace("{kinds}", ", ".join(_TrainableKinds()))
         if "{default}" not in text:
             return text
         from edge_agent.scoring.train import TrainOptions
@@ -320,6 +305,78 @@ def _fraction(text: str) -> float:
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: a hold-out fraction is at least 0 and below 1")
     return value
+
+
+# the TrainOptions fields `train` sets, as (flag, add_argument keywords): no default here, TrainOptions holds
+# them (the one place); `{default}` in a help text is filled from it when help is printed (_TrainHelp)
+TRAIN_FLAGS: tuple[tuple[str, dict[str, Any]], ...] = (
+    (
+        "--kind",
+        {
+            "choices": _TrainableKinds(),
+            # a metavar, or argparse lists the choices (imports the registry) while building the parser
+            "metavar": "KIND",
+            "help": "the model kind: %(choices)s (score.kind; see models/README.md, 'which kind when'; "
+            "default {default})",
+        },
+    ),
+    ("--window", {"type": int, "help": "samples per window (default {default})"}),
+    (
+        "--sample-interval",
+        {
+            "type": float,
+            "metavar": "SECONDS",
+            "help": "seconds between the CSV's rows, the model's grid (default {default})",
+        },
+    ),
+    ("--hidden", {"type": int, "help": "units (dense) or filters (conv) of the outer layers (default {default})"}),
+    (
+        "--bottleneck",
+        {"type": int, "help": "units (dense) or filters (conv) of the innermost layer (default {default})"},
+    ),
+    ("--epochs", {"type": int, "help": "passes over the training windows (default {default})"}),
+    ("--seed", {"type": int, "help": "random seed: the same seed gives the same file (default {default})"}),
+    ("--dtype", {"choices": ["int8", "float32"], "help": "the TFLite model's arithmetic (default {default})"}),
+    (
+        "--quantile",
+        {"type": float, "help": "threshold = this quantile of the held-out scores × margin (default {default})"},
+    ),
+    ("--margin", {"type": float, "help": "threshold factor (default {default})"}),
+    (
+        "--holdout",
+        {
+            "type": _fraction,
+            "metavar": "FRACTION",
+            "help": "the last FRACTION of each run's rows is held out of fitting; the threshold comes from "
+            "their windows only (default {default}; 0: threshold from the training windows, too low)",
+        },
+    ),
+    (
+        "--normalise",
+        {
+            "choices": ["global", "per-run"],
+            "help": "per-run: standardise each file on its own, as per-machine calibration will (default {default})",
+        },
+    ),
+    (
+        "--segment-rows",
+        {"type": int, "help": "per-run: standardise every N rows on their own (default {default}: whole files)"},
+    ),
+    ("--smoothing", {"type": int, "help": "detector default: rolling mean over N window scores (default {default})"}),
+    (
+        "--exit-ratio",
+        {"type": float, "help": "detector default: an anomaly ends below ratio × threshold (default {default})"},
+    ),
+    (
+        "--min-duration",
+        {
+            "type": float,
+            "metavar": "SECONDS",
+            "help": "detector default: seconds an anomaly lasts at least (default {default})",
+        },
+    ),
+)
+TRAIN_OPTIONS = tuple(flag[2:].replace("-", "_") for flag, _ in TRAIN_FLAGS)
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -384,76 +441,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     t.add_argument("data", nargs="+", help="CSVs of normal operation: a time column and the input columns")
     t.add_argument("--out", required=True, help="the bundle to write (.tflite)")
     t.add_argument("--name", required=True, help="the model's name in its metadata and events")
-    t.add_argument(
-        "--kind",
-        choices=_TrainableKinds(),
-        metavar="KIND",  # argparse would list the choices at parser build, importing the registry (numpy) for --help
-        help="the model kind: {kinds} (score.kind; see models/README.md, 'which kind when'; default {default})",
-    )
     t.add_argument("--inputs", help="comma-separated columns (default: every column but labels)")
     t.add_argument("--rows", type=int, default=0, help="use only the first N rows of each file (default 0: all)")
-    t.add_argument("--window", type=int, help="samples per window (default {default})")
-    t.add_argument(
-        "--sample-interval",
-        type=float,
-        metavar="SECONDS",
-        help="seconds between the CSV's rows, the model's grid (default {default})",
-    )
-    t.add_argument(
-        "--hidden",
-        type=int,
-        help="units (dense) or filters (conv) of the outer layers (default {default})",
-    )
-    t.add_argument(
-        "--bottleneck",
-        type=int,
-        help="units (dense) or filters (conv) of the innermost layer (default {default})",
-    )
-    t.add_argument("--epochs", type=int, help="passes over the training windows (default {default})")
-    t.add_argument("--seed", type=int, help="random seed: the same seed gives the same file (default {default})")
-    t.add_argument(
-        "--dtype",
-        choices=["int8", "float32"],
-        help="the TFLite model's arithmetic (default {default})",
-    )
-    t.add_argument(
-        "--quantile",
-        type=float,
-        help="threshold = this quantile of the held-out scores × margin (default {default})",
-    )
-    t.add_argument("--margin", type=float, help="threshold factor (default {default})")
-    t.add_argument(
-        "--holdout",
-        type=_fraction,
-        metavar="FRACTION",
-        help="the last FRACTION of each run's rows is held out of fitting; the threshold comes from their "
-        "windows only (default {default}; 0: threshold from the training windows, too low)",
-    )
     t.add_argument("--description", default="", help="one line for the bundle's metadata (default empty)")
-    t.add_argument(
-        "--normalise",
-        choices=["global", "per-run"],
-        help="per-run: standardise each file on its own, as per-machine calibration will (default {default})",
-    )
-    t.add_argument(
-        "--segment-rows",
-        type=int,
-        help="per-run: standardise every N rows on their own (default {default}: whole files)",
-    )
-    t.add_argument(
-        "--smoothing",
-        type=int,
-        help="detector default: rolling mean over N window scores (default {default})",
-    )
-    t.add_argument(
-        "--exit-ratio",
-        type=float,
-        help="detector default: an anomaly ends below ratio × threshold (default {default})",
-    )
-    t.add_argument(
-        "--min-duration",
-        type=float,
-        metavar="SECONDS",
-        help="detector default: seconds an anomaly lasts at least (default {default})",
-    )
+    for flag, keywords in TRAIN_FLAGS:
+        t.add_argument(flag, **keywords)
     t.set_defaults(func=cmd_train)

@@ -286,6 +286,7 @@ def test_a_wide_text_column_costs_no_more_than_its_text(tmp_path: Path) -> None:
     assert peak < 16 * 2**20, peak  # the old path held 2000 rows × 10 cells × 8 kB = 160 MB
 
 
+CONV = ROOT / "models" / "pump-skid-conv.tflite"
 # every kind shipped for the simulator, with what `model inspect` says of its score
 KINDS = {
     "pump-skid-conv.tflite": "conv_reconstruction_mse (temporal convolutional autoencoder",
@@ -323,7 +324,7 @@ def test_train_help_gives_units_and_defaults_and_bad_options_are_one_line_errors
     assert r.returncode == 0, r.stderr
     text = " ".join(r.stdout.split())  # argparse wraps lines
     for fragment in (
-        "kind: conv_reconstruction_mse, ensemble, pca_t2q, reconstruction_mse (score.kind",
+        "--kind KIND the model kind: conv_reconstruction_mse, ensemble, pca_t2q, reconstruction_mse",
         "default reconstruction_mse",
         "--holdout FRACTION",
         "(default 0.2;",
@@ -342,3 +343,17 @@ def test_train_help_gives_units_and_defaults_and_bad_options_are_one_line_errors
     ):
         r = cli("train", str(normal), "--out", str(tmp_path / "x.tflite"), "--name", "x", *args)
         assert r.returncode == 2 and message in r.stderr, r.stderr
+
+
+def test_inspect_shows_a_kinds_score_params_and_calibrate_keeps_them(tmp_path: Path) -> None:
+    shipped = load_bundle(CONV)
+    params = {"member_thresholds": [0.25, 1.5], "note": "x" * 200}
+    meta = shipped.metadata.model_copy(update={"score": ScoreSpec(kind=shipped.metadata.score.kind, params=params)})
+    path = tmp_path / "p.tflite"
+    path.write_bytes(embed_metadata(shipped.data, meta))
+    r = cli("model", "inspect", str(path))
+    assert r.returncode == 0, r.stderr
+    assert "    member_thresholds [0.25,1.5]\n" in r.stdout
+    (note,) = [line for line in r.stdout.splitlines() if line.startswith("    note ")]
+    assert note.endswith("…") and len(note) < 120  # one readable line, however long the value
+    assert json.loads(cli("model", "inspect", str(path), "--json").stdout)["metadata"]["score"]["params"] == params

@@ -62,6 +62,19 @@ def test_each_kind_trains_to_a_full_int8_bundle_with_a_held_out_threshold(kind: 
     assert np.isfinite(scores).all()
 
 
+def test_per_run_training_scores_each_held_out_tail_under_its_own_runs_normalisation(runs: list[Path]) -> None:
+    series = [read_table(p).select(["pump.flow", "pump.motor_current"]) for p in runs]
+    series[1] = series[1] * 1.5  # another operating point: per-run normalisation takes it out
+    options = TrainOptions(
+        name="t", inputs=("pump.flow", "pump.motor_current"), window=8, normalise="per-run", segment_rows=300, epochs=1
+    )
+    meta = train(series, options).metadata
+    assert meta.threshold.method == "quantile×margin, held-out, per run"
+    assert meta.training["normalise"] == "per-run" and meta.training["holdout"] == 0.2
+    slices = [len(r) for s in series for r in np.array_split(s, range(300, len(s) - 300 + 1, 300))]
+    assert meta.threshold.rows == sum(round(0.2 * n) for n in slices)
+
+
 def test_train_prints_only_its_result_on_stdout(runs: list[Path], tmp_path: Path) -> None:
     out = tmp_path / "m.tflite"
     options = ["--out", str(out), "--name", "m", "--window", "8", "--sample-interval", "0.2", "--epochs", "1"]
