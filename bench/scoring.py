@@ -3,12 +3,17 @@
 The scoring step is WindowScorer.score: normalise → quantize → invoke → dequantize → score →
 per-tag contributions. Window assembly from the ring buffers is timed separately.
 
+One row per model kind: every `models/pump-skid-*.tflite` (one simulator bundle per kind, the same 8
+tags and 16-sample windows), at batch 1 (the live agent) and batched (replay, calibration), each next to
+the dense autoencoder's (`reconstruction_mse`) figure of the same run and batch as the reference.
+
     python bench/scoring.py [--model models/pump-skid-ae.tflite] [--seconds 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import platform
 import subprocess
@@ -35,6 +40,29 @@ def per_call(fn: object, seconds: float) -> float:
             fn()
         n += 50
     return (time.perf_counter() - start) / n
+
+
+MODELS = os.path.join(os.path.dirname(__file__), "..", "models")
+
+
+def measure(path: str, seconds: float, batches: tuple[int, ...] = (1, 16, 256)) -> list[tuple[str, int, float, float]]:
+    """Per batch size: window shape, batch, µs per window through the whole scoring step and for the invoke alone."""
+    scorer = WindowScorer(load_bundle(path))
+    meta = scorer.bundle.metadata
+    shape = (meta.window, len(meta.inputs))
+    rng = np.random.default_rng(0)
+    rows = []
+    for batch in batches:
+        x = (
+            np.asarray(meta.normalisation.mean)
+            + rng.standard_normal((batch, *shape)) * np.asarray(meta.normalisation.scale)
+        ).astype(np.float32)
+        good = np.ones_like(x, dtype=bool)
+        total = per_call(lambda x=x, good=good, s=scorer: s.score(x, good), seconds)
+        xn = np.zeros_like(x)
+        invoke = per_call(lambda xn=xn, s=scorer: s.runtime.run(xn), seconds)
+        rows.append((f"{shape[0]}×{shape[1]}", batch, 1e6 * total / batch, 1e6 * invoke / batch))
+    return rows
 
 
 def rss_mib() -> float:
@@ -73,20 +101,11 @@ def main() -> None:
         return
     rows = []
     for label, path in (("int8", args.model), ("float32", args.float_model)):
-        scorer = WindowScorer(load_bundle(path))
-        meta = scorer.bundle.metadata
-        shape = (meta.window, len(meta.inputs))
-        rng = np.random.default_rng(0)
-        for batch in (1, 16, 256):
-            x = (
-                np.asarray(meta.normalisation.mean)
-                + rng.standard_normal((batch, *shape)) * np.asarray(meta.normalisation.scale)
-            ).astype(np.float32)
-            good = np.ones_like(x, dtype=bool)
-            total = per_call(lambda x=x, good=good, s=scorer: s.score(x, good), args.seconds)
-            xn = np.zeros_like(x)
-            invoke = per_call(lambda xn=xn, s=scorer: s.runtime.run(xn), args.seconds)
-            rows.append((label, f"{shape[0]}×{shape[1]}", batch, 1e6 * total / batch, 1e6 * invoke / batch))
+        rows += [(label, *r) for r in measure(path, args.seconds)]
+    kinds = [
+        (load_bundle(p).metadata.score.kind, p) for p in sorted(glob.glob(os.path.join(MODELS, "pump-skid-*.tflite")))
+    ]
+    kind_rows = {(kind, path): measure(path, args.seconds) for kind, path in kinds}
     # three models scored one window each per step, as the agent does on each hop
     scorers = [WindowScorer(load_bundle(args.model)) for _ in range(3)]
     meta = scorers[0].bundle.metadata
@@ -117,6 +136,18 @@ def main() -> None:
     for label, shape_s, batch, total_us, invoke_us in rows:
         print(f"| {label} | {shape_s} | {batch} | {total_us:.1f} | {invoke_us:.1f} |")
     print(f"| 3 × int8, one window each | {meta.window}×{len(meta.inputs)} | 1 | {1e6 * three / 3:.1f} per model | |")
+    reference = {
+        batch: total
+        for (kind, _), found in kind_rows.items()
+        if kind == "reconstruction_mse"
+        for _, batch, total, _ in found
+    }
+    print("\n| kind | model | batch | µs/window, whole step | invoke only | × dense AE, same run |")
+    print("|---|---|---|---|---|---|")
+    for (kind, path), found in kind_rows.items():
+        for _, batch, total_us, invoke_us in found:
+            ratio = f"{total_us / reference[batch]:.2f}" if batch in reference else "–"
+            print(f"| {kind} | {os.path.basename(path)} | {batch} | {total_us:.1f} | {invoke_us:.1f} | {ratio} |")
     print(f"\nwindow assembly from ring buffers ({len(tags)} tags × {meta.window} samples): {1e6 * assemble:.1f} µs")
     print(f"resident memory: {out[0]} MiB after importing the agent, {out[1]} MiB with three models loaded")
 

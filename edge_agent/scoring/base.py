@@ -70,6 +70,10 @@ class ScorerPlugin:
     output_shape: Callable[[BundleMetadata], tuple[int, ...]] = window_shape  # the model's output per batch row
     # the training recipe's model builder: fit(tf, normalised windows, options); None: `train` cannot make this kind
     fit: Callable[[Any, F32, TrainOptions], Trained] | None = None
+    # a kind whose score has calibrated parts of its own (the ensemble's member thresholds) sets them here,
+    # before the bundle's threshold: calibrate(bundle, scores_of, quantile, margin) → the bundle with them set,
+    # where scores_of(variant) scores the calibration data with a variant of the bundle as the threshold will be
+    calibrate: Callable[[Bundle, Callable[[Bundle], F64], float, float], Bundle] | None = None
 
 
 SCORERS: dict[str, ScorerPlugin] = {}

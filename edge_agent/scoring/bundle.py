@@ -256,7 +256,7 @@ def read_metadata(data: bytes, where: str = "model") -> BundleMetadata:
         why = " ".join(str(exc).split()) or type(exc).__name__
         raise ModelError(f"{where}: invalid {METADATA_NAME} metadata: not JSON: {why}") from None
     try:
-        plugin_for(meta.score.kind)
+        plugin_for(meta.score.kind).output_shape(meta)  # the kind checks its own score.params
     except ModelError as exc:
         raise ModelError(f"{where}: {exc}") from None
     return meta

@@ -8,6 +8,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import ValidationError
 
+from edge_agent.scoring.base import plugin_for
 from edge_agent.scoring.bundle import (
     Bundle,
     Normalisation,
@@ -149,16 +150,27 @@ def calibrate(
     robust) defaults to the bundle's. The threshold is quantile × margin of the data's scores, never below the
     bundle's `threshold.floor` (train --threshold-floor) nor below `floor` × the bundle's own threshold, so a
     calibration on a quiet stretch cannot set it far below what the model was made with; the new bundle keeps
-    the higher of the two as its floor, for the calibrations after it.
+    the higher of the two as its floor, for the calibrations after it. A kind's own calibrated parts (an
+    ensemble's member thresholds) are set first, from the same data.
     """
     if what not in WHAT:
         raise ValueError(f"a calibration sets {' or '.join(WHAT)}, not {what!r}")
     if not (math.isfinite(floor) and floor >= 0):
         raise ValueError(f"the threshold floor is a multiple of the bundle's threshold (≥ 0), not {floor}")
+    original = bundle
+
+    def scores_of(b: Bundle) -> F64:
+        return normal_scores(
+            b, data, min_scale_ratio=min_scale_ratio, scaling=scaling, keep_normalisation=what == "threshold"
+        )[1]
+
+    own = plugin_for(bundle.metadata.score.kind).calibrate
+    if own is not None:
+        bundle = own(bundle, scores_of, quantile, margin)
     norm, scores = normal_scores(
         bundle, data, min_scale_ratio=min_scale_ratio, scaling=scaling, keep_normalisation=what == "threshold"
     )
-    base = bundle.metadata.threshold
+    base = original.metadata.threshold
     lowest = max(base.floor, float(f"{floor * base.value:.6g}")) if floor else base.floor
     value = max(threshold_of(scores, quantile, margin), lowest)
     try:
@@ -169,7 +181,7 @@ def calibrate(
             calibrated_on=source,
             rows=len(data),
             calibrated_at=now_iso(),
-            base_sha256=bundle.sha256,  # lets startup calibration tell a saved copy of this bundle from a stale one
+            base_sha256=original.sha256,  # lets startup calibration tell a saved copy of this bundle from a stale one
             calibrated=what,
             floor=lowest,
         )

@@ -327,7 +327,11 @@ def train(series: list[F64], options: TrainOptions, *, source: str = "") -> Bund
     )
     bundle = bundle_from_bytes(embed_metadata(_convert(tf, trained.model, windows, options), meta))
     if options.holdout > 0:
-        bundle = _held_out_threshold(bundle, _held_blocks(fit_parts, held, options, norm), options, source)
+        blocks = _held_blocks(fit_parts, held, options, norm)
+        own = plugin_for(options.kind).calibrate
+        if own is not None:  # the kind's own calibrated parts (an ensemble's member thresholds), held-out too
+            bundle = own(bundle, lambda b: held_out_scores(b, blocks)[0], options.quantile, options.margin)
+        bundle = _held_out_threshold(bundle, blocks, options, source)
     elif options.normalise == "per-run":
         # the stored normalisation (all the data) is a fallback: this model is meant to be calibrated on its machine
         bundle = _per_run_threshold(bundle, series, options, source)

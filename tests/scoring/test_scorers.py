@@ -109,19 +109,19 @@ def test_autoencoder_scores_and_contributions_equal_the_reconstruction_error(pat
 
 
 def test_an_unknown_kind_is_a_one_line_error_naming_the_known_kinds(tmp_path: Path) -> None:
-    data = of_kind(INT8, "pca_t2_q")
-    path = tmp_path / "pca.tflite"
+    data = of_kind(INT8, "lstm_ae")
+    path = tmp_path / "lstm.tflite"
     path.write_bytes(data)
     for call in (lambda: load_bundle(path), lambda: read_metadata(data, str(path))):
         with pytest.raises(ModelError) as err:
             call()
-        assert str(err.value) == f"{path}: unknown model kind 'pca_t2_q' (score.kind); this agent knows {KNOWN}"
+        assert str(err.value) == f"{path}: unknown model kind 'lstm_ae' (score.kind); this agent knows {KNOWN}"
     # a bundle that skipped the reader (built in memory) is refused when it would score
-    meta = load_bundle(INT8).metadata.model_copy(update={"score": ScoreSpec(kind="pca_t2_q")})
-    with pytest.raises(ModelError, match=r"^unknown model kind 'pca_t2_q'"):
+    meta = load_bundle(INT8).metadata.model_copy(update={"score": ScoreSpec(kind="lstm_ae")})
+    with pytest.raises(ModelError, match=r"^unknown model kind 'lstm_ae'"):
         WindowScorer(Bundle(data, "x" * 64, meta))
-    with pytest.raises(ValueError, match=rf"unknown model kind 'ensemble'.*knows {KNOWN}$"):
-        TrainOptions(name="t", inputs=("a",), kind="ensemble")
+    with pytest.raises(ValueError, match=rf"unknown model kind 'lstm'.*knows {KNOWN}$"):
+        TrainOptions(name="t", inputs=("a",), kind="lstm")
 
 
 MEAN_ABS = '''

@@ -67,15 +67,15 @@ def test_inspect_refuses_a_non_model(tmp_path: Path) -> None:
 
 def test_inspect_and_replay_refuse_an_unknown_model_kind_in_one_line(tmp_path: Path) -> None:
     shipped = load_bundle(MODEL)
-    meta = shipped.metadata.model_copy(update={"score": ScoreSpec(kind="pca_t2_q")})
-    bad = tmp_path / "pca.tflite"
+    meta = shipped.metadata.model_copy(update={"score": ScoreSpec(kind="lstm_ae")})
+    bad = tmp_path / "lstm.tflite"
     bad.write_bytes(embed_metadata(shipped.data, meta))
     for args in (("model", "inspect", str(bad)), ("replay", str(tmp_path / "any.csv"), "--model", str(bad))):
         r = cli(*args)
         assert r.returncode == 2 and "Traceback" not in r.stderr, (args, r.stderr)
         (line,) = r.stderr.strip().splitlines()
         known = ", ".join(sorted(SCORERS))
-        assert line.endswith(f"{bad}: unknown model kind 'pca_t2_q' (score.kind); this agent knows {known}")
+        assert line.endswith(f"{bad}: unknown model kind 'lstm_ae' (score.kind); this agent knows {known}")
 
 
 def test_replay_flags_the_fault_and_writes_one_row_per_input(plant_csv: tuple[Path, Path], tmp_path: Path) -> None:
@@ -287,22 +287,31 @@ def test_a_wide_text_column_costs_no_more_than_its_text(tmp_path: Path) -> None:
 
 
 CONV = ROOT / "models" / "pump-skid-conv.tflite"
+# every kind shipped for the simulator, with what `model inspect` says of its score
+KINDS = {
+    "pump-skid-conv.tflite": "conv_reconstruction_mse (temporal convolutional autoencoder",
+    "pump-skid-pca.tflite": "pca_t2q (PCA, score = max(T²/T²_limit, Q/Q_limit))",
+    "pump-skid-ensemble.tflite": "ensemble (members side by side, score = max over members of score / member",
+}
 
 
-def test_every_command_works_with_the_conv_kind(plant_csv: tuple[Path, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", sorted(KINDS))
+def test_every_command_works_with_each_kind(name: str, plant_csv: tuple[Path, Path], tmp_path: Path) -> None:
     normal, faulty = plant_csv
-    r = cli("model", "inspect", str(CONV))
+    model = ROOT / "models" / name
+    kind = load_bundle(model).metadata.score.kind
+    r = cli("model", "inspect", str(model))
     assert r.returncode == 0, r.stderr
-    assert "score      conv_reconstruction_mse (temporal convolutional autoencoder" in r.stdout
+    assert f"score      {KINDS[name]}" in r.stdout
     assert "input      [1, 16, 8] int8" in r.stdout and "held-out" in r.stdout
     mine = tmp_path / "mine.tflite"
-    r = cli("calibrate", "--model", str(CONV), "--csv", str(normal), "--rows", "600", "--out", str(mine))
+    r = cli("calibrate", "--model", str(model), "--csv", str(normal), "--rows", "600", "--out", str(mine))
     assert r.returncode == 0, r.stderr
-    assert load_bundle(mine).metadata.score.kind == "conv_reconstruction_mse"
-    assert load_bundle(mine).metadata.threshold.base_sha256 == load_bundle(CONV).sha256
+    assert load_bundle(mine).metadata.score.kind == kind
+    assert load_bundle(mine).metadata.threshold.base_sha256 == load_bundle(model).sha256
     out = tmp_path / "out.csv"
-    for model in (CONV, mine):  # as shipped, and calibrated on this plant
-        r = cli("replay", str(faulty), "--model", str(model), "--out", str(out))
+    for bundle in (model, mine):  # as shipped, and calibrated on this plant
+        r = cli("replay", str(faulty), "--model", str(bundle), "--out", str(out))
         assert r.returncode == 0, r.stderr
         flags = [int(x.split(",")[3]) for x in out.read_text().splitlines()[1:]]
         truth = [int(x.split(",")[-1]) for x in faulty.read_text().splitlines()[1:]]
@@ -315,7 +324,7 @@ def test_train_help_gives_units_and_defaults_and_bad_options_are_one_line_errors
     assert r.returncode == 0, r.stderr
     text = " ".join(r.stdout.split())  # argparse wraps lines
     for fragment in (
-        "--kind KIND the model kind: conv_reconstruction_mse, reconstruction_mse",
+        "--kind KIND the model kind: conv_reconstruction_mse, ensemble, pca_t2q, reconstruction_mse",
         "default reconstruction_mse",
         "--holdout FRACTION",
         "(default 0.2;",

@@ -101,7 +101,9 @@ async def run_both(config: Path) -> tuple[Case, Case]:
 
 
 # one live run per model kind shipped for the simulator: every kind works in `run`, not only offline
-@pytest.mark.parametrize("model", ["pump-skid-ae.tflite", "pump-skid-conv.tflite"])
+@pytest.mark.parametrize(
+    "model", ["pump-skid-ae.tflite", "pump-skid-conv.tflite", "pump-skid-pca.tflite", "pump-skid-ensemble.tflite"]
+)
 async def test_fault_raises_an_anomaly_and_normal_operation_does_not(model: str, tmp_path: Path) -> None:
     f, n = await run_both(example_with(model, tmp_path))
     assert f.agent is not None and n.agent is not None
