@@ -63,6 +63,7 @@ class Entry:
     seq: int = 0  # the event's per-agent sequence number; the highest one is remembered across restarts
     opens: tuple[str, str, bytes] | None = None  # (model, anomaly_id, record): one open anomaly per model
     closes: tuple[str, str] | None = None  # (model, anomaly_id) this event ends
+    sinks: int = 0  # the sinks it is owed to (SINK_BITS; from the memory queue); 0: the outbox's targets
 
     @property
     def size(self) -> int:

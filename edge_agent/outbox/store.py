@@ -76,6 +76,7 @@ class Outbox(OutboxFile):
             if n:
                 delta.counters[key] = delta.counters.get(key, 0) + n
         rows: list[tuple[int, int, float, int, int, str, bytes, int]] = []
+        owed: list[int] = []  # each row's sinks: those the memory queue still owes it to, else the targets
         crc = self._checksums.of
         with self._tx("FULL") as conn:
             added = 0
@@ -97,10 +98,15 @@ class Outbox(OutboxFile):
                     )
                     for e in group
                 )
+                owed.extend((e.sinks & self.targets) or self.targets for e in group)
                 added += sum(e.size for e in group)
                 delta.depth[kind] += len(group)
             # events first in id order, whatever order they came in
-            schema.insert(conn, rows, self.targets)
+            start = 0
+            for i in range(1, len(rows) + 1):  # runs of rows for the same sinks, one insert each
+                if i == len(rows) or owed[i] != owed[start]:
+                    schema.insert(conn, rows[start:i], owed[start])
+                    start = i
             # anomaly bookkeeping follows the detector, stored, delivered from memory or dropped; a model's
             # starts and ends alternate, so its latest one decides
             last: dict[str, Entry] = {}

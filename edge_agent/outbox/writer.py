@@ -8,8 +8,9 @@ Threads and who owns what:
 
 The memory queue (`memory.MemoryQueue`) is bounded (`max_pending`, MAX_PENDING by default): when the disk
 cannot keep up, messages are dropped by the `when_full` policy and counted (reason `memory`), never held
-without bound. When the file cannot be written (disk full) or opened, messages stay there and sinks take
-them from there while the file has nothing to give, so a connected broker still gets them; the writer
+without bound. When the file cannot be written (disk full) or opened, messages stay there and every sink
+takes them from there while the file has nothing to give, so a connected broker still gets them (what a sink
+acked is not owed to it again when the file takes the rest); the writer
 retries every RETRY_DB and writes to the file again by itself once it can (one log line each way).
 Rates are on a grid (slot k = floor(t / interval)): one scores or telemetry message per interval, not one
 per interval plus a poll.
@@ -118,7 +119,7 @@ class OutboxWriter:
         self._prefix = mqtt.prefix
         self._clock = clock
         self.submitted = 0
-        self.memory = MemoryQueue(MAX_PENDING, self.outbox.when_full)
+        self.memory = MemoryQueue(MAX_PENDING, self.outbox.when_full, self.outbox.targets)
         self._done = 0  # entries written, dropped, or delivered from memory so far
         self._store_error: str | None = None  # set while the file cannot be written (or opened)
         self._writing = False  # a batch taken from memory is being written: sinks leave memory alone meanwhile
@@ -209,6 +210,7 @@ class OutboxWriter:
     async def set_sinks(self, payloads: list[str]) -> None:
         """The sinks new rows wait for; stored rows only for sinks no longer configured go to these."""
         mask = sink_mask(payloads)
+        self.memory.targets = mask
         if mask == self.outbox.targets:
             return
         if self._exec is not None and self.outbox.is_open:
@@ -254,7 +256,7 @@ class OutboxWriter:
 
     async def close(self) -> None:
         """Write what is pending (if the disk lets us), close the file and the worker thread."""
-        self.memory.release()  # rows a sink took from memory and did not get acknowledged go back
+        self.memory.release_all()  # rows a sink took from memory and did not get acknowledged go back
         if self._exec is not None:
             await self._write_now()
         if len(self.memory):
@@ -356,18 +358,12 @@ class OutboxWriter:
         targets = self.outbox.targets
         return SINK_BITS[sink] if sink is not None else targets & -targets
 
-    def _first(self, bit: int) -> bool:
-        # the memory queue (a failing disk) serves the first configured sink only: a message delivered from
-        # memory is never written, so with two sinks the other one misses it (counted nowhere; logged once)
-        targets = self.outbox.targets
-        return bit == targets & -targets
-
     async def take(self, n: int, sink: str | None = None) -> list[Row]:
         """Up to `n` rows the sink (mqtt.payloads name; None: the first configured) has still to publish,
         events first; they stay stored until every sink acknowledged them.
 
-        While the file cannot be written, rows from the memory queue follow the file's (negative ids), for
-        the first configured sink.
+        While the file cannot be written, rows from the memory queue follow the file's (negative ids): those
+        this sink still owes.
         """
         rows: list[Row] = []
         bit = self._bit(sink)
@@ -376,14 +372,8 @@ class OutboxWriter:
                 rows = await self.db(self.outbox.take, n, bit)
             except _ERRORS as exc:
                 log.error("outbox %s: cannot read rows to publish (%s)", self.outbox.path, exc)
-        if (
-            len(rows) < n
-            and self._store_error is not None
-            and not self._writing
-            and len(self.memory)
-            and self._first(bit)
-        ):
-            rows.extend(self.memory.take(n - len(rows), run=self.outbox.run, now=self._clock()))
+        if len(rows) < n and self._store_error is not None and not self._writing and len(self.memory):
+            rows.extend(self.memory.take(n - len(rows), bit, run=self.outbox.run, now=self._clock()))
         return rows
 
     async def ack(self, ids: list[int], *, rejected: bool = False, sink: str | None = None) -> None:
@@ -393,7 +383,7 @@ class OutboxWriter:
         Deletes the file refuses (it should not: see disk.py) are kept and retried; the rows stay in flight.
         """
         bit = self._bit(sink)
-        delivered = self.memory.ack([i for i in ids if i < 0], rejected=rejected)
+        delivered = self.memory.ack([i for i in ids if i < 0], bit, rejected=rejected)
         if delivered:
             self._done += delivered
             self._resolve_waiters()
@@ -429,12 +419,11 @@ class OutboxWriter:
         oldest again."""
         bit = self._bit(sink)
         if ids is None:
-            if self._first(bit):
-                self.memory.release()
+            self.memory.release(None, bit)
             if self.outbox.is_open:
                 await self.db(self.outbox.release, None, bit)
             return
-        self.memory.release([i for i in ids if i < 0])
+        self.memory.release([i for i in ids if i < 0], bit)
         stored = [i for i in ids if i > 0]
         if stored and self.outbox.is_open:
             await self.db(self.outbox.release, stored, bit)
@@ -460,7 +449,7 @@ class OutboxWriter:
             dropped[key] = dropped.get(key, 0) + n
         return WriterStats(
             submitted=self.submitted,
-            pending=len(self.memory) + len(self.memory.out),
+            pending=len(self.memory),
             dropped_memory=sum(n for k, n in self.memory.dropped.items() if k.startswith("memory.")),
             dropped=dropped,
             store_error=self._store_error,
@@ -477,7 +466,7 @@ class OutboxWriter:
             s["dropped"][kind] += n
         s.pop("path", None)
         s["oldest"] = None
-        s["pending"] = len(self.memory) + len(self.memory.out)
+        s["pending"] = len(self.memory)
         s["store_error"] = self._store_error
         return s
 
