@@ -9,6 +9,7 @@ from enum import IntEnum
 from typing import Any, NamedTuple
 
 from edge_agent.errors import EdgeAgentError
+from edge_agent.types import OpenAnomaly
 
 ROW_OVERHEAD = 48  # bytes counted per row beyond payload and topic (row header, index entry)
 
@@ -145,3 +146,24 @@ def iso(ts: float) -> str:
 def counter_names() -> list[str]:
     """Every drop counter: `<reason>.<kind>`."""
     return [f"{r}.{k.label}" for r in DROP_REASONS for k in Kind]
+
+
+@dataclass(frozen=True, slots=True)
+class StartState:
+    """What the outbox remembers from earlier runs, handed to scoring at startup as plain data."""
+
+    last_seq: int  # the highest event sequence number ever written
+    open_anomalies: list[OpenAnomaly]  # starts whose end was never written (the agent died in between)
+
+
+@dataclass(frozen=True, slots=True)
+class WriterStats:
+    """A snapshot of the outbox stage: what producers submitted, what waits in memory, and the file's stats."""
+
+    submitted: int
+    pending: int  # messages in memory (waiting for the file, or handed to a sink from there)
+    dropped_memory: int  # memory drops not yet written into the file's counters
+    dropped: Mapping[str, int]  # "<reason>.<kind>" → count: the file's counters plus those waiting in memory
+    store_error: str | None  # why the file is not being written (None: it is)
+    oldest: float | None  # creation time of the oldest stored message (refreshed by housekeeping)
+    outbox: OutboxStats | None  # None while the file is not open

@@ -24,9 +24,8 @@ import logging
 import math
 import sqlite3
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -39,8 +38,9 @@ from edge_agent.outbox.rows import (
     Kind,
     OutboxBusy,
     OutboxError,
-    OutboxStats,
     Row,
+    StartState,
+    WriterStats,
     counter_names,
     sink_mask,
 )
@@ -48,7 +48,7 @@ from edge_agent.outbox.store import Outbox
 from edge_agent.outbox.telemetry import DeviceTelemetry
 from edge_agent.outbox.tools import read_start
 from edge_agent.records import encode, event_payload, score_payload
-from edge_agent.types import AnomalyEvent, EventType, OpenAnomaly, SampleBatch, Score, TelemetryTag
+from edge_agent.types import AnomalyEvent, EventType, SampleBatch, Score, TelemetryTag
 
 log = logging.getLogger("edge_agent.outbox")
 
@@ -65,27 +65,6 @@ def topic_level(name: str) -> str:
     """A name made safe as one topic level (wildcards and separators replaced by _)."""
     cleaned = "".join("_" if c in "+#/\0" else c for c in name)
     return cleaned or "_"
-
-
-@dataclass(frozen=True, slots=True)
-class StartState:
-    """What the outbox remembers from earlier runs, handed to scoring at startup as plain data."""
-
-    last_seq: int  # the highest event sequence number ever written
-    open_anomalies: list[OpenAnomaly]  # starts whose end was never written (the agent died in between)
-
-
-@dataclass(frozen=True, slots=True)
-class WriterStats:
-    """A snapshot of the outbox stage: what producers submitted, what waits in memory, and the file's stats."""
-
-    submitted: int
-    pending: int  # messages in memory (waiting for the file, or handed to a sink from there)
-    dropped_memory: int  # memory drops not yet written into the file's counters
-    dropped: Mapping[str, int]  # "<reason>.<kind>" → count: the file's counters plus those waiting in memory
-    store_error: str | None  # why the file is not being written (None: it is)
-    oldest: float | None  # creation time of the oldest stored message (refreshed by housekeeping)
-    outbox: OutboxStats | None  # None while the file is not open
 
 
 class OutboxWriter:
