@@ -92,6 +92,11 @@ class MemoryQueue:
         for bit in self._bits(slot.owed):
             q = self._sink(bit)[entry.kind]
             q.appendleft(slot) if front else q.append(slot)
+            if len(q) > 2 * len(self._live) + 64:  # a sink that does not take keeps the dropped: keep it bounded
+                self._sink(bit)[entry.kind] = deque(s for s in q if not s.gone)
+        q = self._queues[entry.kind]
+        if len(q) > 2 * len(self._live) + 64:  # entries acked out of order linger in the middle
+            self._queues[entry.kind] = deque(s for s in q if not s.gone)
         return slot
 
     @staticmethod

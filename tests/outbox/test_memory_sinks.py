@@ -9,7 +9,7 @@ import pytest
 
 from edge_agent.config import WhenFull
 from edge_agent.outbox.memory import MemoryQueue
-from edge_agent.outbox.rows import SINK_BITS, Entry, Kind
+from edge_agent.outbox.rows import SINK_BITS, Entry, Kind, Row
 
 JSON, SPB = SINK_BITS["json"], SINK_BITS["sparkplug"]
 BOTH = JSON | SPB
@@ -22,7 +22,7 @@ def queue(n: int, limit: int = 100, when_full: WhenFull = WhenFull.DROP_OLDEST) 
     return q
 
 
-def payloads(rows: list) -> list[bytes]:  # type: ignore[type-arg]
+def payloads(rows: list[Row]) -> list[bytes]:
     return [r.payload for r in rows]
 
 
@@ -112,3 +112,13 @@ def test_rejected_is_counted_and_clears_that_sink_only() -> None:
     assert q.ack([a[0].id], SPB, rejected=True) == 0
     assert q.dropped == {"rejected.telemetry": 1}
     assert payloads(q.take(1, JSON, run=1, now=0.0)) == [b"m0"]
+
+
+def test_a_sink_that_never_takes_keeps_memory_bounded() -> None:
+    q = MemoryQueue(10, WhenFull.DROP_OLDEST, BOTH)
+    for i in range(5000):  # sparkplug never takes; json takes and acks everything
+        q.add(Entry("t", str(i).encode(), Kind.TELEMETRY))
+        q.ack([r.id for r in q.take(10, JSON, run=1, now=0.0)], JSON)
+    assert len(q) == 10 and q.dropped == {"memory.telemetry": 4990} and q.partial == {"sparkplug": 4990}
+    assert all(len(d) <= 2 * 10 + 65 for d in (*q._queues.values(), *q._sink(SPB).values(), *q._sink(JSON).values()))
+    assert payloads(q.take(100, SPB, run=1, now=0.0)) == [str(i).encode() for i in range(4990, 5000)]

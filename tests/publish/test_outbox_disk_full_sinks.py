@@ -83,8 +83,8 @@ async def test_both_sinks_get_telemetry_made_while_the_disk_is_full(broker: Brok
             values = [100.5 + i for i in range(8)]
             for v in values:  # each value held for a few telemetry intervals, all while nothing can be written
                 plc.place("holding", 0, _temp(v))
-                await wait_for(lambda v=v: any(t == v for _, t in json_temps(sub)), timeout=20)  # type: ignore[misc]
-                await wait_for(lambda v=v: any(t == v for _, t in spb_temps(host)), timeout=20)  # type: ignore[misc]
+                await wait_for(lambda v=v: any(t == v for _, t in json_temps(sub)), timeout=20)
+                await wait_for(lambda v=v: any(t == v for _, t in spb_temps(host)), timeout=20)
             assert outbox.stats().store_error is not None and not outbox.is_open  # all of it came from memory
             # space returns: the file is written again and the rest goes through it to both sinks
             filler.unlink()
