@@ -45,7 +45,9 @@ class MemoryQueue:
         self.when_full = when_full
         self.targets = targets  # the sinks a new entry is owed to (the writer keeps it as mqtt.payloads)
         self._queues: dict[Kind, deque[Slot]] = {k: deque() for k in Kind}  # every live slot, oldest first
-        self._waiting: dict[int, dict[Kind, deque[Slot]]] = {}  # sink bit → slots it may take, in order
+        # sink bit → slots it may take, in order; built when a sink first takes (the file failing), so that
+        # while the file takes everything an entry costs one slot and no per-sink bookkeeping
+        self._waiting: dict[int, dict[Kind, deque[Slot]]] = {}
         self._live: dict[int, Slot] = {}  # id (< 0) → slot still in memory
         self._next_id = -1
         self.dropped: dict[str, int] = {}  # "<reason>.<kind>" → drops the file has not counted yet
@@ -88,26 +90,27 @@ class MemoryQueue:
         slot = Slot(entry, self._next_id, entry.sinks or self.targets)
         self._next_id -= 1
         self._live[slot.id] = slot
-        (self._queues[entry.kind].appendleft if front else self._queues[entry.kind].append)(slot)
-        for bit in self._bits(slot.owed):
-            q = self._sink(bit)[entry.kind]
-            q.appendleft(slot) if front else q.append(slot)
-            if len(q) > 2 * len(self._live) + 64:  # a sink that does not take keeps the dropped: keep it bounded
-                self._sink(bit)[entry.kind] = deque(s for s in q if not s.gone)
+        bound = 2 * len(self._live) + 64
         q = self._queues[entry.kind]
-        if len(q) > 2 * len(self._live) + 64:  # entries acked out of order linger in the middle
+        q.appendleft(slot) if front else q.append(slot)
+        if len(q) > bound:  # entries acked out of order linger in the middle
             self._queues[entry.kind] = deque(s for s in q if not s.gone)
+        for bit, queues in self._waiting.items():
+            if slot.owed & bit:
+                q = queues[entry.kind]
+                q.appendleft(slot) if front else q.append(slot)
+                if len(q) > bound:  # a sink that does not take keeps the dropped: keep it bounded
+                    queues[entry.kind] = deque(s for s in q if not s.gone)
         return slot
 
-    @staticmethod
-    def _bits(mask: int) -> list[int]:
-        return [b for b in SINK_BITS.values() if mask & b]
-
     def _sink(self, bit: int) -> dict[Kind, deque[Slot]]:
-        queues = self._waiting.get(bit)
-        if queues is None:
-            queues = self._waiting[bit] = {k: deque() for k in Kind}
-        return queues
+        if not self._waiting:  # a sink takes for the first time since memory was last empty
+            for b in SINK_BITS.values():
+                self._waiting[b] = {
+                    k: deque(s for s in q if not s.gone and s.owed & b and not s.held & b)
+                    for k, q in self._queues.items()
+                }
+        return self._waiting[bit]
 
     def _oldest(self, kind: Kind) -> Slot | None:
         q = self._queues[kind]
@@ -179,9 +182,7 @@ class MemoryQueue:
 
     def _remove_all(self) -> None:
         # nothing left: forget the lazily kept slots; a new episode of partial drops starts
-        for queues in self._waiting.values():
-            for d in queues.values():
-                d.clear()
+        self._waiting.clear()
         self._partial_said = False
 
     def unshift(self, batch: Iterable[Entry]) -> None:
@@ -256,5 +257,5 @@ class MemoryQueue:
 
     def release_all(self) -> None:
         """Give back every row every sink holds (the writer stops)."""
-        for bit in list(self._waiting):
+        for bit in SINK_BITS.values():
             self.release(None, bit)
