@@ -66,6 +66,7 @@ class SparkplugHost:
         self.problems: list[str] = []
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
+        self.connects = 0  # accepted CONNECTs, each followed by the subscription (a broker restart adds one)
         self.client = paho.Client(
             callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"host-{secrets.token_hex(3)}"
         )
@@ -78,6 +79,7 @@ class SparkplugHost:
 
     def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         client.subscribe(f"spBv1.0/{self.group}/#", qos=1)
+        self.connects += 1
         self._subscribed.set()
 
     # ------------------------------------------------------------ what a test asks

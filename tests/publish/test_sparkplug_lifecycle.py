@@ -3,15 +3,18 @@
 Ignition-style consumption end to end: births create every tag with its type and unit, data by alias,
 a rebirth command restores them, a PLC outage gives DDEATH and DBIRTH, a kill -9 marks them stale
 through the NDEATH the broker sends (bdSeq matching the NBIRTH's), a restart's NBIRTH takes the next bdSeq,
-and a primary host's STATE gates publishing (offline: data waits in the outbox; online: births, then
-the stored data with is_historical).
+a primary host's STATE gates publishing (offline: data waits in the outbox; online: births, then
+the stored data with is_historical), and a killed and restarted broker gets the same store and forward.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import signal
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -26,6 +29,7 @@ from sparkplug_wire import DataType
 
 from edge_agent.agent import Agent
 from edge_agent.config import load_config
+from edge_agent.outbox import Kind
 
 GROUP = "plant-a"
 NODE = "line-3"
@@ -278,4 +282,89 @@ async def test_a_reload_that_adds_a_tag_gives_births_with_it(broker: Broker, plc
     finally:
         stop.set()
         await asyncio.wait_for(task, 20)
+        host.close()
+
+
+def _stored_values(outbox: Path, tag: str) -> list[object]:
+    """The values of `tag` in the telemetry rows the outbox file holds, in row order (read-only, beside the agent)."""
+    with contextlib.closing(sqlite3.connect(f"file:{outbox}?mode=ro", uri=True)) as db:
+        rows = db.execute("SELECT payload FROM messages WHERE kind = ? ORDER BY id", (int(Kind.TELEMETRY),))
+        return [t.get("value") for (p,) in rows for t in json.loads(p)["tags"] if t.get("name") == tag]
+
+
+@contextlib.asynccontextmanager
+async def _running(agent: Agent) -> AsyncIterator[Agent]:
+    """Run an in-process agent for the block; stop it (NDEATH, clean disconnect) on the way out."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(agent.run(stop))
+    try:
+        yield agent
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)
+
+
+async def test_broker_killed_and_restarted_store_and_forward(broker: Broker, plc: ModbusPeer, tmp_path: Path) -> None:
+    """The broker dies (SIGKILL) while a counter steps: after its restart on the same port, the node's NBIRTH
+    (the next bdSeq, seq 0), its DBIRTH, then every outage value as historical DDATA, in order, none lost."""
+    host = SparkplugHost(broker.port, GROUP, host_id="scada-1")
+    host.client.reconnect_delay_set(0.1, 0.5)  # the host comes back soon after the broker does
+    cfg = load_config(_config(tmp_path, broker, plc, host="scada-1"))
+    try:
+        async with _running(Agent(cfg)) as agent:
+            sink, outbox = agent.sink, agent.outbox
+            assert sink is not None and outbox is not None
+            host.state(True, int(time.time() * 1000))
+            await wait_for(lambda: host.node(NODE).devices.get("plc1", {}).get("speed") is not None, timeout=20)
+            await wait_for(lambda: host.node(NODE).devices["plc1"]["speed"].value == -7, timeout=10)
+            bdseq = host.of("NBIRTH")[0].payload.metric("bdSeq").value
+
+            # the broker dies with no goodbye: nothing saved, no retained STATE after it comes back
+            await asyncio.to_thread(broker.kill)
+            await wait_for(lambda: not sink.connected, timeout=10)
+            mark = len(host.seen)
+            steps = list(range(100, 110))
+            for value in steps:  # a counter stepped on the PLC; each step waits until a telemetry row holds it
+                plc.place("holding", 2, [value])
+
+                async def stored(value: int = value) -> bool:
+                    await outbox.flush()
+                    return value in await asyncio.to_thread(_stored_values, cfg.outbox.path, "speed")
+
+                await wait_for(stored, timeout=10, what=f"a telemetry row with speed {value}")
+            assert not sink.connected and len(host.seen) == mark
+
+            # back on the same port: the node connects but waits for the primary host, who subscribes first
+            await asyncio.to_thread(broker.start)
+            await wait_for(lambda: sink.connected and host.connects == 2, timeout=30)
+            await asyncio.sleep(0.3)  # a node that did not wait would have sent its births by now (checked below too)
+            assert len(host.seen) == mark
+            host.state(True, int(time.time() * 1000))
+            await wait_for(lambda: host.node(NODE).devices["plc1"]["speed"].value == steps[-1], timeout=20)
+
+            after = host.seen[mark:]
+            # the old session's NDEATH: a killed mosquitto loses the will; had one come, it carries the old bdSeq
+            deaths = [s for s in after if s.type == "NDEATH"]
+            assert all(s.payload.metric("bdSeq").value == bdseq for s in deaths)
+            session = [s for s in after if s.type != "NDEATH"]
+            assert [s.type for s in session[:2]] == ["NBIRTH", "DBIRTH"] and session[1].device == "plc1"
+            nbirth = session[0].payload
+            assert nbirth.metric("bdSeq").value == (bdseq + 1) % 256  # a new connection: the next bdSeq (3.0)
+            assert [s.payload.seq for s in session] == [i % 256 for i in range(len(session))]  # from 0, no gap
+            aliases = {m.alias for s in session[:2] for m in s.payload.metrics if m.alias is not None}
+            data = [s for s in session[2:] if s.type == "DDATA" and s.device == "plc1"]
+            assert all(m.alias in aliases for s in data for m in s.payload.metrics)
+            speed = next(m.alias for m in session[1].payload.metrics if m.name == "speed")
+            values = [m for s in data for m in s.payload.metrics if m.alias == speed]
+            assert [m.value for m in values] == steps  # every outage value, once, in the order it was made
+            assert all(m.is_historical for m in values)
+            stamps = [m.timestamp or 0 for m in values]
+            assert stamps == sorted(stamps) and len(set(stamps)) == len(stamps)
+            assert sink.stats().connects == 2
+            assert host.problems == []
+
+        # out of the block: the agent stopped cleanly; its NDEATH carries the new session's bdSeq
+        await wait_for(lambda: len(host.of("NDEATH")) == len(deaths) + 1, timeout=10)
+        assert host.of("NDEATH")[-1].payload.metric("bdSeq").value == (bdseq + 1) % 256
+    finally:
         host.close()

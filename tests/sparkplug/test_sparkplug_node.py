@@ -46,7 +46,8 @@ def _event(kind: str, score: float = 3.0) -> Row:
 
 def test_births_name_every_metric_with_alias_type_and_properties() -> None:
     node = _node()
-    nbirth, dbirth = node.births(bdseq=7, now=1.0)
+    (nbirth,) = node.births(bdseq=7, now=1.0)  # no DBIRTH yet: nothing read, its values would all be null
+    (dbirth,) = node.from_row(_telemetry({"temp": 20.5, "speed": -3}), historical=False)
     n = decode(nbirth.payload)
     assert nbirth.topic == "spBv1.0/g/NBIRTH/n" and n.seq == 0
     assert n.metric("bdSeq").value == 7 and n.metric("bdSeq").datatype == DataType.INT64
@@ -58,14 +59,32 @@ def test_births_name_every_metric_with_alias_type_and_properties() -> None:
     temp = d.metric("temp")
     assert temp.datatype == DataType.FLOAT and temp.properties is not None
     assert temp.properties["engUnit"].value == "degC" and temp.properties["description"].value == "bearing"
-    assert temp.is_null  # nothing read yet
+    assert temp.value == 20.5 and temp.timestamp is None  # the first record's values, not nulls
     aliases = [m.alias for m in (*n.metrics, *d.metrics) if m.alias is not None]
     assert len(aliases) == len(set(aliases))  # unique across the node
+    # births once the device was seen (a rebirth, a reconnect): the DBIRTH with its last values
+    again = node.births(bdseq=7, now=2.0)
+    assert [m.type for m in again] == ["NBIRTH", "DBIRTH"]
+    assert decode(again[1].payload).metric("temp").value == 20.5
+
+
+def test_a_device_comms_lost_from_the_start_is_born_with_nulls_then_dead() -> None:
+    node = _node()
+    node.births(0, 1.0)
+    assert node.from_row(Row(1, "x", b'{"device": "plc1", "tags": []}', Kind.TELEMETRY, 0, 1.0, 1), False) == []
+    birth, death = node.from_row(_telemetry({"temp": None, "speed": None}, "comms-lost"), historical=False)
+    assert (birth.topic, death.topic) == ("spBv1.0/g/DBIRTH/n/plc1", "spBv1.0/g/DDEATH/n/plc1")
+    assert [decode(m.payload).seq for m in (birth, death)] == [1, 2]
+    assert all(m.is_null for m in decode(birth.payload).metrics)
+    assert node.from_row(_telemetry({"temp": None, "speed": None}, "comms-lost"), historical=False) == []
+    (back,) = node.from_row(_telemetry({"temp": 22.0, "speed": 1}), historical=False)
+    assert back.topic == "spBv1.0/g/DBIRTH/n/plc1" and decode(back.payload).metric("temp").value == 22.0
 
 
 def test_data_by_exception_by_alias_and_signed_integers() -> None:
     node = _node()
     node.births(0, 1.0)
+    node.from_row(_telemetry({"temp": 0.0, "speed": 0}), historical=False)  # the DBIRTH
     (first,) = node.from_row(_telemetry({"temp": 20.5, "speed": -3}), historical=False)
     p = decode(first.payload)
     assert first.topic == "spBv1.0/g/DDATA/n/plc1"
@@ -94,10 +113,10 @@ def test_comms_lost_on_every_tag_is_one_ddeath_then_a_dbirth_when_back() -> None
 
 def test_seq_wraps_from_255_to_0_across_every_node_message() -> None:
     node = _node()
-    node.births(0, 1.0)  # NBIRTH 0, DBIRTH 1
+    node.births(0, 1.0)  # NBIRTH 0; the first record is the DBIRTH (1)
     seqs = [decode(m.payload).seq for i in range(300) for m in node.from_row(_telemetry({"temp": float(i)}), False)]
-    assert seqs[:3] == [2, 3, 4]
-    assert seqs[253:256] == [255, 0, 1]
+    assert seqs[:3] == [1, 2, 3]
+    assert seqs[254:257] == [255, 0, 1]
     assert all(b == (a + 1) % 256 for a, b in itertools.pairwise(seqs))
 
 

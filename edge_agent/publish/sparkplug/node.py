@@ -7,8 +7,10 @@ No I/O and no MQTT here (the sink, `sink.py`, owns the connection): this turns t
   unique across the node); births carry name and alias, NDATA/DDATA only the alias.
 - seq: 0 on NBIRTH, then +1 (wrapping 255 → 0) on every other message of the node (NDATA, DBIRTH,
   DDATA, DDEATH); NDEATH carries none.
-- Devices: comms-lost on every tag of a telemetry record → DDEATH (once); the next record with any other
-  quality → DBIRTH with the values. Quality from telemetry, not a callback from the agent: telemetry is
+- Devices: no DBIRTH before the device's first telemetry record (a birth with every value null would make a
+  host show nulls until the first data): that record is the DBIRTH, with its values (and a DDEATH after it
+  when every tag is comms-lost). Comms-lost on every tag of a later record → DDEATH (once); the next record
+  with any other quality → DBIRTH with the values. Quality from telemetry, not a callback from the agent: telemetry is
   what the outbox keeps in order, so deaths and births replay in their place during store and forward.
 - Values: a tag whose quality is not good is sent as is_null; telemetry is parsed generically (a record
   may carry every tag or only those that changed, with or without `unit`): only changed values go in DDATA.
@@ -130,6 +132,7 @@ class EdgeNode:
                 self._add(metrics, tag.name, tag.datatype, props or None)
             self.devices[dev.name] = metrics
         self.alive = dict.fromkeys(self.devices, True)
+        self.known = dict.fromkeys(self.devices, False)  # a telemetry record gave the values: births include it
         self.seq = 0
         self.skipped = 0  # records about devices or models this node did not announce (a reload added them)
 
@@ -149,8 +152,8 @@ class EdgeNode:
         return bytes(payload.SerializeToString())
 
     def births(self, bdseq: int, now: float) -> list[Message]:
-        """NBIRTH (seq 0, bdSeq, Node Control/Rebirth false, the model metrics), then DBIRTH per device (and
-        DDEATH after it for a device known to be comms-lost)."""
+        """NBIRTH (seq 0, bdSeq, Node Control/Rebirth false, the model metrics), then DBIRTH per device whose
+        values a telemetry record gave (and DDEATH after it for a device known to be comms-lost)."""
         self.seq = 0
         payload = proto.Payload(timestamp=ms(now), seq=0)
         self._bdseq(payload, bdseq)
@@ -164,6 +167,8 @@ class EdgeNode:
             )
         ]
         for device in self.devices:
+            if not self.known[device]:
+                continue  # born by its first telemetry record, with values
             out.append(self._device_birth(device, ms(now)))
             if not self.alive[device]:
                 out.append(self._device_death(device, ms(now)))
@@ -223,12 +228,18 @@ class EdgeNode:
         assert isinstance(device, str)
         ts = _iso_ms(record.get("ts")) or 0
         items = [t for t in tags if isinstance(t, dict) and t.get("name") in metrics]
+        first = not self.known[device]
+        if first and not items:
+            return []  # nothing about the announced tags yet: the DBIRTH waits for values
         if items and all(t.get("quality") == "comms-lost" for t in items):
-            if not self.alive[device]:
+            if not self.alive[device] and not first:
                 return []
             self.alive[device] = False
             for t in items:
                 metrics[t["name"]].value = None
+            if first:  # a host must know the tags to mark them stale: birth (nulls), then death
+                self.known[device] = True
+                return [self._device_birth(device, ts), self._device_death(device, ts)]
             return [self._device_death(device, ts)]
         changed: list[tuple[_Metric, Any, int]] = []
         for t in items:
@@ -239,8 +250,8 @@ class EdgeNode:
             if value != metric.value or type(value) is not type(metric.value):
                 metric.value = value
                 changed.append((metric, value, _iso_ms(t.get("ts")) or ts))
-        if not self.alive[device]:
-            self.alive[device] = True
+        if first or not self.alive[device]:
+            self.known[device] = self.alive[device] = True
             return [self._device_birth(device, ts)]
         if not changed:
             return []

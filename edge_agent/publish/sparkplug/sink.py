@@ -5,7 +5,8 @@ Life cycle (Sparkplug B 3.0):
   and is kept in a file beside the outbox (`<outbox>.bdseq`), so a restarted node's NBIRTH follows the
   NDEATH the broker published for its previous run;
 - after CONNECT: subscribe to NCMD (and STATE of the primary host when configured), then NBIRTH (seq 0,
-  the same bdSeq, `Node Control/Rebirth` false, the model metrics) and a DBIRTH per configured device;
+  the same bdSeq, `Node Control/Rebirth` false, the model metrics) and a DBIRTH per device seen so far (a
+  device's first telemetry row is its DBIRTH, so no birth carries null values for want of a reading);
 - outbox rows then go out in order as DDATA (telemetry, by exception, by alias), DDEATH/DBIRTH (a device
   comms-lost and back) and NDATA (anomaly state per model); rows that waited (written before these births,
   by an earlier run, or older than mqtt.historical_after) carry is_historical;
