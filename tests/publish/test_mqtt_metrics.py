@@ -52,7 +52,7 @@ async def test_publish_latency_is_scraped_after_real_publishes(broker: Broker, t
     """/metrics shows publish and delivery histograms that count each acknowledged QoS 1 event once, QoS 0 never."""
     pub = publisher(mqtt_config(broker.url, scores_interval=60), tmp_path / "outbox.db")  # scores: QoS 0
     metrics = Metrics()
-    metrics.add(lambda: publisher_metrics(pub.sink.stats()))
+    metrics.add(lambda: publisher_metrics([pub.sink.stats()]))
     metrics.add(lambda: outbox_metrics(pub.outbox.stats()))
     server = HealthServer(metrics, [])
     port = free_port()
@@ -95,7 +95,7 @@ async def test_delivery_latency_includes_the_time_in_the_outbox(broker: Broker, 
         broker.start()
         await asyncio.wait_for(pub.sink.wait_drained(), 10)
         elapsed = time.monotonic() - started
-        families = [*publisher_metrics(pub.sink.stats()), *outbox_metrics(pub.outbox.stats())]
+        families = [*publisher_metrics([pub.sink.stats()]), *outbox_metrics(pub.outbox.stats())]
     samples = {s.name: s.value for family in families for s in family.samples if not s.labels}
     cumulative: dict[str, dict[float, float]] = {name: {} for name in LATENCIES}
     for bucket in (s for family in families for s in family.samples if "le" in s.labels):
