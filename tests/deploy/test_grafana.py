@@ -20,7 +20,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -181,6 +181,25 @@ class _BoundPort(logging.Handler):
             self.port = int(m[1])
 
 
+@contextlib.asynccontextmanager
+async def serving(agent: Agent) -> AsyncIterator[_BoundPort]:
+    """The agent running, with the port its health server bound read from its log; stopped on leaving."""
+    bound = _BoundPort()
+    logger = logging.getLogger("edge_agent.observe")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(bound)
+    stop = asyncio.Event()
+    task = asyncio.create_task(agent.run(stop))
+    try:
+        yield bound
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)
+        logger.removeHandler(bound)
+        logger.setLevel(level)
+
+
 async def run_and_scrape(broker: Broker, workdir: Path) -> str:
     """The simulator and an agent (Modbus, shipped model, MQTT, outbox, metrics on port 0) until each stage has
     done its work once; /metrics then, over HTTP."""
@@ -197,15 +216,8 @@ async def run_and_scrape(broker: Broker, workdir: Path) -> str:
         "EDGE_AGENT__OBSERVE__LISTEN": "127.0.0.1:0",
     }
     agent = Agent(load_config(EXAMPLE, environ=environ))
-    bound = _BoundPort()
-    logger = logging.getLogger("edge_agent.observe")
-    level = logger.level
-    logger.setLevel(logging.INFO)
-    logger.addHandler(bound)
-    stop = asyncio.Event()
-    task = asyncio.create_task(agent.run(stop))
 
-    def worked() -> bool:
+    def worked(bound: _BoundPort) -> bool:
         st = agent.stats()
         return (
             bound.port is not None
@@ -217,14 +229,11 @@ async def run_and_scrape(broker: Broker, workdir: Path) -> str:
         )
 
     try:
-        await wait_for(worked, timeout=60, step=0.1, what="the agent to poll, score and publish")
-        assert bound.port is not None
-        return (await http_get(bound.port, "/metrics"))[1]
+        async with serving(agent) as bound:
+            await wait_for(lambda: worked(bound), timeout=60, step=0.1, what="the agent to poll, score and publish")
+            assert bound.port is not None
+            return (await http_get(bound.port, "/metrics"))[1]
     finally:
-        stop.set()
-        await asyncio.wait_for(task, 15)
-        logger.removeHandler(bound)
-        logger.setLevel(level)
         sim.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await sim
@@ -252,36 +261,26 @@ async def run_both_payloads_and_scrape(broker: Broker, workdir: Path) -> str:
     feed.connect("127.0.0.1", broker.port)
     feed.loop_start()
     agent = Agent(parse_config(_both_payloads_config(broker, workdir)))
-    bound = _BoundPort()
-    logger = logging.getLogger("edge_agent.observe")
-    level = logger.level
-    logger.setLevel(logging.INFO)
-    logger.addHandler(bound)
-    stop = asyncio.Event()
-    task = asyncio.create_task(agent.run(stop))
     try:
-        await wait_for(lambda: all(d.connected for d in agent.stats().devices), timeout=30, what="the input up")
-        for body in (b'{"v": 1.5}', b"{not json"):
-            feed.publish("plant/flow", body, qos=1).wait_for_publish(5)
-        await wait_for(
-            lambda: (
-                bound.port is not None
-                and host.of("DBIRTH", "uns")
-                and dict(agent.stats().devices[0].driver).get("malformed") == 1
-                and (p := agent.stats().publisher) is not None
-                and p.acked >= 1
-            ),
-            timeout=60,
-            step=0.1,
-            what="births, a JSON publish and the malformed payload counted",
-        )
-        assert bound.port is not None
-        return (await http_get(bound.port, "/metrics"))[1]
+        async with serving(agent) as bound:
+            await wait_for(lambda: all(d.connected for d in agent.stats().devices), timeout=30, what="the input up")
+            for body in (b'{"v": 1.5}', b"{not json"):
+                feed.publish("plant/flow", body, qos=1).wait_for_publish(5)
+            await wait_for(
+                lambda: (
+                    bound.port is not None
+                    and host.of("DBIRTH", "uns")
+                    and dict(agent.stats().devices[0].driver).get("malformed") == 1
+                    and (p := agent.stats().publisher) is not None
+                    and p.acked >= 1
+                ),
+                timeout=60,
+                step=0.1,
+                what="births, a JSON publish and the malformed payload counted",
+            )
+            assert bound.port is not None
+            return (await http_get(bound.port, "/metrics"))[1]
     finally:
-        stop.set()
-        await asyncio.wait_for(task, 15)
-        logger.removeHandler(bound)
-        logger.setLevel(level)
         feed.disconnect()
         feed.loop_stop()
         host.close()
