@@ -182,13 +182,14 @@ class Agent:
 
     def _collect_metrics(self, metrics: Metrics) -> None:
         from edge_agent.observe import device_metrics, model_metrics, outbox_metrics, publisher_metrics, reload_metrics
+        from edge_agent.publish import sink_stats
 
         metrics.add(lambda: device_metrics(p.stats() for p in self.pollers))
         metrics.add(lambda: model_metrics(m.stats() for m in self.monitors))
         metrics.add(lambda: reload_metrics(self._reloads))
         if self.outbox is not None:
             outbox = self.outbox
-            metrics.add(lambda: publisher_metrics(self.sink.stats()) if self.sink is not None else ())
+            metrics.add(lambda: publisher_metrics(sink_stats(self.sink)) if self.sink is not None else ())
             metrics.add(lambda: outbox_metrics(outbox.stats()))
 
     # ------------------------------------------------------------ where data goes between stages

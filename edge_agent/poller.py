@@ -40,6 +40,7 @@ class PollerStats:
     attempts: int
     last_read_s: float
     read_seconds: float
+    driver: tuple[tuple[str, int], ...] = ()  # the driver's own counters (the MQTT input's malformed, dropped…)
 
 
 @dataclass
@@ -103,6 +104,7 @@ class DevicePoller:
             attempts=c.attempts,
             last_read_s=c.last_read_s,
             read_seconds=c.read_seconds,
+            driver=tuple(self.driver.stats().items()),
         )
 
     async def run(self) -> None:

@@ -6,7 +6,7 @@ import importlib
 import logging
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -283,6 +283,9 @@ class Driver(Protocol):
     async def check(self) -> None:
         """Raise DeviceError when the connection or its subscriptions are dead (called every timeout)."""
 
+    def stats(self) -> Mapping[str, int]:
+        """A frozen snapshot of the driver's own counters by name (no I/O); reaches /metrics with the device."""
+
     def plan(self) -> list[str]:
         """One line per scan group or subscription: what a cycle reads, in the engineer's notation."""
 
@@ -308,6 +311,10 @@ class DriverBase:
 
     async def check(self) -> None:
         """Polling drivers find a dead connection when they read."""
+
+    def stats(self) -> Mapping[str, int]:
+        """Polling drivers count nothing beyond what the poller counts."""
+        return {}
 
     def plan(self) -> list[str]:
         """Tag counts per interval (drivers with a read planner say more)."""

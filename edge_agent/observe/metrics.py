@@ -19,7 +19,7 @@ from prometheus_client.utils import floatToGoString
 if TYPE_CHECKING:
     from edge_agent.outbox.writer import WriterStats
     from edge_agent.poller import PollerStats
-    from edge_agent.publish.stats import HistogramSnapshot, PublisherStats
+    from edge_agent.publish.stats import PublisherStats, SparkplugStats
     from edge_agent.scoring.monitor import MonitorStats
 
 POLL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -78,13 +78,23 @@ def device_metrics(devices: Iterable[PollerStats]) -> Iterable[Metric]:
         "edge_agent_overruns", "Poll cycles skipped because a read ran late", labels=["device"]
     )
     up = GaugeMetricFamily("edge_agent_device_up", "1 when the device answers", labels=["device"])
+    events = CounterMetricFamily(
+        "edge_agent_driver_events",
+        "A driver's own counters by event (the MQTT input: received, malformed, dropped, stale, rebirths, "
+        "untrusted, historical, deaths)",
+        labels=["device", "event"],
+    )
     for d in devices:
+        for event, n in d.driver:
+            events.add_metric([d.device, event], n)
         reads.add_metric([d.device], d.reads)
         pushed.add_metric([d.device], d.pushed)
         failures.add_metric([d.device], d.failures)
         overruns.add_metric([d.device], d.overruns)
         up.add_metric([d.device], 1.0 if d.connected else 0.0)
     yield from (reads, pushed, failures, overruns, up)
+    if events.samples:  # polling drivers count nothing of their own: no empty family
+        yield events
 
 
 def model_metrics(models: Iterable[MonitorStats]) -> Iterable[Metric]:
@@ -124,37 +134,80 @@ def reload_metrics(reloads: Mapping[str, int]) -> Iterable[Metric]:
     yield family
 
 
-def _histogram(name: str, doc: str, hist: HistogramSnapshot) -> HistogramMetricFamily:
-    """A Prometheus histogram from a snapshot of running bucket counts."""
-    buckets = [(floatToGoString(le), n) for le, n in hist.buckets]
-    return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=hist.sum)
-
-
-def publisher_metrics(st: PublisherStats) -> Iterable[Metric]:
-    """MQTT connection state, counters and latencies."""
-    yield GaugeMetricFamily("edge_agent_mqtt_connected", "1 while connected to the broker", value=float(st.connected))
-    yield GaugeMetricFamily(
-        "edge_agent_mqtt_in_flight", "Messages handed to the MQTT client and not yet acknowledged", value=st.in_flight
+def publisher_metrics(sinks: Iterable[PublisherStats]) -> Iterable[Metric]:
+    """Each sink's MQTT connection state, counters and latencies (label `sink`: json, sparkplug), and the
+    Sparkplug node's own state when it runs."""
+    sinks = list(sinks)
+    labels = ["sink"]
+    connected = GaugeMetricFamily("edge_agent_mqtt_connected", "1 while connected to the broker", labels=labels)
+    in_flight = GaugeMetricFamily(
+        "edge_agent_mqtt_in_flight", "Messages handed to the MQTT client and not yet acknowledged", labels=labels
     )
-    for name, doc, value in (
-        ("published", "Messages handed to the broker", st.published),
-        ("acked", "Messages acknowledged by the broker", st.acked),
-        ("rejected", "Messages the broker refused with an MQTT 5 reason code", st.rejected),
-        ("connects", "Successful connections", st.connects),
-        ("connect_failures", "Failed connection attempts", st.connect_failures),
-        ("disconnects", "Connections lost", st.disconnects),
-    ):
-        yield CounterMetricFamily(f"edge_agent_mqtt_{name}", doc, value=value)
-    yield _histogram(
+    counters = {
+        name: CounterMetricFamily(f"edge_agent_mqtt_{name}", doc, labels=labels)
+        for name, doc in (
+            ("published", "Messages handed to the broker"),
+            ("acked", "Messages acknowledged by the broker (a QoS 0 sink: written to the socket)"),
+            ("rejected", "Messages the broker refused with an MQTT 5 reason code"),
+            ("connects", "Successful connections"),
+            ("connect_failures", "Failed connection attempts"),
+            ("disconnects", "Connections lost"),
+        )
+    }
+    publish = HistogramMetricFamily(
         "edge_agent_mqtt_publish_seconds",
         "Time from handing a QoS 1/2 message to the MQTT client to the broker's acknowledgement",
-        st.publish_latency,
+        labels=labels,
     )
-    yield _histogram(
+    delivery = HistogramMetricFamily(
         "edge_agent_mqtt_delivery_seconds",
         "Time from writing a QoS 1/2 message to the outbox to the broker's acknowledgement (outages included)",
-        st.delivery_latency,
+        labels=labels,
     )
+    for st in sinks:
+        key = [st.sink]
+        connected.add_metric(key, float(st.connected))
+        in_flight.add_metric(key, st.in_flight)
+        for name, family in counters.items():
+            family.add_metric(key, getattr(st, name))
+        if st.sparkplug is None:  # the Sparkplug node publishes at QoS 0: no latencies to show
+            for histogram, hist in ((publish, st.publish_latency), (delivery, st.delivery_latency)):
+                histogram.add_metric(key, [(floatToGoString(le), n) for le, n in hist.buckets], hist.sum)
+    yield from (connected, in_flight, *counters.values())
+    if publish.samples:
+        yield from (publish, delivery)
+    nodes = [st.sparkplug for st in sinks if st.sparkplug is not None]
+    if nodes:
+        yield from sparkplug_metrics(nodes)
+
+
+def sparkplug_metrics(nodes: Iterable[SparkplugStats]) -> Iterable[Metric]:
+    """The Sparkplug edge node: bdSeq, births, rebirth commands, DDEATHs, skipped rows, primary host state."""
+    bdseq = GaugeMetricFamily("edge_agent_sparkplug_bdseq", "bdSeq of the current NBIRTH and NDEATH will")
+    births = CounterMetricFamily("edge_agent_sparkplug_births", "NBIRTHs sent (connects, rebirths, host back)")
+    rebirths = CounterMetricFamily(
+        "edge_agent_sparkplug_rebirth_requests", "NCMD Node Control/Rebirth commands received"
+    )
+    deaths = CounterMetricFamily("edge_agent_sparkplug_device_deaths", "DDEATHs sent (a device comms-lost)")
+    skipped = CounterMetricFamily(
+        "edge_agent_sparkplug_skipped", "Rows about devices or models the births did not announce, not published"
+    )
+    host = GaugeMetricFamily(
+        "edge_agent_sparkplug_primary_host_online",
+        "1 while the primary host's STATE says online (data waits in the outbox otherwise)",
+        labels=["host"],
+    )
+    for n in nodes:
+        bdseq.add_metric([], n.bdseq)
+        births.add_metric([], n.births)
+        rebirths.add_metric([], n.rebirth_requests)
+        deaths.add_metric([], n.device_deaths)
+        skipped.add_metric([], n.skipped)
+        if n.primary_host is not None:
+            host.add_metric([n.primary_host], float(n.host_online))
+    yield from (bdseq, births, rebirths, deaths, skipped)
+    if host.samples:
+        yield host
 
 
 def outbox_metrics(st: WriterStats) -> Iterable[Metric]:

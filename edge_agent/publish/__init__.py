@@ -103,6 +103,13 @@ def _build(key: str, mqtt: MqttSection, outbox: OutboxWriter, kwargs: dict[str, 
     return json_sink
 
 
+def sink_stats(sink: Sink) -> list[Any]:
+    """The stats snapshot of every sink `sink` runs (two under mqtt.payloads: [json, sparkplug])."""
+    from edge_agent.publish.both import Sinks
+
+    return sink.every_stats() if isinstance(sink, Sinks) else [sink.stats()]
+
+
 def sink_class(key: str) -> type[Any]:
     """The sink class registered under `key`, imported now."""
     module, _, attr = SINKS[key].partition(":")
@@ -110,4 +117,4 @@ def sink_class(key: str) -> type[Any]:
     return cls
 
 
-__all__ = ["SINKS", "Sink", "build_sink", "deliver", "sink_class"]
+__all__ = ["SINKS", "Sink", "build_sink", "deliver", "sink_class", "sink_stats"]

@@ -49,6 +49,10 @@ class Sinks:
         """The first sink's stats (the JSON publisher's: its metrics and status are the agent's)."""
         return self.sinks[0].stats()
 
+    def every_stats(self) -> list[Any]:
+        """Every sink's stats, in order (each labelled with its sink in /metrics)."""
+        return [s.stats() for s in self.sinks]
+
     def refresh_status(self) -> None:
         """Every sink says again what the agent runs."""
         for sink in self.sinks:

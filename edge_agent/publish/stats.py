@@ -67,8 +67,17 @@ class PublisherCounters:
     in_flight: int = 0
     last_error: str | None = None
 
-    def snapshot(self, in_flight: int, publish: LatencyHistogram, delivery: LatencyHistogram) -> PublisherStats:
-        """These counters frozen, with the messages in flight now and the latencies."""
+    def snapshot(
+        self,
+        in_flight: int,
+        publish: LatencyHistogram,
+        delivery: LatencyHistogram,
+        *,
+        sink: str = "json",
+        sparkplug: SparkplugStats | None = None,
+    ) -> PublisherStats:
+        """These counters frozen, with the messages in flight now and the latencies (`sparkplug`: that sink's own
+        state, which also says the latencies are not measured)."""
         return PublisherStats(
             connected=self.connected,
             connects=self.connects,
@@ -82,6 +91,8 @@ class PublisherCounters:
             last_error=self.last_error,
             publish_latency=publish.snapshot(),
             delivery_latency=delivery.snapshot(),
+            sink=sink,
+            sparkplug=sparkplug,
         )
 
 
@@ -101,3 +112,18 @@ class PublisherStats:
     last_error: str | None
     publish_latency: HistogramSnapshot
     delivery_latency: HistogramSnapshot
+    sink: str = "json"  # the mqtt.payloads key of the sink these are from (the `sink` label of the metrics)
+    sparkplug: SparkplugStats | None = None  # the Sparkplug node's own state (it measures no latencies: QoS 0)
+
+
+@dataclass(frozen=True, slots=True)
+class SparkplugStats:
+    """What an operator needs of the Sparkplug edge node beside the publisher counters."""
+
+    bdseq: int  # of the current (or next) connection: the NBIRTH's and the NDEATH will's
+    births: int  # NBIRTHs sent (a connect, a rebirth command, the primary host back online)
+    rebirth_requests: int  # NCMD Node Control/Rebirth commands received
+    device_deaths: int  # DDEATHs sent (a device comms-lost, including the DDEATH after its DBIRTH)
+    skipped: int  # rows about devices or models the births did not announce (a reload added them)
+    primary_host: str | None  # mqtt.sparkplug.primary_host_id, None when not configured
+    host_online: bool  # the primary host's last STATE said online (True when none is configured)

@@ -6,7 +6,9 @@ the shipped model), a mosquitto and an outbox, so every family the agent exports
 anomaly annotation, the template variables) may name only series that scrape shows: a counter family as
 `_total`, a histogram as `_bucket`/`_sum`/`_count`, a gauge as itself. The labels an expression groups by,
 matches on or puts in a legend must be on those series (or be `job`/`instance`, which Prometheus adds). And the
-dashboard uses every family the agent exports, so a new metric shows up here until it has a panel.
+dashboard uses every family the agent exports, so a new metric shows up here until it has a panel. A second
+agent adds what the first cannot show: both payloads (`mqtt.payloads: [json, sparkplug]`, a primary host online)
+and an `mqtt` input device fed a malformed payload; the scrapes are taken together.
 """
 
 from __future__ import annotations
@@ -17,18 +19,22 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterator
+import time
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as paho
 import pytest
 from helpers import Broker, free_port, http_get, wait_for
+from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client.parser import text_string_to_metric_families
 from shipped import DEPLOY, ROOT
+from sparkplug_host import SparkplugHost
 
 from edge_agent.agent import Agent
-from edge_agent.config import load_config
+from edge_agent.config import load_config, parse_config
 from edge_agent.simulate import SimulatorOptions, run_simulator
 
 DASHBOARD = DEPLOY / "grafana" / "edge-agent.json"
@@ -76,7 +82,11 @@ class Exported:
 
     @classmethod
     def parse(cls, text: str) -> Exported:
-        out = cls()
+        return cls().add(text)
+
+    def add(self, text: str) -> Exported:
+        """What another scrape shows, added to this one."""
+        out = self
         for family in text_string_to_metric_families(text):
             out.families[family.name] = family.type
             for suffix in SUFFIXES.get(family.type, ("",)):
@@ -171,6 +181,25 @@ class _BoundPort(logging.Handler):
             self.port = int(m[1])
 
 
+@contextlib.asynccontextmanager
+async def serving(agent: Agent) -> AsyncIterator[_BoundPort]:
+    """The agent running, with the port its health server bound read from its log; stopped on leaving."""
+    bound = _BoundPort()
+    logger = logging.getLogger("edge_agent.observe")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(bound)
+    stop = asyncio.Event()
+    task = asyncio.create_task(agent.run(stop))
+    try:
+        yield bound
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)
+        logger.removeHandler(bound)
+        logger.setLevel(level)
+
+
 async def run_and_scrape(broker: Broker, workdir: Path) -> str:
     """The simulator and an agent (Modbus, shipped model, MQTT, outbox, metrics on port 0) until each stage has
     done its work once; /metrics then, over HTTP."""
@@ -187,15 +216,8 @@ async def run_and_scrape(broker: Broker, workdir: Path) -> str:
         "EDGE_AGENT__OBSERVE__LISTEN": "127.0.0.1:0",
     }
     agent = Agent(load_config(EXAMPLE, environ=environ))
-    bound = _BoundPort()
-    logger = logging.getLogger("edge_agent.observe")
-    level = logger.level
-    logger.setLevel(logging.INFO)
-    logger.addHandler(bound)
-    stop = asyncio.Event()
-    task = asyncio.create_task(agent.run(stop))
 
-    def worked() -> bool:
+    def worked(bound: _BoundPort) -> bool:
         st = agent.stats()
         return (
             bound.port is not None
@@ -207,17 +229,61 @@ async def run_and_scrape(broker: Broker, workdir: Path) -> str:
         )
 
     try:
-        await wait_for(worked, timeout=60, step=0.1, what="the agent to poll, score and publish")
-        assert bound.port is not None
-        return (await http_get(bound.port, "/metrics"))[1]
+        async with serving(agent) as bound:
+            await wait_for(lambda: worked(bound), timeout=60, step=0.1, what="the agent to poll, score and publish")
+            assert bound.port is not None
+            return (await http_get(bound.port, "/metrics"))[1]
     finally:
-        stop.set()
-        await asyncio.wait_for(task, 15)
-        logger.removeHandler(bound)
-        logger.setLevel(level)
         sim.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await sim
+
+
+def _both_payloads_config(broker: Broker, workdir: Path) -> str:
+    return (
+        "agent: {id: spb-1, site: lab}\n"
+        "devices:\n"
+        f"  - name: uns\n    type: mqtt\n    url: {broker.url}\n    poll_interval: 100ms\n"
+        "    tags:\n      - {name: flow, topic: plant/flow, path: $.v}\n"
+        f"mqtt:\n  url: {broker.url}\n  payloads: [json, sparkplug]\n  topic_prefix: lab/spb-1\n"
+        "  telemetry_interval: 100ms\n  sparkplug: {group_id: lab, primary_host_id: scada-1}\n"
+        f"outbox: {{path: {workdir / 'outbox-spb.db'}}}\n"
+        "observe: {listen: '127.0.0.1:0'}\n"
+    )
+
+
+async def run_both_payloads_and_scrape(broker: Broker, workdir: Path) -> str:
+    """An agent publishing JSON and Sparkplug B (the primary host online) with an MQTT input device that got a
+    good and a malformed payload; /metrics once the node is born and the payload counted."""
+    host = SparkplugHost(broker.port, "lab", host_id="scada-1")
+    host.state(True, int(time.time() * 1000))
+    feed = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2)
+    feed.connect("127.0.0.1", broker.port)
+    feed.loop_start()
+    agent = Agent(parse_config(_both_payloads_config(broker, workdir)))
+    try:
+        async with serving(agent) as bound:
+            await wait_for(lambda: all(d.connected for d in agent.stats().devices), timeout=30, what="the input up")
+            for body in (b'{"v": 1.5}', b"{not json"):
+                feed.publish("plant/flow", body, qos=1).wait_for_publish(5)
+            await wait_for(
+                lambda: (
+                    bound.port is not None
+                    and host.of("DBIRTH", "uns")
+                    and dict(agent.stats().devices[0].driver).get("malformed") == 1
+                    and (p := agent.stats().publisher) is not None
+                    and p.acked >= 1
+                ),
+                timeout=60,
+                step=0.1,
+                what="births, a JSON publish and the malformed payload counted",
+            )
+            assert bound.port is not None
+            return (await http_get(bound.port, "/metrics"))[1]
+    finally:
+        feed.disconnect()
+        feed.loop_stop()
+        host.close()
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +292,8 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Exported]:
     broker = Broker(workdir / "broker")
     broker.start()
     try:
-        yield Exported.parse(asyncio.run(run_and_scrape(broker, workdir)))
+        found = Exported.parse(asyncio.run(run_and_scrape(broker, workdir)))
+        yield found.add(asyncio.run(run_both_payloads_and_scrape(broker, workdir)))
     finally:
         broker.kill()
 

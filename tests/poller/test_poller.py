@@ -44,6 +44,9 @@ class FakeDriver:
         self.connects = 0
         self.read_times: list[float] = []
 
+    def stats(self) -> dict[str, int]:
+        return {}
+
     async def connect(self) -> None:
         self.connects += 1
         if self.down:

@@ -19,13 +19,14 @@ LATENCIES = ("edge_agent_mqtt_publish_seconds", "edge_agent_mqtt_delivery_second
 
 
 async def scrape(port: int) -> dict[str, float]:
-    """GET /metrics from a HealthServer; every sample as `name{label="…"}` → value."""
+    """GET /metrics from a HealthServer; every sample as `name{label="…"}` → value (the one sink's label left out)."""
     status, body = await http_get(port, "/metrics")
     assert status == 200, body
     samples = {}
     for family in text_string_to_metric_families(body):
         for s in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+            assert s.labels.get("sink", "json") == "json", s
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()) if k != "sink")
             samples[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
     return samples
 
@@ -52,7 +53,7 @@ async def test_publish_latency_is_scraped_after_real_publishes(broker: Broker, t
     """/metrics shows publish and delivery histograms that count each acknowledged QoS 1 event once, QoS 0 never."""
     pub = publisher(mqtt_config(broker.url, scores_interval=60), tmp_path / "outbox.db")  # scores: QoS 0
     metrics = Metrics()
-    metrics.add(lambda: publisher_metrics(pub.sink.stats()))
+    metrics.add(lambda: publisher_metrics([pub.sink.stats()]))
     metrics.add(lambda: outbox_metrics(pub.outbox.stats()))
     server = HealthServer(metrics, [])
     port = free_port()
@@ -95,8 +96,8 @@ async def test_delivery_latency_includes_the_time_in_the_outbox(broker: Broker, 
         broker.start()
         await asyncio.wait_for(pub.sink.wait_drained(), 10)
         elapsed = time.monotonic() - started
-        families = [*publisher_metrics(pub.sink.stats()), *outbox_metrics(pub.outbox.stats())]
-    samples = {s.name: s.value for family in families for s in family.samples if not s.labels}
+        families = [*publisher_metrics([pub.sink.stats()]), *outbox_metrics(pub.outbox.stats())]
+    samples = {s.name: s.value for family in families for s in family.samples if set(s.labels) <= {"sink"}}
     cumulative: dict[str, dict[float, float]] = {name: {} for name in LATENCIES}
     for bucket in (s for family in families for s in family.samples if "le" in s.labels):
         cumulative[bucket.name.removesuffix("_bucket")][float(bucket.labels["le"])] = bucket.value

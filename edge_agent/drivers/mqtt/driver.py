@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -47,7 +48,7 @@ Sink = Callable[[SampleBatch], None]
 
 @dataclass
 class MqttCounters:
-    """What the driver received and what it could not use (read by tests and logs; no I/O)."""
+    """What the driver received and what it could not use (read through stats(); no I/O)."""
 
     received: int = 0  # messages taken from the queue
     malformed: int = 0  # payloads (or values in them) that could not be used
@@ -56,6 +57,7 @@ class MqttCounters:
     rebirths: int = 0  # NCMD Node Control/Rebirth requests sent
     untrusted: int = 0  # Sparkplug messages that showed a gap (seq, unknown alias, data before birth)
     historical: int = 0  # Sparkplug metrics skipped as is_historical
+    deaths: int = 0  # Sparkplug NDEATH/DDEATH taken (their tags went comms-lost)
 
 
 class MqttDriver(DriverBase):
@@ -109,6 +111,10 @@ class MqttDriver(DriverBase):
         self._stale_task: asyncio.Task[None] | None = None
         self._warned: set[str] = set()
         self._last_rebirth = -math.inf
+
+    def stats(self) -> dict[str, int]:
+        """The counters, copied (the poller's stats carry them to /metrics with the device label)."""
+        return dataclasses.asdict(self.counters)
 
     # ------------------------------------------------------------------------------------------- connection
 
@@ -337,6 +343,7 @@ class MqttDriver(DriverBase):
                 else:
                     self._set(col, value)
         if out.dead:
+            self.counters.deaths += 1
             what = f"{parsed.type} ({src.group_id}/{src.edge_node_id}{'/' + parsed.device if parsed.device else ''})"
             log.warning("device %s: %s: %d tags comms-lost until the next birth", self.name, what, len(self._metrics))
             for col in self._sparkplug_cols:

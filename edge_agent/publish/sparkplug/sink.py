@@ -51,6 +51,7 @@ from edge_agent.publish.stats import (
     LatencyHistogram,
     PublisherCounters,
     PublisherStats,
+    SparkplugStats,
 )
 from edge_agent.sparkplug import MessageType, node_topic, parse_state, state_topic
 
@@ -117,6 +118,7 @@ class SparkplugNode:
         self._next_bdseq = 0 if last is None else (last + 1) % 256
         self.bdseq = self._next_bdseq  # of the current (or next) connection
         self._counts = PublisherCounters()
+        self._births_sent = self._rebirth_requests = self._device_deaths = 0
         self._no_latency = LatencyHistogram(PUBLISH_BUCKETS)
         self._inflight: dict[int, int | None] = {}  # paho mid → the row it finishes (None: a birth, a death)
         self._rows: set[int] = set()  # rows taken and not acknowledged
@@ -181,7 +183,18 @@ class SparkplugNode:
 
     def stats(self) -> PublisherStats:
         """A snapshot of connection state and counters (no I/O); this sink measures no latencies (QoS 0)."""
-        return self._counts.snapshot(len(self._rows), self._no_latency, self._no_latency)
+        node = SparkplugStats(
+            bdseq=self.bdseq,
+            births=self._births_sent,
+            rebirth_requests=self._rebirth_requests,
+            device_deaths=self._device_deaths,
+            skipped=self.node.skipped,
+            primary_host=self.host_id,
+            host_online=self._host_online,
+        )
+        return self._counts.snapshot(
+            len(self._rows), self._no_latency, self._no_latency, sink="sparkplug", sparkplug=node
+        )
 
     def refresh_status(self) -> None:
         """Nothing to refresh: a Sparkplug node's state is in its births."""
@@ -251,6 +264,10 @@ class SparkplugNode:
             return False
         self._inflight[info.mid] = row
         self._counts.published += 1
+        if message.type is MessageType.NBIRTH:
+            self._births_sent += 1
+        elif message.type is MessageType.DDEATH:
+            self._device_deaths += 1
         return True
 
     async def _acker(self) -> None:
@@ -442,6 +459,7 @@ class SparkplugNode:
                 self._wake_feeder.set()
             return
         if self.node.rebirth_requested(payload):
+            self._rebirth_requests += 1
             log.info("Sparkplug: rebirth requested by %s", topic)
             if self._born:
                 self._born = False
